@@ -1,0 +1,122 @@
+"""The ``sparse_act`` torch.compile backend: match -> (observe | lower) -> Inductor.
+
+Registered through the ``torch_dynamo_backends`` entry point, so after ``pip install`` this works
+without importing fxsparse::
+
+    fast = torch.compile(model, backend="sparse_act", options={"plan": "plan.json"})
+
+Options (``torch.compile(..., options={...})``):
+
+``plan``       a ``SparsityPlan``, a path to its JSON, or its dict. Without one nothing is lowered
+               and the graph goes to Inductor as is (a warning says so once).
+``mode``       Inductor's mode (``"reduce-overhead"`` for CUDA graphs, ``"max-autotune"``, ...);
+               inside ``options`` because torch.compile refuses ``mode`` and ``options`` together.
+``inductor``   ``False`` runs the rewritten FX graph as is (no Inductor), for debugging.
+``debug_dir``  write each graph before/after every pass there (also ``FXSPARSE_DEBUG_DIR``).
+``observers``  ``{layer name: ActivationObserver}``: calibration mode (used by ``calibrate`` and
+               ``explain``); observed graphs run without Inductor.
+``record``     a list that receives, per compiled graph, its code after each pass and the
+               per-layer decisions (used by ``explain``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import fx
+
+from .passes import insert_observers, lower_linears, match_linears
+from .plan import SparsityPlan
+
+__all__ = ["sparse_act", "BackendOptions"]
+
+log = logging.getLogger("fxsparse")
+
+_KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record"}
+_graph_counter = 0
+
+
+class BackendOptions:
+    """Validated options of one ``sparse_act`` compile (see module docstring)."""
+
+    def __init__(self, options: Mapping[str, Any] | None, mode: str | None = None) -> None:
+        options = dict(options or {})
+        unknown = set(options) - _KNOWN
+        if unknown:
+            raise ValueError(
+                f"sparse_act: unknown option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}"
+            )
+        plan = options.get("plan")
+        self.plan = SparsityPlan.coerce(plan) if plan is not None else None
+        self.mode = options.get("mode", mode)
+        if self.mode is not None and self.mode != "default":
+            from torch._inductor import list_mode_options
+
+            try:
+                self.config_patches = dict(list_mode_options(self.mode))
+            except Exception as e:  # torch raises RuntimeError on an unknown mode
+                raise ValueError(f"sparse_act: unknown mode {self.mode!r}: {e}") from None
+        else:
+            self.config_patches = {}
+        self.inductor = bool(options.get("inductor", True))
+        debug = options.get("debug_dir") or os.environ.get("FXSPARSE_DEBUG_DIR")
+        self.debug_dir = Path(debug) if debug else None
+        self.observers = options.get("observers")
+        self.record = options.get("record")
+        if self.record is not None and not isinstance(self.record, list):
+            raise TypeError("sparse_act: option 'record' must be a list")
+
+
+def _code(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False)
+
+
+_warned_no_plan = False
+
+
+def sparse_act(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """Dynamo backend: lower planned linears to ``fxsparse::threshold_linear``, then Inductor."""
+    global _graph_counter, _warned_no_plan
+    opts = BackendOptions(options, mode)
+    _graph_counter += 1
+    gid = _graph_counter
+    stages: dict[str, str] = {"input": _code(gm)}
+
+    gm = match_linears(gm)
+    if opts.observers is not None:
+        resolve = opts.plan.resolve if opts.plan is not None else None
+        gm = insert_observers(gm, opts.observers, resolve=resolve)
+        stages["observe"] = _code(gm)
+    if opts.plan is not None:
+        gm = lower_linears(gm, opts.plan, example_inputs)
+        stages["lower"] = _code(gm)
+    elif opts.observers is None and not _warned_no_plan:
+        _warned_no_plan = True
+        log.warning("sparse_act: no 'plan' option given; no linear layer is sparsified")
+
+    decisions = gm.meta.get("fxsparse_decisions", [])
+    if opts.record is not None:
+        opts.record.append({"graph": gid, "stages": stages, "decisions": decisions})
+    if opts.debug_dir is not None:
+        opts.debug_dir.mkdir(parents=True, exist_ok=True)
+        for stage, code in stages.items():
+            (opts.debug_dir / f"graph{gid:03d}_{stage}.py").write_text(code)
+    log.info("sparse_act: graph %d: %d linear(s) lowered", gid,
+             sum(d["op"] != "linear" for d in decisions))
+
+    if opts.observers is not None or not opts.inductor:
+        return gm  # observers are Python modules; they run outside Inductor
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=opts.config_patches)
+
+

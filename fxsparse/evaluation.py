@@ -1,0 +1,133 @@
+"""``fxsparse.evaluate``: what a plan costs in quality and what sparsity it really achieves.
+
+Perplexity over sliding windows of held-out tokens (each token scored once, with up to
+``window - stride`` tokens of context before the scored part), next-token agreement between the
+sparse and the dense model, and per layer the dropped fraction measured exactly on that text
+(mean over all entries, and the spread of the per-token fraction).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .observers import ActivationObserver
+from .plan import SparsityPlan
+
+__all__ = ["evaluate", "EvalResult", "sliding_windows"]
+
+
+@dataclass
+class EvalResult:
+    tokens: int
+    dense_ppl: float
+    sparse_ppl: float | None = None
+    agreement: float | None = None  # share of positions where sparse and dense argmax agree
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)  # measured sparsity
+
+    def table(self, plan: SparsityPlan | None = None) -> str:
+        lines = [f"{'layer':44s} {'target':>6s} {'sparsity':>8s} {'±token':>7s}"]
+        for name, st in self.layers.items():
+            t = plan.layers[name].target_sparsity if plan is not None else None
+            lines.append(f"{name:44s} {'-' if t is None else format(t, '.2f'):>6s} "
+                         f"{st['sparsity']:8.3f} {st['token_std']:7.3f}")
+        if self.layers:
+            worst = max(self.layers.items(), key=lambda kv: abs(kv[1]["sparsity"] - (
+                plan.layers[kv[0]].target_sparsity or 0.0)) if plan else 0.0)
+            lines.append(f"worst layer: {worst[0]} ({worst[1]['sparsity']:.3f})")
+        lines.append(f"tokens scored: {self.tokens}")
+        lines.append(f"perplexity dense {self.dense_ppl:.3f}" + (
+            "" if self.sparse_ppl is None else
+            f", sparse {self.sparse_ppl:.3f} ({100 * (self.sparse_ppl / self.dense_ppl - 1):+.2f}%),"
+            f" next-token agreement {100 * self.agreement:.1f}%"))
+        return "\n".join(lines)
+
+
+def sliding_windows(ids: torch.Tensor, window: int, stride: int
+                    ) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(window ids [1, <=window], number of leading positions not to score)`` pairs."""
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
+    n = ids.numel()
+    start = prev_end = 0
+    while True:
+        end = min(start + window, n)
+        yield ids[start:end].unsqueeze(0), max(prev_end - start, 0)
+        if end >= n:
+            return
+        prev_end = end
+        start += stride
+
+
+def _window_count(n: int, window: int, stride: int) -> int:
+    return max(1, math.ceil(max(n - window, 0) / stride) + 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    ids: torch.Tensor,
+    plan: SparsityPlan | None = None,
+    *,
+    window: int = 256,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    sparse_model: Any = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Score ``ids`` (1-D token ids) with the dense model, and with ``plan`` if given.
+
+    The sparse side runs the model compiled by ``sparse_act`` with an exact probe on each
+    planned layer (Inductor off, so the probes, which are Python modules, can run); pass
+    ``sparse_model`` to score another compiled model instead (probes are then skipped).
+    """
+    stride = stride or window
+    ids = ids.reshape(-1)
+    device = next(model.parameters()).device
+    extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    probes: dict[str, ActivationObserver] = {}
+    if plan is not None and sparse_model is None:
+        plan.check_model(model)
+        for name, lp in plan.layers.items():
+            probes[name] = ActivationObserver(name, lp.in_features)
+            probes[name].set_probe(lp.threshold, lp.center_tensor(), lp.scale_tensor())
+        sparse_model = torch.compile(model, backend="sparse_act", options={
+            "plan": plan, "observers": probes, "inductor": False})
+
+    total = _window_count(ids.numel(), window, stride)
+    if max_windows is not None:
+        total = min(total, max_windows)
+    it = sliding_windows(ids, window, stride)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=total, desc="evaluating", unit="window")
+    nll_dense = nll_sparse = 0.0
+    agree = count = 0
+    for i, (chunk, skip) in enumerate(it):
+        if i >= total:
+            break
+        chunk = chunk.to(device)
+        lo = max(skip - 1, 0)  # logits at position p predict token p + 1
+        target = chunk[0, lo + 1:]
+        logits = model(chunk, **extra).logits[0, lo:-1].float()
+        nll_dense += F.cross_entropy(logits, target, reduction="sum").item()
+        if sparse_model is not None:
+            s_logits = sparse_model(chunk, **extra).logits[0, lo:-1].float()
+            nll_sparse += F.cross_entropy(s_logits, target, reduction="sum").item()
+            agree += (s_logits.argmax(-1) == logits.argmax(-1)).sum().item()
+        count += target.numel()
+    if count == 0:
+        raise ValueError("no tokens to score: the text is shorter than two tokens")
+    result = EvalResult(tokens=count, dense_ppl=math.exp(nll_dense / count))
+    if sparse_model is not None:
+        result.sparse_ppl = math.exp(nll_sparse / count)
+        result.agreement = agree / count
+    result.layers = {name: p.probe_stats() for name, p in probes.items()}
+    return result

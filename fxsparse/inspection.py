@@ -1,0 +1,158 @@
+"""``fxsparse.explain``: what the backend does to a model, and what it achieves on an input.
+
+It compiles the model with ``sparse_act`` (without Inductor, so graphs stay readable), with an
+exact probe on every planned layer, runs the given input once, and reports:
+
+* each graph Dynamo produced, as code, after every pass (``input``, ``observe``, ``lower``);
+* a per-layer table: name, target, threshold, center, sparsity measured on this input, the op
+  chosen, weight bytes a batch-1 decode step reads dense vs expected sparse, and for every linear
+  left dense the reason (ignored scope, not targeted, not in the plan, not called).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .observers import ActivationObserver
+from .plan import SparsityPlan, linear_layers
+
+__all__ = ["explain", "Report", "LayerRow"]
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    reason: str
+    target: float | None = None
+    threshold: float | None = None
+    center: float | str | None = None
+    sparsity: float | None = None  # measured on the given input
+    token_std: float | None = None  # spread of the per-token dropped fraction
+    calls: int = 0
+    dense_bytes: int = 0
+    sparse_bytes: int | None = None  # expected weight bytes of one decode step
+
+
+@dataclass
+class Report:
+    graphs: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[LayerRow] = field(default_factory=list)
+
+    def table(self) -> str:
+        head = (f"{'layer':44s} {'op':18s} {'target':>6s} {'thresh':>9s} {'center':>8s} "
+                f"{'sparsity':>8s} {'±tok':>6s} {'MB dense':>8s} {'MB sparse':>9s}  note")
+        lines = [head, "-" * len(head)]
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        for r in self.rows:
+            center = r.center if isinstance(r.center, str) else fmt(r.center, ".3g")
+            lines.append(
+                f"{r.name:44s} {r.op:18s} {fmt(r.target, '.2f'):>6s} {fmt(r.threshold, '.3g'):>9s} "
+                f"{center:>8s} {fmt(r.sparsity, '.3f'):>8s} {fmt(r.token_std, '.3f'):>6s} "
+                f"{r.dense_bytes / 1e6:8.2f} "
+                f"{fmt(None if r.sparse_bytes is None else r.sparse_bytes / 1e6, '9.2f'):>9s}  "
+                f"{'' if r.reason == 'planned' else r.reason}"
+            )
+        planned = [r for r in self.rows if r.sparse_bytes is not None]
+        dense = sum(r.dense_bytes for r in self.rows)
+        saved = sum(r.dense_bytes - r.sparse_bytes for r in planned)
+        lines.append(f"{len(planned)} of {len(self.rows)} linears sparsified; expected weight bytes "
+                     f"per decode step {dense / 1e6:.1f} MB -> {(dense - saved) / 1e6:.1f} MB")
+        return "\n".join(lines)
+
+    def graph_code(self) -> str:
+        parts = []
+        for g in self.graphs:
+            for stage, code in g["stages"].items():
+                parts.append(f"# ==== graph {g['graph']} after {stage} ====\n{code}")
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.graph_code() + "\n" + self.table()
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``table.txt``, ``layers.json`` and one file per graph and pass into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "table.txt").write_text(self.table() + "\n")
+        (folder / "layers.json").write_text(json.dumps([asdict(r) for r in self.rows], indent=1))
+        for g in self.graphs:
+            for stage, code in g["stages"].items():
+                (folder / f"graph{g['graph']:03d}_{stage}.py").write_text(code)
+        return folder
+
+
+def _center_repr(center: float | list[float]) -> float | str:
+    return f"[{len(center)}]" if isinstance(center, list) else float(center)
+
+
+@torch.no_grad()
+def explain(
+    model: nn.Module,
+    *args: Any,
+    plan: SparsityPlan | str | os.PathLike,
+    dump_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> Report:
+    """Compile ``model`` with ``plan``, run ``model(*args, **kwargs)`` once, report per layer.
+
+    Example::
+
+        report = fxsparse.explain(model, input_ids, plan="plan.json")
+        print(report.table())
+    """
+    plan = SparsityPlan.coerce(plan)
+    plan.check_model(model)
+    linears = linear_layers(model)
+    observers = {}
+    for name, lp in plan.layers.items():
+        obs = ActivationObserver(name, lp.in_features)
+        obs.set_probe(lp.threshold, lp.center_tensor(), lp.scale_tensor())
+        observers[name] = obs
+    record: list[dict[str, Any]] = []
+    compiled = torch.compile(
+        model, backend="sparse_act",
+        options={"plan": plan, "observers": observers, "record": record, "inductor": False},
+    )
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        kwargs.setdefault("use_cache", False)
+    compiled(*args, **kwargs)
+
+    report = Report(graphs=record)
+    seen: dict[str, LayerRow] = {}
+    elem = {n: p.element_size() for n, p in model.named_parameters()}
+    for g in record:
+        for d in g["decisions"]:
+            key = d.get("plan_key", d["name"])
+            if key in seen:
+                seen[key].calls += 1
+                continue
+            out_f, in_f = linears.get(key, (0, 0))
+            wbytes = out_f * in_f * elem.get(f"{key}.weight", 2)
+            row = LayerRow(name=key, op=d["op"], reason=d["reason"], calls=1, dense_bytes=wbytes)
+            if key in plan.layers:
+                lp = plan.layers[key]
+                stats = observers[key].probe_stats()
+                row.target, row.threshold = lp.target_sparsity, lp.threshold
+                row.center = _center_repr(lp.center)
+                row.sparsity, row.token_std = stats["sparsity"], stats["token_std"]
+                row.sparse_bytes = int(round(wbytes * (1.0 - stats["sparsity"])))
+            seen[key] = row
+    for name, (out_f, in_f) in linears.items():
+        if name not in seen:
+            reason = "not called in this forward" if name not in plan.layers else "planned, not called"
+            seen[name] = LayerRow(name=name, op="-", reason=reason,
+                                  dense_bytes=out_f * in_f * elem.get(f"{name}.weight", 2))
+    order = list(linears)
+    report.rows = sorted(seen.values(), key=lambda r: order.index(r.name) if r.name in order else 1e9)
+    if dump_dir is not None:
+        report.save(dump_dir)
+    return report

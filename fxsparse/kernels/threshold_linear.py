@@ -1,0 +1,141 @@
+"""``fxsparse::threshold_linear``: a linear layer whose small input activations are dropped.
+
+Semantics (the one definition every implementation must match)::
+
+    d    = |x - center| * channel_scale          # float32; center 0 and scale 1 when None
+    keep = not (d < threshold)                   # NaN is never "below", so NaN is kept
+    out  = F.linear(where(keep, x, center), weight, bias)
+
+Dropped entries snap to ``center`` rather than to zero, so for a non-zero center the layer
+output gains the constant ``W @ center`` (SCAP's mode-centering, seed 001). ``center_bias`` is
+that product computed once when the model is prepared; implementations that read only the kept
+columns of ``W`` need it (the reference does not). NaN propagates as in the dense layer instead
+of being silently replaced by the center.
+
+Implementations: a plain-torch reference (CPU, and any device as a named fallback), a fake
+(meta) impl for tracing, and on CUDA the fused Triton threshold-mask + sparse GEMV kernel for
+few rows (``sparse_gemv.py``), with the reference composition (mask, then cuBLAS) above that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["threshold_linear", "threshold_linear_reference", "keep_mask_reference"]
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # ``t.to(dtype)`` returns ``t`` itself when nothing changes, which an op may not return.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def keep_mask_reference(
+    x: Tensor, threshold: float, center: Tensor | None, channel_scale: Tensor | None
+) -> Tensor:
+    """Boolean mask of the entries of ``x`` that survive the threshold (float32 comparison)."""
+    d = _as(x, torch.float32)
+    if center is not None:
+        d = d - _as(center, torch.float32)
+    d = d.abs()
+    if channel_scale is not None:
+        d = d * _as(channel_scale, torch.float32)
+    return ~(d < float(threshold))
+
+
+def threshold_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    threshold: float,
+    center: Tensor | None = None,
+    channel_scale: Tensor | None = None,
+    center_bias: Tensor | None = None,
+) -> Tensor:
+    """Pure-torch reference of the op (the CPU implementation, and the tests' oracle)."""
+    del center_bias  # an optimisation for kernels that skip columns; not needed here
+    keep = keep_mask_reference(x, threshold, center, channel_scale)
+    fill = torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
+    return F.linear(torch.where(keep, x, fill), weight, bias)
+
+
+def _check_args(x, weight, bias, center, channel_scale, center_bias) -> None:
+    k = x.shape[-1]
+    torch._check(weight.dim() == 2, lambda: f"threshold_linear: weight must be 2-D, got {weight.dim()}-D")
+    torch._check(
+        weight.shape[1] == k,
+        lambda: f"threshold_linear: x has {k} input features but weight is {tuple(weight.shape)}",
+    )
+    n = weight.shape[0]
+    if bias is not None:
+        torch._check(bias.shape == (n,), lambda: f"threshold_linear: bias must be ({n},)")
+    if center is not None:
+        torch._check(
+            center.dim() == 0 or center.shape == (k,),
+            lambda: f"threshold_linear: center must be a scalar or ({k},), got {tuple(center.shape)}",
+        )
+    if channel_scale is not None:
+        torch._check(
+            channel_scale.shape == (k,),
+            lambda: f"threshold_linear: channel_scale must be ({k},), got {tuple(channel_scale.shape)}",
+        )
+    if center_bias is not None:
+        torch._check(center_bias.shape == (n,), lambda: f"threshold_linear: center_bias must be ({n},)")
+
+
+@torch.library.custom_op("fxsparse::threshold_linear", mutates_args=())
+def threshold_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    threshold: float,
+    center: Tensor | None = None,
+    channel_scale: Tensor | None = None,
+    center_bias: Tensor | None = None,
+) -> Tensor:
+    """``F.linear(where(|x - center|*scale >= threshold, x, center), weight, bias)``."""
+    _check_args(x, weight, bias, center, channel_scale, center_bias)
+    return threshold_linear_reference(x, weight, bias, threshold, center, channel_scale)
+
+
+@threshold_linear.register_fake
+def _(x, weight, bias, threshold, center=None, channel_scale=None, center_bias=None):
+    _check_args(x, weight, bias, center, channel_scale, center_bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@threshold_linear.register_kernel("cuda")
+def _(x, weight, bias, threshold, center=None, channel_scale=None, center_bias=None):
+    _check_args(x, weight, bias, center, channel_scale, center_bias)
+    from . import sparse_gemv
+
+    if sparse_gemv.supports(x, weight):
+        return sparse_gemv.threshold_gemv(
+            x, weight, bias, threshold, center, channel_scale, center_bias
+        )
+    return threshold_linear_reference(x, weight, bias, threshold, center, channel_scale)
+
+
+# -- autograd: the mask is a constant of the forward (straight-through on kept entries) -------
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, threshold, center, channel_scale, _ = inputs
+    keep = keep_mask_reference(x, threshold, center, channel_scale)
+    ctx.save_for_backward(x, weight, keep, center)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, keep, center = ctx.saved_tensors
+    fill = torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
+    xm = torch.where(keep, x, fill)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    grad_x = torch.where(keep, grad @ _as(weight, grad.dtype), torch.zeros((), dtype=grad.dtype))
+    grad_w = g2.t() @ _as(xm.reshape(-1, xm.shape[-1]), grad.dtype)
+    grad_b = g2.sum(0) if ctx.has_bias else None
+    return _as(grad_x, x.dtype), _as(grad_w, weight.dtype), grad_b, None, None, None, None
+
+
+threshold_linear.register_autograd(_backward, setup_context=_setup_context)

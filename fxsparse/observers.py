@@ -1,0 +1,277 @@
+"""Activation observers: streaming statistics of a linear layer's input, in bounded memory.
+
+An observer is an ``nn.Module`` whose ``forward(x)`` returns ``x`` unchanged and records:
+
+* a signed histogram of ``x`` on a log-magnitude grid (256 bins per octave, 2^-24 .. 2^16, about
+  0.27% relative bin width), from which the threshold for *any* target sparsity and any center
+  (``Quantile(|X - c|, s)``) and the centers themselves (median, density peak) follow after one
+  pass, so a sparsity sweep never recalibrates;
+* optionally a magnitude histogram of ``|x - c| * scale`` for a fixed per-channel scale (the
+  norm-scaled criterion of Sparsing Law, seed 003);
+* per-channel count / sum / sum of squares / max |x| (float64, ``in_features`` each);
+* optionally an exact *probe*: given the plan's threshold, center and scale, the number of
+  dropped entries and the per-token dropped fraction (mean and spread), for inspection and
+  evaluation.
+
+Nothing stores activations, so memory is fixed per layer (about 160 KiB per histogram).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ActivationObserver", "LOG2_MIN", "LOG2_MAX", "BINS_PER_OCTAVE"]
+
+LOG2_MIN = -24  # |x| below 2^-24 (~6e-8) lands in the zero bin
+LOG2_MAX = 16  # |x| at or above 2^16 lands in the top bin (whose upper edge is the observed max)
+BINS_PER_OCTAVE = 256
+_M = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE  # magnitude bins per sign
+# Bins come straight from the float32 bit pattern: exponent and top 8 mantissa bits, i.e.
+# 256 equal steps per octave. The 17-bit key (sign, exponent, 8 mantissa bits) indexes a lookup
+# table that gives the histogram bin: one shift, one mask, one gather, one bincount per call.
+_KEY_SHIFT = 23 - 8
+_KEY_MIN = (127 + LOG2_MIN) << 8  # magnitude key of 2^-24
+_KEY_NONFINITE = 255 << 8  # exponent 255: inf and NaN
+
+
+def _bin_tables() -> tuple[Tensor, Tensor]:
+    """(signed table over 17-bit keys, magnitude table over 16-bit keys).
+
+    Magnitude: 0 = zero bin, 1.._M = bins, _M + 1 = inf/NaN. Signed: 0 and 2*_M + 2 are the
+    non-finite bins, _M + 1 the zero bin, negatives below it, positives above it.
+    """
+    key = torch.arange(1 << 16, dtype=torch.int64)
+    j1 = (key - (_KEY_MIN - 1)).clamp(0, _M)
+    mag = torch.where(key >= _KEY_NONFINITE, _M + 1, j1)
+    signed = torch.cat([_M + 1 + mag, _M + 1 - mag])  # sign bit 0 first, then 1
+    return signed, mag
+
+
+_SIGNED_TABLE, _MAG_TABLE = _bin_tables()
+
+
+def _magnitude_edges(top: float) -> np.ndarray:
+    """Upper edges of the _M magnitude bins (the last one stretched to ``top``)."""
+    keys = (np.arange(_KEY_MIN + 1, _KEY_MIN + _M + 1, dtype=np.int64) << _KEY_SHIFT)
+    e = keys.astype(np.int32).view(np.float32).astype(np.float64)
+    e[-1] = max(e[-1], top)
+    return e
+
+
+_tables_on: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _table(table: Tensor, device: torch.device) -> Tensor:
+    key = (id(table), device)
+    if key not in _tables_on:
+        _tables_on[key] = table.to(device)
+    return _tables_on[key]
+
+
+class ActivationObserver(nn.Module):
+    """Records the distribution of one layer's input; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        in_features: int,
+        channel_scale: Tensor | None = None,
+        scale_center: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.in_features = in_features
+        self.scale_center = float(scale_center)
+        self.register_buffer("signed_hist", torch.zeros(2 * _M + 1, dtype=torch.int64))
+        self.register_buffer("abs_max", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("ch_count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("ch_sum", torch.zeros(in_features, dtype=torch.float64))
+        self.register_buffer("ch_sumsq", torch.zeros(in_features, dtype=torch.float64))
+        self.register_buffer("ch_absmax", torch.zeros(in_features, dtype=torch.float64))
+        if channel_scale is not None:
+            if channel_scale.shape != (in_features,):
+                raise ValueError(
+                    f"observer {name}: channel_scale must have shape ({in_features},), "
+                    f"got {tuple(channel_scale.shape)}"
+                )
+            self.register_buffer("channel_scale", channel_scale.detach().float().clone())
+            self.register_buffer("scaled_hist", torch.zeros(_M + 1, dtype=torch.int64))
+            self.register_buffer("scaled_max", torch.zeros((), dtype=torch.float64))
+        else:
+            self.channel_scale = None
+            self.scaled_hist = None
+        self.probe: tuple[float, Tensor | None, Tensor | None] | None = None
+        self.register_buffer("probe_dropped", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("probe_tokens", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("probe_frac_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("probe_frac_sumsq", torch.zeros((), dtype=torch.float64))
+
+    # -- recording ------------------------------------------------------------------------------
+    def set_probe(self, threshold: float, center: Tensor | None, channel_scale: Tensor | None) -> None:
+        """Also count exactly which entries the op would drop with these settings."""
+        self.probe = (float(threshold), center, channel_scale)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"observer {self.name}: input has {x.shape[-1]} features, expected {self.in_features}"
+            )
+        if self.signed_hist.device != x.device:
+            self.to(x.device)
+        v = x.detach().reshape(-1, self.in_features).float()
+        if self._record_signed(v):  # rare: keep inf/NaN out of the channel statistics
+            v = torch.where(torch.isfinite(v), v, torch.zeros((), device=v.device))
+        self.ch_count += v.shape[0]
+        self.ch_sum += v.sum(0)
+        self.ch_sumsq += (v * v).sum(0)
+        col_max = v.abs().amax(0)
+        torch.maximum(self.ch_absmax, col_max.double(), out=self.ch_absmax)
+        torch.maximum(self.abs_max, self.ch_absmax.max(), out=self.abs_max)
+        if self.scaled_hist is not None:
+            m = (v - self.scale_center).abs() * self.channel_scale.to(v.device)
+            keys = (m.reshape(-1).view(torch.int32) >> _KEY_SHIFT).long()
+            j1 = _table(_MAG_TABLE, v.device)[keys]
+            self.scaled_hist += torch.bincount(j1, minlength=_M + 2)[: _M + 1]
+            torch.maximum(self.scaled_max, m.max().double(), out=self.scaled_max)
+        if self.probe is not None:
+            thr, c, s = self.probe
+            d = v if c is None else v - c.to(v.device)
+            d = d.abs()
+            if s is not None:
+                d = d * s.to(v.device)
+            dropped = (d < thr).float()
+            frac = dropped.mean(1).double()
+            self.probe_dropped += dropped.sum().double()
+            self.probe_tokens += v.shape[0]
+            self.probe_frac_sum += frac.sum()
+            self.probe_frac_sumsq += (frac**2).sum()
+        return x
+
+    def _record_signed(self, v: Tensor) -> bool:
+        """Add ``v`` to the signed histogram; True if it held inf or NaN (not counted)."""
+        keys = ((v.reshape(-1).view(torch.int32) >> _KEY_SHIFT) & 0x1FFFF).long()
+        hist = torch.bincount(_table(_SIGNED_TABLE, v.device)[keys], minlength=2 * _M + 3)
+        self.signed_hist += hist[1:-1]
+        return bool(hist[0] + hist[-1] > 0)
+
+    def reset(self) -> None:
+        for b in self.buffers():
+            b.zero_()
+
+    # -- derived quantities ---------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return int(self.signed_hist.sum())
+
+    def _signed_cdf(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bin edges (ascending, 2*_M+2) and cumulative counts at them (linear within bins)."""
+        top = float(self.abs_max)
+        pos = _magnitude_edges(top)
+        zero = 2.0**LOG2_MIN
+        # bins in index order: negative (most negative first), the zero bin, positive
+        edges = np.concatenate([-pos[::-1], [-zero, zero], pos])
+        h = self.signed_hist.double().cpu().numpy()
+        cum = np.concatenate([[0.0], np.cumsum(h)])
+        return edges, cum
+
+    def _require_data(self) -> float:
+        n = float(self.signed_hist.sum())
+        if n == 0:
+            raise RuntimeError(f"observer {self.name}: no activations were recorded")
+        return n
+
+    def cdf(self, values: np.ndarray) -> np.ndarray:
+        """Estimated P(X < v) for each v."""
+        n = self._require_data()
+        edges, cum = self._signed_cdf()
+        return np.interp(values, edges, cum) / n
+
+    def sparsity_at(self, threshold: float, center: float = 0.0) -> float:
+        """Estimated fraction with |x - center| < threshold."""
+        c = float(center)
+        t = float(threshold)
+        return float(self.cdf(np.array([c + t]))[0] - self.cdf(np.array([c - t]))[0])
+
+    def threshold_for(self, sparsity: float, center: float = 0.0) -> float:
+        """tau with P(|X - center| < tau) = sparsity (NNCF's Quantile(|X - c|, s))."""
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"observer {self.name}: sparsity must be in [0, 1), got {sparsity}")
+        if sparsity == 0.0:
+            return 0.0
+        lo, hi = 0.0, float(self.abs_max) + abs(float(center)) + 1.0
+        for _ in range(100):  # bisection: the sparsity is monotone in tau
+            mid = 0.5 * (lo + hi)
+            if self.sparsity_at(mid, center) < sparsity:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    def scaled_threshold_for(self, sparsity: float) -> float:
+        """tau with P(|X - c0| * scale < tau) = sparsity, from the scaled histogram."""
+        if self.scaled_hist is None:
+            raise RuntimeError(f"observer {self.name}: built without channel_scale")
+        if sparsity == 0.0:
+            return 0.0
+        h = self.scaled_hist.double().cpu().numpy()
+        n = h.sum()
+        if n == 0:
+            raise RuntimeError(f"observer {self.name}: no activations were recorded")
+        edges = np.concatenate([[0.0, 2.0**LOG2_MIN], _magnitude_edges(float(self.scaled_max))])
+        cum = np.concatenate([[0.0], np.cumsum(h)]) / n
+        return float(np.interp(sparsity, cum, edges))
+
+    def quantile(self, q: float) -> float:
+        """Value v with P(X < v) = q (e.g. the median for q = 0.5)."""
+        self._require_data()
+        edges, cum = self._signed_cdf()
+        return float(np.interp(q * cum[-1], cum, edges))
+
+    def density_peak(self, grid: int = 4096) -> float:
+        """Mode of a Gaussian-kernel density estimate (SCAP's "kde" center, seed 001).
+
+        The histogram is resampled on a uniform grid between the 0.1% and 99.9% quantiles and
+        smoothed with Silverman's bandwidth on a robust spread (min of std and IQR / 1.34),
+        never narrower than two grid steps.
+        """
+        n = self._require_data()
+        lo, hi = self.quantile(0.001), self.quantile(0.999)
+        if not hi > lo:
+            return lo
+        xs = np.linspace(lo, hi, grid + 1)
+        dens = np.diff(self.cdf(xs)) / np.diff(xs)
+        mids = 0.5 * (xs[1:] + xs[:-1])
+        mean = float(self.ch_sum.sum()) / max(float(self.ch_count) * self.in_features, 1.0)
+        var = float(self.ch_sumsq.sum()) / max(float(self.ch_count) * self.in_features, 1.0)
+        std = math.sqrt(max(var - mean * mean, 0.0))
+        iqr = self.quantile(0.75) - self.quantile(0.25)
+        spread = min(std, iqr / 1.34) if iqr > 0 else std
+        step = xs[1] - xs[0]
+        bw = max(1.06 * spread * n ** (-0.2), 2 * step)
+        half = int(min(4 * bw / step, grid))
+        k = np.exp(-0.5 * ((np.arange(-half, half + 1) * step) / bw) ** 2)
+        smooth = np.convolve(dens, k / k.sum(), mode="same")
+        return float(mids[int(np.argmax(smooth))])
+
+    def probe_stats(self) -> dict[str, float]:
+        """Exact dropped fraction over all entries, and the per-token mean and std of it."""
+        tokens = int(self.probe_tokens)
+        if tokens == 0:
+            return {"sparsity": float("nan"), "token_mean": float("nan"), "token_std": float("nan"),
+                    "tokens": 0}
+        mean = float(self.probe_frac_sum) / tokens
+        var = max(float(self.probe_frac_sumsq) / tokens - mean * mean, 0.0)
+        return {
+            "sparsity": float(self.probe_dropped) / (tokens * self.in_features),
+            "token_mean": mean,
+            "token_std": math.sqrt(var),
+            "tokens": tokens,
+        }
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, in_features={self.in_features}, count={self.count}"

@@ -1,0 +1,117 @@
+"""Lower pass: rewrite each planned linear into ``torch.ops.fxsparse.threshold_linear``.
+
+Pre: ``match_linears`` has run. ``plan`` maps module names to ``LayerPlan``s.
+Post: every site with a plan entry calls ``fxsparse::threshold_linear(x, W, b, threshold, center,
+channel_scale, center_bias)``; center, scale and the folded ``center_bias = W @ center`` are
+buffers of ``gm`` (``get_attr``), computed once here rather than per call. Other linears are
+untouched. The replacement keeps the old node's ``meta`` (shape, stack trace, module stack).
+``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why, for inspection;
+``torch._dynamo.utils.counters["fxsparse"]`` counts lowered and dense sites.
+
+Raises ``PlanError`` when a planned layer's weight shape differs from the plan's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch._dynamo.utils import counters
+
+from ..kernels import threshold_linear  # noqa: F401  (registers torch.ops.fxsparse)
+from ..plan import SparsityPlan
+from .match import linear_sites
+
+__all__ = ["lower_linears"]
+
+
+def _real(t: object) -> torch.Tensor | None:
+    """A real (not fake/meta) tensor, or None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and t.device.type != "meta":
+        return t
+    return None
+
+
+def _buffer(gm: fx.GraphModule, graph: fx.Graph, stem: str, value: torch.Tensor) -> fx.Node:
+    name = "fxsparse_" + re.sub(r"\W", "_", stem)
+    i = 0
+    while hasattr(gm, f"{name}_{i}"):
+        i += 1
+    gm.register_buffer(f"{name}_{i}", value)
+    node = graph.get_attr(f"{name}_{i}")
+    node.meta["val"] = value
+    return node
+
+
+def lower_linears(
+    gm: fx.GraphModule,
+    plan: SparsityPlan,
+    example_inputs: Sequence[object] | None = None,
+) -> fx.GraphModule:
+    """Replace planned linears by the threshold op (see module docstring)."""
+    graph = gm.graph
+    decisions = []
+    for node, site in linear_sites(gm):
+        key = plan.resolve(site.name)
+        if key is None:
+            decisions.append({"name": site.name, "node": node.name, "op": "linear",
+                              "reason": plan.skip_reason(site.name)})
+            counters["fxsparse"]["dense"] += 1
+            continue
+        lp = plan.layers[key]
+
+        # -- operands: input, weight, bias as nodes; the weight's value if we have it ----------
+        if site.kind == "call_module":
+            mod = gm.get_submodule(node.target)
+            x = node.args[0]
+            with graph.inserting_before(node):
+                w = graph.get_attr(f"{node.target}.weight")
+                b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+            w_val = mod.weight
+        else:
+            args = list(node.args) + [None] * (3 - len(node.args))
+            x = node.kwargs.get("input", args[0])
+            w = node.kwargs.get("weight", args[1])
+            b = node.kwargs.get("bias", args[2])
+            w_val = None
+            if site.weight_index is not None and example_inputs is not None:
+                w_val = _real(example_inputs[site.weight_index])
+            if w_val is None and isinstance(w, fx.Node):
+                w_val = w.meta.get("val")
+        if w_val is not None:
+            plan.check_shape(key, tuple(w_val.shape))
+        device = w_val.device if w_val is not None else torch.device("cpu")
+
+        # -- constants, computed once ----------------------------------------------------------
+        center = lp.center_tensor()
+        scale = lp.scale_tensor()
+        center_bias = None
+        real_w = _real(w_val)
+        if center is not None and real_w is not None:
+            with torch.no_grad():
+                c = center.to(device=device, dtype=real_w.dtype).expand(real_w.shape[1])
+                center_bias = F.linear(c, real_w).float()
+        with graph.inserting_before(node):
+            c_node = _buffer(gm, graph, key + "_center", center.to(device)) if center is not None else None
+            s_node = _buffer(gm, graph, key + "_scale", scale.to(device)) if scale is not None else None
+            cb_node = _buffer(gm, graph, key + "_cbias", center_bias) if center_bias is not None else None
+            new = graph.call_function(
+                torch.ops.fxsparse.threshold_linear.default,
+                (x, w, b, float(lp.threshold), c_node, s_node, cb_node),
+            )
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        decisions.append({"name": site.name, "plan_key": key, "node": new.name,
+                          "op": "fxsparse.threshold_linear", "reason": "planned"})
+        counters["fxsparse"]["lowered"] += 1
+
+    gm.meta["fxsparse_decisions"] = decisions
+    graph.lint()
+    gm.recompile()
+    return gm

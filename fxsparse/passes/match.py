@@ -1,0 +1,100 @@
+"""Match pass: find the linear layers of a graph and name each after its module.
+
+Pre: ``gm`` is a graph Dynamo hands a backend (``F.linear`` calls whose weights are placeholders
+lifted from parameters; ``node.meta`` carries ``nn_module_stack`` and the placeholders'
+``grapharg`` source), or a ``torch.fx.symbolic_trace`` graph (``call_module`` on ``nn.Linear``).
+
+Post: every linear node carries ``node.meta["fxsparse_site"]``, a ``LinearSite`` with the module
+name as ``model.named_modules()`` spells it (``model.layers.0.mlp.up_proj``). The graph itself
+is unchanged. A module called twice gives two sites with the same name; graphs split by graph
+breaks are matched independently, each by the same rules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["LinearSite", "match_linears", "linear_sites", "module_path"]
+
+_LINEAR_TARGETS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+SITE_KEY = "fxsparse_site"
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One linear call in a graph. ``weight_index`` is the weight's placeholder position, if any."""
+
+    name: str
+    node_name: str
+    weight_index: int | None
+    kind: str  # "call_function" (F.linear) or "call_module" (nn.Linear)
+
+
+def module_path(source: str) -> str:
+    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    s = re.sub(r"^(?:[A-Za-z_]\w*)\[['\"][^'\"]*['\"]\]", "", source)  # the root: L['self']
+    s = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]*)['\"]\]", r".\1", s)
+    s = re.sub(r"\[['\"]([^'\"]*)['\"]\]", r".\1", s)
+    s = re.sub(r"\[(\d+)\]", r".\1", s)
+    return s.strip(".")
+
+
+def _linear_args(node: fx.Node) -> tuple[fx.Node, object, object] | None:
+    if node.op == "call_function" and node.target in _LINEAR_TARGETS:
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x = node.kwargs.get("input", args[0])
+        w = node.kwargs.get("weight", args[1])
+        b = node.kwargs.get("bias", args[2])
+        return x, w, b
+    return None
+
+
+def _name_from_weight(w: object) -> str | None:
+    """The parameter's owner module, from the placeholder's Dynamo source."""
+    if isinstance(w, fx.Node) and w.op == "placeholder":
+        grapharg = w.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        if source is not None:
+            name = source.name() if callable(source.name) else source.name  # method before 2.12
+            path = module_path(name)
+            if path.endswith(".weight"):
+                return path[: -len(".weight")]
+    return None
+
+
+def _name_from_stack(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, _cls = list(stack.values())[-1]
+    return module_path(path)
+
+
+def match_linears(gm: fx.GraphModule) -> fx.GraphModule:
+    """Annotate linear nodes with ``LinearSite``s (see module docstring)."""
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    for node in gm.graph.nodes:
+        site = None
+        args = _linear_args(node)
+        if args is not None:
+            _, w, _ = args
+            # The calling module names the layer (a tied lm_head's weight is sourced from the
+            # embedding); the weight's source is the fallback for graphs without module stacks.
+            name = _name_from_stack(node) or _name_from_weight(w)
+            if name is not None:
+                site = LinearSite(name, node.name, placeholders.get(w), "call_function")
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
+            site = LinearSite(str(node.target), node.name, None, "call_module")
+        if site is not None:
+            node.meta[SITE_KEY] = site
+    return gm
+
+
+def linear_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, LinearSite]]:
+    """The annotated linear nodes of ``gm`` in graph order."""
+    return [(n, n.meta[SITE_KEY]) for n in gm.graph.nodes if SITE_KEY in n.meta]

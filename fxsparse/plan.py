@@ -1,0 +1,288 @@
+"""``SparsityPlan``: what to sparsify and how, as plain versioned JSON (data, never code).
+
+Schema (version 1)::
+
+    {
+      "format": "fxsparse.plan", "version": 1,
+      "model": {"class": "LlamaForCausalLM",
+                "linears": {"model.layers.0.mlp.up_proj": [out_features, in_features], ...}},
+      "layers": {
+        "model.layers.0.mlp.up_proj": {
+          "threshold": 0.031,              # tau: drop x_i when |x_i - center| * scale_i < tau
+          "center": 0.0,                   # float, or a list of in_features floats
+          "channel_scale": null,           # null, or a list of in_features positive floats
+          "target_sparsity": 0.4,
+          "method": "quantile",
+          "in_features": 576, "out_features": 1536,
+          "calibrated_sparsity": 0.4001,   # measured on the calibration data (null if unknown)
+          "prefill": "threshold"           # kernel family for large row counts
+        }, ...},
+      "skipped": {"lm_head": "ignored_scope", ...},   # linears left dense, with the reason
+      "meta": {...}                                   # free-form provenance (method options, data)
+    }
+
+``save`` writes a temporary file in the same folder and renames it over the target, so a crash
+never leaves a half-written plan. ``load`` validates everything and names the offending layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LayerPlan", "SparsityPlan", "PlanError", "linear_layers", "PLAN_FORMAT", "PLAN_VERSION"]
+
+PLAN_FORMAT = "fxsparse.plan"
+PLAN_VERSION = 1
+PREFILL_KINDS = ("threshold", "dense", "2:4")
+
+
+class PlanError(ValueError):
+    """A plan that is malformed or does not fit the model it is applied to."""
+
+
+def linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module name: (out_features, in_features)}`` for every ``nn.Linear`` in ``model``."""
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def _vector_or_scalar(value: Any, in_features: int, what: str, layer: str, *, positive: bool,
+                      allow_none: bool) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise PlanError(f"layer {layer!r}: {what} is missing")
+    if isinstance(value, list):
+        if len(value) != in_features:
+            raise PlanError(
+                f"layer {layer!r}: {what} has {len(value)} entries, in_features is {in_features}"
+            )
+        values = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if what == "channel_scale":
+            raise PlanError(f"layer {layer!r}: channel_scale must be a list or null")
+        values = [value]
+    else:
+        raise PlanError(f"layer {layer!r}: {what} must be a number or a list, got {value!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise PlanError(f"layer {layer!r}: {what} holds a non-finite or non-number {v!r}")
+        if positive and v < 0:
+            raise PlanError(f"layer {layer!r}: {what} holds a negative value {v}")
+
+
+@dataclass
+class LayerPlan:
+    """How one linear layer is sparsified. ``center``/``channel_scale``: float or per-channel list."""
+
+    threshold: float
+    in_features: int
+    out_features: int
+    target_sparsity: float | None = None
+    method: str = "quantile"
+    center: float | list[float] = 0.0
+    channel_scale: list[float] | None = None
+    calibrated_sparsity: float | None = None
+    prefill: str = "threshold"
+
+    def validate(self, name: str) -> None:
+        for key in ("in_features", "out_features"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise PlanError(f"layer {name!r}: {key} must be a positive integer, got {v!r}")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
+            raise PlanError(f"layer {name!r}: threshold must be a number >= 0 (inf allowed), got {t!r}")
+        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
+            raise PlanError(f"layer {name!r}: target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        _vector_or_scalar(self.center, self.in_features, "center", name, positive=False,
+                          allow_none=False)
+        _vector_or_scalar(self.channel_scale, self.in_features, "channel_scale", name,
+                          positive=True, allow_none=True)
+        if self.prefill not in PREFILL_KINDS:
+            raise PlanError(f"layer {name!r}: prefill must be one of {PREFILL_KINDS}, got {self.prefill!r}")
+
+    def center_tensor(self) -> torch.Tensor | None:
+        """The center as a float32 tensor (0-d or [in_features]); None when it is exactly zero."""
+        if isinstance(self.center, list):
+            return torch.tensor(self.center, dtype=torch.float32)
+        return None if self.center == 0.0 else torch.tensor(float(self.center), dtype=torch.float32)
+
+    def scale_tensor(self) -> torch.Tensor | None:
+        if self.channel_scale is None:
+            return None
+        return torch.tensor(self.channel_scale, dtype=torch.float32)
+
+
+_LAYER_KEYS = {f for f in LayerPlan.__dataclass_fields__}
+
+
+@dataclass
+class SparsityPlan:
+    """Per-layer thresholds for a model; see the module docstring for the JSON schema."""
+
+    layers: dict[str, LayerPlan]
+    model: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- construction ---------------------------------------------------------------------------
+    @staticmethod
+    def fingerprint(model: nn.Module) -> dict[str, Any]:
+        return {
+            "class": type(model).__name__,
+            "linears": {k: list(v) for k, v in linear_layers(model).items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": self.model,
+            "layers": {name: asdict(lp) for name, lp in self.layers.items()},
+            "skipped": dict(self.skipped),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> SparsityPlan:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{source}: a plan is a JSON object, got {type(data).__name__}")
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{source}: 'format' is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(
+                f"{source}: plan version {data.get('version')!r} is not supported "
+                f"(this fxsparse reads version {PLAN_VERSION})"
+            )
+        raw_layers = data.get("layers")
+        if not isinstance(raw_layers, Mapping):
+            raise PlanError(f"{source}: 'layers' must be an object of layer name -> settings")
+        layers = {}
+        for name, raw in raw_layers.items():
+            if not isinstance(raw, Mapping):
+                raise PlanError(f"{source}: layer {name!r} must be an object")
+            unknown = set(raw) - _LAYER_KEYS
+            if unknown:
+                raise PlanError(f"{source}: layer {name!r} has unknown keys {sorted(unknown)}")
+            try:
+                lp = LayerPlan(**raw)
+            except TypeError as e:
+                raise PlanError(f"{source}: layer {name!r}: {e}") from None
+            lp.validate(name)
+            layers[name] = lp
+        plan = cls(layers=layers, model=dict(data.get("model") or {}),
+                   skipped=dict(data.get("skipped") or {}), meta=dict(data.get("meta") or {}))
+        return plan
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON atomically (temp file in the same folder, then rename)."""
+        for name, lp in self.layers.items():
+            lp.validate(name)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=1)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> SparsityPlan:
+        """Read and validate a plan; with ``model``, also check that it fits that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"no plan file at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: malformed JSON ({e})") from None
+        plan = cls.from_dict(data, source=str(path))
+        if model is not None:
+            plan.check_model(model)
+        return plan
+
+    @classmethod
+    def coerce(cls, plan: SparsityPlan | str | os.PathLike | Mapping[str, Any]) -> SparsityPlan:
+        """Accept a plan object, a path to its JSON, or its dict form."""
+        if isinstance(plan, SparsityPlan):
+            return plan
+        if isinstance(plan, (str, os.PathLike)):
+            return cls.load(plan)
+        if isinstance(plan, Mapping):
+            return cls.from_dict(plan)
+        raise TypeError(f"plan must be a SparsityPlan, a path or a dict, got {type(plan).__name__}")
+
+    # -- checks against a model -----------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``PlanError`` unless every planned layer is a linear of ``model`` of that shape."""
+        linears = linear_layers(model)
+        for name in self.layers:
+            if name not in linears:
+                raise PlanError(
+                    f"plan layer {name!r} is not a linear layer of this {type(model).__name__} "
+                    "(plan made for another model?)"
+                )
+            self.check_shape(name, linears[name])
+        recorded = self.model.get("linears")
+        if recorded:
+            extra = sorted(set(linears) - set(recorded))
+            if extra:
+                raise PlanError(
+                    f"the model has linear layers the plan's model did not have, e.g. {extra[0]!r} "
+                    "(plan made for another model?)"
+                )
+
+    def check_shape(self, name: str, out_in: tuple[int, int]) -> None:
+        lp = self.layers[name]
+        if (lp.out_features, lp.in_features) != tuple(out_in):
+            raise PlanError(
+                f"layer {name!r}: plan is for out_features={lp.out_features}, "
+                f"in_features={lp.in_features}, the model's weight is {tuple(out_in)}"
+            )
+
+    def resolve(self, module_name: str) -> str | None:
+        """The plan entry for a module path: exact, else the unique entry ending in ``.name``.
+
+        The suffix rule lets a plan made on ``LlamaForCausalLM`` apply when a user compiles only
+        its inner ``model`` (whose graphs name ``layers.0.mlp.up_proj``).
+        """
+        if module_name in self.layers:
+            return module_name
+        hits = [k for k in self.layers if k.endswith("." + module_name)]
+        return hits[0] if len(hits) == 1 else None
+
+    def skip_reason(self, module_name: str) -> str:
+        for key in (module_name, *[k for k in self.skipped if k.endswith("." + module_name)]):
+            if key in self.skipped:
+                return self.skipped[key]
+        return "not in the plan"
+
+    def summary(self) -> str:
+        rows = [f"{'layer':48s} {'target':>6s} {'calib':>6s} {'threshold':>10s} method"]
+        for name, lp in self.layers.items():
+            t = "-" if lp.target_sparsity is None else f"{lp.target_sparsity:.3f}"
+            c = "-" if lp.calibrated_sparsity is None else f"{lp.calibrated_sparsity:.3f}"
+            rows.append(f"{name:48s} {t:>6s} {c:>6s} {lp.threshold:10.4g} {lp.method}")
+        return "\n".join(rows)

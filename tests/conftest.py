@@ -1,0 +1,45 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter. It must be chosen
+# before triton is first imported, hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test compiles models of one class; without a reset, Dynamo's per-code cache fills
+    # up (recompile limit) and later tests would silently run eagerly.
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+def token_batches(n: int, batch: int = 2, seq: int = 24, vocab: int = 96, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]

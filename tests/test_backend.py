@@ -1,0 +1,201 @@
+"""sparse_act end to end on a tiny random Llama: numerics, graph shape, shapes and caches."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from fxsparse import IgnoredScope, SparsityPlan, TargetScope
+from fxsparse.passes import linear_sites, lower_linears, match_linears
+from fxsparse.reference import plan_hooks
+
+from conftest import tiny_llama, token_batches
+
+TARGETS = {TargetScope(patterns=[r".*mlp\.(up|gate)_proj"]): 0.4,
+           TargetScope(patterns=[r".*mlp\.down_proj"]): 0.5,
+           TargetScope(patterns=[r".*self_attn\.[qkvo]_proj"]): 0.3}
+
+
+@pytest.fixture(scope="module")
+def model_and_plan():
+    torch.compiler.reset()
+    model = tiny_llama()
+    plan = fxsparse.calibrate(model, token_batches(6), TARGETS, IgnoredScope(names=["lm_head"]),
+                              progress=False)
+    return model, plan
+
+
+def lowered_ops(record):
+    return [d for g in record for d in g["decisions"]]
+
+
+def test_logits_match_eager_hooks_and_graph_has_exactly_the_planned_ops(model_and_plan):
+    model, plan = model_and_plan
+    assert len(plan.layers) == 14  # 7 projections x 2 blocks; lm_head ignored
+    x = token_batches(1, batch=2, seq=20, seed=7)[0]
+    record = []
+    fast = torch.compile(model, backend="sparse_act", options={"plan": plan, "record": record},
+                         fullgraph=True)
+    with torch.no_grad():
+        got = fast(x, use_cache=False).logits
+        with plan_hooks(model, plan):
+            want = model(x, use_cache=False).logits
+        dense = model(x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - dense).abs().max() > 1e-3  # the plan really changed something
+    decisions = lowered_ops(record)
+    lowered = sorted(d["name"] for d in decisions if d["op"] == "fxsparse.threshold_linear")
+    assert lowered == sorted(plan.layers)
+    assert [d["name"] for d in decisions if d["op"] == "linear"] == ["lm_head"]
+    code = record[0]["stages"]["lower"]
+    assert code.count("torch.ops.fxsparse.threshold_linear.default") == 14
+    assert code.count("torch._C._nn.linear") == 1
+
+
+def test_dynamic_shapes_and_no_recompile_per_length(model_and_plan):
+    model, plan = model_and_plan
+    torch._dynamo.utils.counters.clear()
+    fast = torch.compile(model, backend="sparse_act", options={"plan": plan}, dynamic=True)
+    with torch.no_grad():
+        for seq in (5, 9, 17):
+            x = token_batches(1, batch=1, seq=seq, seed=seq)[0]
+            with plan_hooks(model, plan):
+                want = model(x, use_cache=False).logits
+            torch.testing.assert_close(fast(x, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_kv_cache_decode_matches_eager(model_and_plan):
+    from transformers import DynamicCache
+
+    model, plan = model_and_plan
+    fast = torch.compile(model, backend="sparse_act", options={"plan": plan})
+    prompt = token_batches(1, batch=1, seq=12, seed=3)[0]
+    with torch.no_grad():
+        outs = []
+        for fn, hooks in ((fast, False), (model, True)):
+            cache = DynamicCache()
+            ctx = plan_hooks(model, plan) if hooks else torch.no_grad()
+            with ctx:
+                out = fn(prompt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                steps = [out.logits[:, -1]]
+                for _ in range(3):
+                    out = fn(nxt, past_key_values=out.past_key_values, use_cache=True)
+                    nxt = out.logits[:, -1:].argmax(-1)
+                    steps.append(out.logits[:, -1])
+            outs.append(torch.stack(steps))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+class TwoCalls(nn.Module):
+    """One linear called twice around a graph break, and a second linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        h = torch.relu(self.a(h))
+        return self.b(h)
+
+
+def test_graph_breaks_and_repeated_calls():
+    torch.manual_seed(0)
+    m = TwoCalls().eval()
+    plan = fxsparse.calibrate(m, [torch.randn(32, 16) for _ in range(4)],
+                              {TargetScope(names=["a", "b"]): 0.5}, progress=False)
+    record = []
+    fast = torch.compile(m, backend="sparse_act", options={"plan": plan, "record": record})
+    x = torch.randn(5, 16)
+    with torch.no_grad(), plan_hooks(m, plan):
+        want = m(x)
+    torch.testing.assert_close(fast(x), want)
+    assert len(record) == 2  # the graph break splits the forward in two graphs
+    names = [d["name"] for d in lowered_ops(record)]
+    assert sorted(names) == ["a", "a", "b"]
+
+
+def test_symbolic_trace_graph():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6)).eval()
+    gm = torch.fx.symbolic_trace(m)
+    gm = match_linears(gm)
+    assert [s.name for _, s in linear_sites(gm)] == ["0", "2"]
+    plan = SparsityPlan(layers={"2": fxsparse.LayerPlan(threshold=0.3, in_features=24,
+                                                        out_features=6, center=0.05)})
+    gm = lower_linears(gm, plan)
+    x = torch.randn(7, 12)
+    with torch.no_grad(), plan_hooks(m, plan):
+        want = m(x)
+    torch.testing.assert_close(gm(x), want)
+    assert sum(n.target == torch.ops.fxsparse.threshold_linear.default
+               for n in gm.graph.nodes) == 1
+
+
+def test_center_bias_is_folded_once():
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 4)
+    plan = SparsityPlan(layers={"": fxsparse.LayerPlan(threshold=0.2, in_features=10,
+                                                       out_features=4, center=[0.1] * 10)})
+    gm = lower_linears(match_linears(torch.fx.symbolic_trace(nn.Sequential(lin))), SparsityPlan(
+        layers={"0": plan.layers[""]}))
+    cbias = [b for n, b in gm.named_buffers() if "cbias" in n]
+    assert len(cbias) == 1
+    torch.testing.assert_close(cbias[0], F.linear(torch.full((10,), 0.1), lin.weight))
+
+
+def test_plan_shape_mismatch_is_a_clear_error():
+    m = TwoCalls().eval()
+    plan = SparsityPlan(layers={"b": fxsparse.LayerPlan(threshold=0.1, in_features=16,
+                                                        out_features=9)})
+    fast = torch.compile(m, backend="sparse_act", options={"plan": plan})
+    with pytest.raises(Exception, match="layer 'b'.*out_features=9"):
+        fast(torch.randn(2, 16))
+
+
+def test_bad_options():
+    m = TwoCalls().eval()
+    with pytest.raises(Exception, match="unknown option.*'plna'"):
+        torch.compile(m, backend="sparse_act", options={"plna": 1})(torch.randn(2, 16))
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="unknown mode"):
+        torch.compile(m, backend="sparse_act", options={"mode": "fastest"})(torch.randn(2, 16))
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="no plan file"):
+        torch.compile(m, backend="sparse_act", options={"plan": "/nonexistent/plan.json"})(
+            torch.randn(2, 16))
+
+
+def test_no_plan_compiles_dense_and_debug_dir(tmp_path):
+    m = TwoCalls().eval()
+    fast = torch.compile(m, backend="sparse_act", options={"debug_dir": str(tmp_path)})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x))
+    assert sorted(p.name for p in tmp_path.iterdir())[:1] == ["graph001_input.py"] or \
+        any(p.name.endswith("_input.py") for p in tmp_path.iterdir())
+
+
+def test_backend_found_by_name_without_importing_fxsparse(tmp_path):
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Linear(4, 4)\n"
+        "out = torch.compile(m, backend='sparse_act', options={'inductor': False})(torch.randn(2, 4))\n"
+        "assert out.shape == (2, 4)\n"
+        "assert 'fxsparse' in sys.modules  # loaded through the entry point, not by us\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ok")

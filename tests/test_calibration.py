@@ -1,0 +1,89 @@
+"""calibrate(): targets hit on calibration and fresh data; every input kind; clear errors."""
+
+import pytest
+import torch
+
+import fxsparse
+from fxsparse import IgnoredScope, ScopeError, TargetScope
+
+from conftest import tiny_llama, token_batches
+
+
+def measured_sparsity(model, plan, batches):
+    """Exact dropped fraction per planned layer, counted by hooks (independent of observers)."""
+    from fxsparse.kernels import keep_mask_reference
+
+    counts = {name: [0, 0] for name in plan.layers}
+    modules = dict(model.named_modules())
+    handles = []
+    for name, lp in plan.layers.items():
+        def hook(_m, args, name=name, lp=lp):
+            keep = keep_mask_reference(args[0], lp.threshold, lp.center_tensor(), lp.scale_tensor())
+            counts[name][0] += int((~keep).sum())
+            counts[name][1] += keep.numel()
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            model(b, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {name: d / n for name, (d, n) in counts.items()}
+
+
+TARGETS = {TargetScope(patterns=[r".*mlp\.(up|gate)_proj"]): 0.4,
+           TargetScope(patterns=[r".*mlp\.down_proj"]): 0.5,
+           TargetScope(patterns=[r".*self_attn\.[qkvo]_proj"]): 0.25}
+
+
+def test_targets_hit_on_calibration_and_fresh_data():
+    model = tiny_llama()
+    calib = token_batches(8, batch=4, seq=32, seed=1)
+    fresh = token_batches(8, batch=4, seq=32, seed=2)
+    plan = fxsparse.calibrate(model, calib, TARGETS, IgnoredScope(names=["lm_head"]),
+                              progress=False)
+    on_calib = measured_sparsity(model, plan, calib)
+    on_fresh = measured_sparsity(model, plan, fresh)
+    for name, lp in plan.layers.items():
+        assert abs(on_calib[name] - lp.target_sparsity) <= 0.005, name
+        assert abs(on_fresh[name] - lp.target_sparsity) <= 0.02, name
+        assert abs(lp.calibrated_sparsity - on_calib[name]) <= 0.005, name
+    assert plan.skipped["lm_head"] == "ignored_scope"
+    assert plan.model["class"] == "LlamaForCausalLM"
+    assert plan.meta["calibration_tokens"] == 8 * 4 * 32
+
+
+def test_dataset_kinds_give_the_same_plan():
+    from datasets import Dataset
+
+    model = tiny_llama()
+    rows = token_batches(4, batch=1, seq=16, seed=5)
+    targets = {TargetScope(patterns=[r".*down_proj"]): 0.5}
+    a = fxsparse.calibrate(model, rows, targets, progress=False)
+    b = fxsparse.calibrate(model, [{"input_ids": r, "attention_mask": torch.ones_like(r)}
+                                   for r in rows], targets, progress=False)
+    c = fxsparse.calibrate(model, Dataset.from_dict({"input_ids": [r[0].tolist() for r in rows]}),
+                           targets, progress=False)
+    for name in a.layers:
+        assert a.layers[name].threshold == b.layers[name].threshold == c.layers[name].threshold
+
+
+def test_progress_bar_and_max_batches(capsys):
+    model = tiny_llama()
+    fxsparse.calibrate(model, token_batches(5), {TargetScope(names=["lm_head"]): 0.3},
+                       max_batches=2, progress=True)
+    assert "calibrating" in capsys.readouterr().err
+
+
+def test_errors():
+    model = tiny_llama()
+    data = token_batches(2)
+    with pytest.raises(ScopeError, match="matches no linear layer"):
+        fxsparse.calibrate(model, data, {TargetScope(patterns=["mlp"]): 0.3}, progress=False)
+    with pytest.raises(ValueError, match="unknown calibration method 'median'"):
+        fxsparse.calibrate(model, data, {TargetScope(names=["lm_head"]): 0.3}, method="median",
+                           progress=False)
+    with pytest.raises(TypeError, match="calibration item 0"):
+        fxsparse.calibrate(model, ["some text"], {TargetScope(names=["lm_head"]): 0.3},
+                           progress=False)
+    with pytest.raises(RuntimeError, match="recorded nothing"):
+        fxsparse.calibrate(model, [], {TargetScope(names=["lm_head"]): 0.3}, progress=False)
