@@ -34,16 +34,19 @@ __all__ = [
 
 
 def _register_backend() -> None:
-    """Make ``backend="sparse_act"`` work after ``import fxsparse`` too (not only via the entry
-    point), and fail loudly if some other library registered a different ``sparse_act``."""
-    from torch._dynamo.backends.registry import lookup_backend, register_backend
+    """Make ``backend="sparse_act"`` work after ``import fxsparse`` when the package is not
+    installed (PYTHONPATH use). When it is, torch registers it from the entry point on first
+    lookup (loading this very module), and registering here too would be a duplicate."""
+    from importlib.metadata import entry_points
 
-    try:
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if any(ep.name == "sparse_act" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    if "sparse_act" in _COMPILER_FNS and _COMPILER_FNS["sparse_act"] is not sparse_act:
+        raise RuntimeError("another library registered a torch.compile backend named 'sparse_act'")
+    if "sparse_act" not in _COMPILER_FNS:
         register_backend(sparse_act, name="sparse_act")
-    except AssertionError:  # torch's message for a duplicate name
-        if lookup_backend("sparse_act") is not sparse_act:
-            raise RuntimeError("another library registered a torch.compile backend named "
-                               "'sparse_act'") from None
 
 
 _register_backend()

@@ -78,8 +78,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .plan import SparsityPlan
 
+    plan = SparsityPlan.load(args.plan)  # fail on a bad plan before the slow model load
     model, tok = _load(args)
-    plan = SparsityPlan.load(args.plan, model)
+    plan.check_model(model)
     print(_evaluate(args, model, tok, plan).table(plan))
 
 
@@ -88,8 +89,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .inspection import explain
     from .plan import SparsityPlan
 
+    plan = SparsityPlan.load(args.plan)
     model, tok = _load(args)
-    plan = SparsityPlan.load(args.plan, model)
+    plan.check_model(model)
     ids = token_chunks(tok, read_text(args.eval_text, default="enwiki"), args.seq_len, 1)[0]
     report = explain(model, ids, plan=plan, dump_dir=args.out)
     if args.graphs:
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # PlanError and ScopeError are ValueErrors
+    except (OSError, ValueError) as e:  # missing files; PlanError and ScopeError are ValueErrors
         print(f"fxsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,77 @@
+"""explain(), evaluate() and the CLI's error paths on a tiny random Llama."""
+
+import json
+
+import pytest
+import torch
+
+import fxsparse
+from fxsparse import IgnoredScope, TargetScope
+from fxsparse.evaluation import evaluate, sliding_windows
+
+from conftest import tiny_llama, token_batches
+
+
+@pytest.fixture(scope="module")
+def model_plan():
+    torch.compiler.reset()
+    model = tiny_llama()
+    plan = fxsparse.calibrate(model, token_batches(4, seq=32),
+                              {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.5},
+                              IgnoredScope(names=["lm_head"]), progress=False)
+    return model, plan
+
+
+def test_explain_reports_graphs_table_and_reasons(model_plan, tmp_path):
+    model, plan = model_plan
+    x = token_batches(1, batch=1, seq=32, seed=9)[0]
+    report = fxsparse.explain(model, x, plan=plan, dump_dir=tmp_path)
+    rows = {r.name: r for r in report.rows}
+    assert len(rows) == 15
+    for name in plan.layers:
+        assert rows[name].op == "fxsparse.threshold_linear"
+        assert abs(rows[name].sparsity - 0.5) < 0.15  # one short input: near the target
+        assert rows[name].sparse_bytes < rows[name].dense_bytes
+    assert rows["lm_head"].reason == "ignored_scope"
+    assert rows["model.layers.0.self_attn.q_proj"].reason == "no TargetScope matches it"
+    stages = report.graphs[0]["stages"]
+    assert set(stages) == {"input", "observe", "lower"}
+    assert "fxsparse_observer_0" in stages["observe"]
+    assert "threshold_linear" in stages["lower"] and "threshold_linear" not in stages["input"]
+    text = report.table()
+    assert "6 of 15 linears sparsified" in text
+    assert (tmp_path / "table.txt").read_text().strip() == text
+    assert len(json.loads((tmp_path / "layers.json").read_text())) == 15
+    assert any(p.name.endswith("_lower.py") for p in tmp_path.iterdir())
+
+
+def test_sliding_windows_score_each_token_once():
+    ids = torch.arange(23)
+    scored = []
+    for chunk, skip in sliding_windows(ids, window=8, stride=5):
+        lo = max(skip - 1, 0)
+        scored += chunk[0, lo + 1:].tolist()
+    assert scored == list(range(1, 23))
+
+
+def test_evaluate_dense_vs_sparse(model_plan):
+    model, plan = model_plan
+    ids = token_batches(1, batch=1, seq=100, seed=4)[0][0]
+    res = evaluate(model, ids, plan, window=32, stride=16, progress=False)
+    assert res.tokens == 99
+    assert res.sparse_ppl != res.dense_ppl and 0 < res.agreement <= 1
+    assert set(res.layers) == set(plan.layers)
+    for st in res.layers.values():
+        assert 0.3 < st["sparsity"] < 0.7 and st["token_std"] > 0
+    dense_only = evaluate(model, ids, None, window=32, progress=False)
+    assert dense_only.sparse_ppl is None
+    assert dense_only.dense_ppl == pytest.approx(res.dense_ppl, rel=0.05)
+    assert "perplexity dense" in res.table(plan)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from fxsparse.cli import main
+
+    rc = main(["evaluate", "--plan", str(tmp_path / "missing.json"), "--model", str(tmp_path)])
+    assert rc == 2
+    assert "error" in capsys.readouterr().err
