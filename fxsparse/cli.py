@@ -103,29 +103,30 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Calibrate on news, compile with sparse_act, measure on Wikipedia: the main job."""
-    from .data import read_text, token_chunks
+    from .data import read_text
+    from .evaluation import evaluate
 
     model, tok = _load(args)
     plan = _calibrate(args, model, tok)
     out = Path(args.out)
     plan.save(out / "plan.json")
     result = _evaluate(args, model, tok, plan)
-    print("\nper-layer sparsity on held-out text (enwiki), sparse_act with exact probes:")
+    print("\nper-layer sparsity on held-out text (enwiki), measured exactly by probes:")
     print(result.table(plan))
 
-    # The same plan through the full backend (Inductor) must give the same logits.
-    ids = token_chunks(tok, read_text(args.eval_text, default="enwiki"), args.seq_len, 1)[0]
+    # The same plan through the full backend (Dynamo -> passes -> Inductor). Hard thresholds
+    # make a deep model chaotic: rounding differences of 1e-7 flip a few masks and the logits
+    # drift apart, so the check compares perplexity on the same windows, not single logits.
+    ids = tok(read_text(args.eval_text, default="enwiki"), return_tensors="pt").input_ids[0]
     fast = torch.compile(model, backend="sparse_act", options={"plan": plan})
     t = time.perf_counter()
-    with torch.no_grad():
-        inductor_logits = fast(ids, use_cache=False).logits
-        probe_logits = torch.compile(
-            model, backend="sparse_act", options={"plan": plan, "inductor": False}
-        )(ids, use_cache=False).logits
-    diff = (inductor_logits - probe_logits).abs().max().item()
-    print(f"Inductor-compiled sparse_act model vs FX reference path: max |Δlogit| = {diff:.2e} "
-          f"(compile + run {time.perf_counter() - t:.0f} s)")
-    (out / "demo_table.txt").write_text(result.table(plan) + "\n")
+    compiled = evaluate(model, ids, window=args.seq_len, max_windows=args.eval_windows,
+                        sparse_model=fast)
+    print(f"Inductor-compiled sparse_act model: perplexity {compiled.sparse_ppl:.3f} "
+          f"(FX reference path {result.sparse_ppl:.3f}, dense {compiled.dense_ppl:.3f}; "
+          f"{time.perf_counter() - t:.0f} s with compilation)")
+    (out / "demo_table.txt").write_text(result.table(plan) + f"\ninductor sparse ppl "
+                                        f"{compiled.sparse_ppl:.3f}\n")
     print(f"plan and table written to {out}/")
 
 

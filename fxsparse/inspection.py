@@ -114,7 +114,7 @@ def explain(
     observers = {}
     for name, lp in plan.layers.items():
         obs = ActivationObserver(name, lp.in_features)
-        obs.set_probe(lp.threshold, lp.center_tensor(), lp.scale_tensor())
+        obs.set_probe(lp.threshold, lp.center_tensor(), lp.scale_tensor(), stats=False)
         observers[name] = obs
     record: list[dict[str, Any]] = []
     compiled = torch.compile(

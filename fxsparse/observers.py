@@ -105,15 +105,22 @@ class ActivationObserver(nn.Module):
             self.channel_scale = None
             self.scaled_hist = None
         self.probe: tuple[float, Tensor | None, Tensor | None] | None = None
+        self.record_stats = True
         self.register_buffer("probe_dropped", torch.zeros((), dtype=torch.float64))
         self.register_buffer("probe_tokens", torch.zeros((), dtype=torch.int64))
         self.register_buffer("probe_frac_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("probe_frac_sumsq", torch.zeros((), dtype=torch.float64))
 
     # -- recording ------------------------------------------------------------------------------
-    def set_probe(self, threshold: float, center: Tensor | None, channel_scale: Tensor | None) -> None:
-        """Also count exactly which entries the op would drop with these settings."""
+    def set_probe(self, threshold: float, center: Tensor | None, channel_scale: Tensor | None,
+                  *, stats: bool = True) -> None:
+        """Also count exactly which entries the op would drop with these settings.
+
+        ``stats=False`` records only that count (evaluation needs no histograms, and skipping
+        them makes a probe several times cheaper).
+        """
         self.probe = (float(threshold), center, channel_scale)
+        self.record_stats = stats
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -124,20 +131,21 @@ class ActivationObserver(nn.Module):
         if self.signed_hist.device != x.device:
             self.to(x.device)
         v = x.detach().reshape(-1, self.in_features).float()
-        if self._record_signed(v):  # rare: keep inf/NaN out of the channel statistics
-            v = torch.where(torch.isfinite(v), v, torch.zeros((), device=v.device))
-        self.ch_count += v.shape[0]
-        self.ch_sum += v.sum(0)
-        self.ch_sumsq += (v * v).sum(0)
-        col_max = v.abs().amax(0)
-        torch.maximum(self.ch_absmax, col_max.double(), out=self.ch_absmax)
-        torch.maximum(self.abs_max, self.ch_absmax.max(), out=self.abs_max)
-        if self.scaled_hist is not None:
-            m = (v - self.scale_center).abs() * self.channel_scale.to(v.device)
-            keys = (m.reshape(-1).view(torch.int32) >> _KEY_SHIFT).long()
-            j1 = _table(_MAG_TABLE, v.device)[keys]
-            self.scaled_hist += torch.bincount(j1, minlength=_M + 2)[: _M + 1]
-            torch.maximum(self.scaled_max, m.max().double(), out=self.scaled_max)
+        if self.record_stats:
+            if self._record_signed(v):  # rare: keep inf/NaN out of the channel statistics
+                v = torch.where(torch.isfinite(v), v, torch.zeros((), device=v.device))
+            self.ch_count += v.shape[0]
+            self.ch_sum += v.sum(0)
+            self.ch_sumsq += (v * v).sum(0)
+            col_max = v.abs().amax(0)
+            torch.maximum(self.ch_absmax, col_max.double(), out=self.ch_absmax)
+            torch.maximum(self.abs_max, self.ch_absmax.max(), out=self.abs_max)
+            if self.scaled_hist is not None:
+                m = (v - self.scale_center).abs() * self.channel_scale.to(v.device)
+                keys = (m.reshape(-1).view(torch.int32) >> _KEY_SHIFT).long()
+                j1 = _table(_MAG_TABLE, v.device)[keys]
+                self.scaled_hist += torch.bincount(j1, minlength=_M + 2)[: _M + 1]
+                torch.maximum(self.scaled_max, m.max().double(), out=self.scaled_max)
         if self.probe is not None:
             thr, c, s = self.probe
             d = v if c is None else v - c.to(v.device)
