@@ -145,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def targets(sp):
         sp.add_argument("--calib-text", default=None, help="text file, 'lee' (default) or 'enwiki'")
-        sp.add_argument("--calib-windows", type=int, default=32)
+        sp.add_argument("--calib-windows", type=int, default=16)
         sp.add_argument("--mlp", type=float, default=0.4, help="sparsity of up/gate_proj inputs")
         sp.add_argument("--down", type=float, default=0.5, help="sparsity of down_proj inputs")
         sp.add_argument("--attn", type=float, default=0.0, help="sparsity of q/k/v/o_proj inputs")
