@@ -13,6 +13,7 @@ from .calibration import calibrate, collect_statistics
 from .inspection import Report, explain
 from .observers import ActivationObserver
 from .plan import LayerPlan, PlanError, SparsityPlan
+from .prepare import compile, prepare_weights
 from .scope import IgnoredScope, ScopeError, TargetScope
 
 __version__ = "0.1.0"
@@ -27,8 +28,10 @@ __all__ = [
     "SparsityPlan",
     "TargetScope",
     "calibrate",
+    "compile",
     "collect_statistics",
     "explain",
+    "prepare_weights",
     "sparse_act",
 ]
 

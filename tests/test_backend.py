@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
-from fxsparse import IgnoredScope, SparsityPlan, TargetScope
+from fxsparse import IgnoredScope, PlanError, SparsityPlan, TargetScope
 from fxsparse.passes import linear_sites, lower_linears, match_linears
 from fxsparse.reference import plan_hooks
 
@@ -199,3 +199,22 @@ def test_backend_found_by_name_without_importing_fxsparse(tmp_path):
                          cwd=tmp_path, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("ok")
+
+
+def test_fxsparse_compile_and_prepare_weights(model_and_plan):
+    model, plan = model_and_plan
+    # CPU weights stay as they are; asking for CPU conversion makes them column-major in place
+    assert fxsparse.prepare_weights(model, plan) == []
+    m2 = tiny_llama()
+    ids_before = {n: id(p) for n, p in m2.named_parameters()}
+    done = fxsparse.prepare_weights(m2, plan, device_types=("cpu",))
+    assert sorted(done) == sorted(plan.layers)
+    w = m2.model.layers[0].mlp.down_proj.weight
+    assert w.stride() == (1, w.shape[0]) and ids_before == {n: id(p) for n, p in m2.named_parameters()}
+    x = token_batches(1, batch=1, seq=10, seed=11)[0]
+    fast = fxsparse.compile(m2, plan)
+    with torch.no_grad(), plan_hooks(model, plan):
+        want = model(x, use_cache=False).logits
+    torch.testing.assert_close(fast(x, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(PlanError, match="another model"):
+        fxsparse.compile(tiny_llama(layers=3), plan)
