@@ -1,0 +1,479 @@
+"""Fused threshold-mask + sparse GEMV: the CUDA implementation of ``fxsparse::threshold_linear``.
+
+Decode is memory-bound: a batch-1 linear reads the whole weight. When a fraction ``s`` of the
+input activations is dropped, only ``1 - s`` of the weight has to be read, so the speedup limit
+is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of a dropped channel:
+
+* **Layout.** The weight ``W`` ([N, K]) must be *column-major* (strides ``(1, N)``, i.e.
+  ``W.t()`` is a contiguous [K, N]), so one input channel is one contiguous run of ``N`` elements
+  and skipping it skips whole memory sectors. ``supports()`` declines any other layout; the
+  caller converts parameters once (``p.data = p.data.t().contiguous().t()``).
+* **Mask in the kernel, then compaction.** Phase 1: each program loads its split of ``x`` for
+  all rows, computes ``keep = not(|x - center| * scale < threshold)`` in float32 (NaN is kept),
+  and stream-compacts the channels that any row keeps (prefix sum + scatter) into a small
+  per-split scratch: channel ids and each row's kept value ``x - fill`` (0 where that row
+  drops it, so every row keeps its exact mask). Phase 2 walks that list in ``SUB_K``-row tiles
+  and loads only those rows of ``Wᵀ``, software-pipelined (ids two tiles ahead, weights one),
+  so loads, conversions and FMAs scale with the kept count, not with ``K``.
+* **Center as bias.** Dropped entries snap to the center ``c``; with ``c`` folded out,
+  ``out = Σ_kept W[:, i] (x_i - c_i) + (b + W c)``. ``W c`` (``center_bias``) is computed once
+  by the caller when preparing the model; without it the wrapper computes it (slow, correct).
+* **Split-K without a zeroing pass.** The grid is (N-blocks x K-splits). With several splits,
+  every program writes its float32 partial tile to a workspace, then bumps a per-N-block
+  arrival counter; the last program to arrive sums the partials in a fixed order
+  (deterministic), adds the biases, writes the output and resets the counter to zero, so no
+  memset precedes the launch. The counters live in one small per-device buffer that is zero
+  between launches; launches on one stream never overlap, so they never share it at once.
+
+No host synchronisation, no autotuning: the block sizes come from ``_pick_config`` (a fixed rule
+on shape and dtype, with the measurements that chose it in ``bench/NOTES.md``), so the launch
+captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")``. Besides the
+output, a call takes two small float32 workspaces (partials, compaction scratch) from PyTorch's
+caching allocator: no kernel, no sync, graph-safe. ``supports()`` accepts one row only: with
+more rows the tensor-core path lost to cuBLAS on every measured shape (``max_rows``). The
+wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["GemvConfig", "max_rows", "supports", "threshold_gemv"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at BLOCK_N = 128)
+_MAX_SPLIT_K = 64
+# Triton 3.9's interpreter mis-multiplies bf16 in tl.dot: it gets float32 operands instead.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _round_to(v, DTYPE: tl.constexpr):
+    """float32 ``v`` rounded to DTYPE (nearest-even), back in float32."""
+    if DTYPE == tl.bfloat16:  # by hand: Triton 3.9's interpreter truncates bf16 casts
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return v.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _kept_value(
+    xv,  # [BLOCK_R, KB] raw x values (x dtype); out-of-range entries must be masked by the caller
+    k,  # [KB] input-channel indices
+    k_ok,  # [KB] k < K
+    center_ptr,  # [] or [K] (any float dtype)
+    scale_ptr,  # [K]
+    thr,  # float32 threshold
+    CENTER_MODE: tl.constexpr,  # 0: none, 1: scalar, 2: per channel
+    HAS_SCALE: tl.constexpr,
+):
+    """Keep mask and the kept value ``x - fill`` (0 where dropped), as the reference has them."""
+    xf = xv.to(tl.float32)
+    if CENTER_MODE == 0:
+        d = tl.abs(xf)
+        v = xf
+    else:
+        if CENTER_MODE == 1:
+            c = tl.load(center_ptr)
+        else:
+            c = tl.load(center_ptr + k, mask=k_ok, other=0.0)[None, :]
+        # the mask uses the center in float32, the dropped value is the center in x's dtype
+        d = tl.abs(xf - c.to(tl.float32))
+        v = xf - _round_to(c.to(tl.float32), xv.dtype)
+    if HAS_SCALE:
+        d = d * tl.load(scale_ptr + k, mask=k_ok, other=1.0).to(tl.float32)[None, :]
+    keep = ~(d < thr)  # NaN is never below the threshold, so it is kept and propagates
+    return keep, tl.where(keep, v, 0.0)
+
+
+@triton.jit
+def _threshold_gemv_kernel(
+    x_ptr,  # [R, K] activations, strides (stride_xr, stride_xk)
+    w_ptr,  # [N, K] weight, strides (stride_wn, stride_wk); fast when column-major (1, N)
+    bias_ptr,  # [N] bias (read when HAS_BIAS)
+    cb_ptr,  # [N] center_bias = W @ center (read when HAS_CB)
+    center_ptr,  # [] or [K] center (read when CENTER_MODE > 0)
+    scale_ptr,  # [K] channel scale (read when HAS_SCALE)
+    out_ptr,  # [R, N] output, row stride N
+    ws_ptr,  # [split_k, R, N] float32 partial sums (when split_k > 1)
+    cnt_ptr,  # [n_blocks] int32 arrival counters, zero between launches (when split_k > 1)
+    scr_ptr,  # [split_k, 1 + R, split_len] float32 compacted channel ids (row 0) and values
+    R,
+    N,
+    K,
+    stride_xr,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    threshold,
+    split_k,
+    chunks_per_split,
+    CENTER_MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_CB: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # 1 (FMA), or rows padded to a power of two >= 16 (tensor cores)
+    EPI_R: tl.constexpr,  # rows padded to a power of two (epilogue)
+    BLOCK_N: tl.constexpr,  # output columns per program
+    CHUNK_K: tl.constexpr,  # channels masked and compacted per step
+    SUB_K: tl.constexpr,  # kept channels per weight tile
+    USE_DOT: tl.constexpr,  # tensor-core product for several rows; FMA for one
+    DOT_FP32: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    thr = tl.cast(threshold, tl.float32)  # Inductor passes Python floats as fp64: compare in fp32
+
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_c = tl.arange(0, CHUNK_K)
+    offs_s = tl.arange(0, SUB_K)
+
+    # ---- phase 1: keep mask of this split's channels, compacted into the scratch -------------
+    # Every N-block of a split computes the same list and writes the same values to the same
+    # slots (a benign race), so the scratch is per split, not per program, and stays in L2.
+    split_len = chunks_per_split * CHUNK_K
+    k_first = pid_k * split_len
+    k_end = tl.minimum(K, k_first + split_len)
+    scr_ids = scr_ptr + pid_k.to(tl.int64) * (1 + R) * split_len  # [split_len] channel ids
+    scr_val = scr_ids + (1 + offs_r[:, None]) * split_len  # [BLOCK_R, 1] rows of values
+    x_rows = x_ptr + offs_r[:, None] * stride_xr
+    n_kept = 0
+    xc_next = tl.load(
+        x_rows + (k_first + offs_c)[None, :] * stride_xk,
+        mask=r_ok[:, None] & (k_first + offs_c < k_end)[None, :],
+    )
+    for ci in range(0, chunks_per_split):
+        kc = k_first + ci * CHUNK_K + offs_c
+        kc_ok = kc < k_end
+        xc_ok = r_ok[:, None] & kc_ok[None, :]
+        xc = xc_next
+        kn = kc + CHUNK_K  # prefetch the next chunk: its latency hides behind this one
+        xc_next = tl.load(x_rows + kn[None, :] * stride_xk, mask=r_ok[:, None] & (kn < k_end)[None, :])
+        keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
+        any_keep = tl.max((keep & xc_ok).to(tl.int32), axis=0)  # [CHUNK_K] kept by any row
+        slot = n_kept + tl.cumsum(any_keep, axis=0) - 1  # [CHUNK_K] stream compaction
+        tl.store(scr_ids + slot, kc.to(tl.float32), mask=any_keep != 0)
+        tl.store(scr_val + slot[None, :], v, mask=r_ok[:, None] & (any_keep != 0)[None, :])
+        n_kept += tl.sum(any_keep, axis=0)
+    tl.debug_barrier()  # the scratch is read back by other threads of this program
+
+    # ---- phase 2: read only the kept rows of Wᵀ, one tile ahead (no barriers in this loop) ----
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    else:  # one row: per-slot FMAs in the weight tile's own layout, reduced once at the end
+        acc = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
+    # software pipeline: the ids of tile t+2 and the weights of tile t+1 are in flight while
+    # tile t is accumulated, so no load waits on another inside an iteration
+    s_ok = offs_s < n_kept
+    k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
+    w_next = tl.load(
+        w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+        mask=s_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )  # [SUB_K, BLOCK_N]
+    v_next = tl.load(scr_val + offs_s[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0.0)
+    k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
+    for t in range(0, tl.cdiv(n_kept, SUB_K)):
+        w = w_next
+        v = v_next  # [BLOCK_R, SUB_K] float32, each row's own mask applied
+        slot = (t + 1) * SUB_K + offs_s
+        s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
+        k = k_next.to(tl.int32)
+        w_next = tl.load(
+            w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=s_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        v_next = tl.load(scr_val + slot[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0.0)
+        k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
+        # accumulate in float32
+        if USE_DOT:
+            if DOT_FP32:  # fp32 weights (exact FMA products), or the CPU interpreter
+                acc = tl.dot(v, w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                v_hi = v.to(w.dtype)
+                acc = tl.dot(v_hi, w, acc)
+                if CENTER_MODE > 0:  # x - c is not exact in 16 bits: add the rounding error
+                    v_lo = v - v_hi.to(tl.float32)
+                    v_lo = tl.where(v_lo == v_lo, v_lo, 0.0)  # inf - inf: hi carries the inf
+                    acc = tl.dot(v_lo.to(w.dtype), w, acc)
+        else:
+            acc += tl.sum(v, axis=0)[:, None] * w.to(tl.float32)
+
+    if USE_DOT:
+        part = acc
+    else:
+        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+
+    # ---- epilogue: add biases and store, combining K-splits in the last-arriving program -----
+    if split_k > 1:
+        ws_tile = (offs_r[:, None] * N + offs_n[None, :]).to(tl.int64)
+        tl.store(ws_ptr + pid_k.to(tl.int64) * R * N + ws_tile, part, mask=r_ok[:, None] & n_ok[None, :])
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            offs_e = tl.arange(0, EPI_R)
+            e_ok = (offs_e < R)[:, None] & n_ok[None, :]
+            e_tile = (offs_e[:, None] * N + offs_n[None, :]).to(tl.int64)
+            offs_g = tl.arange(0, SPLIT_GROUP)
+            total = tl.zeros((EPI_R, BLOCK_N), dtype=tl.float32)
+            for g0 in range(0, split_k, SPLIT_GROUP):
+                sp = g0 + offs_g
+                parts = tl.load(
+                    ws_ptr + sp.to(tl.int64)[:, None, None] * R * N + e_tile[None, :, :],
+                    mask=(sp < split_k)[:, None, None] & e_ok[None, :, :],
+                    other=0.0,
+                    cache_modifier=".cg",  # written by other SMs: read from L2, not a stale L1
+                )
+                total += tl.sum(parts, axis=0)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch
+            _store_out(total, out_ptr, bias_ptr, cb_ptr, offs_e, offs_n, n_ok, e_ok, N, HAS_BIAS, HAS_CB)
+    else:
+        _store_out(
+            part,
+            out_ptr,
+            bias_ptr,
+            cb_ptr,
+            offs_r,
+            offs_n,
+            n_ok,
+            r_ok[:, None] & n_ok[None, :],
+            N,
+            HAS_BIAS,
+            HAS_CB,
+        )
+
+
+@triton.jit
+def _store_out(
+    part,
+    out_ptr,
+    bias_ptr,
+    cb_ptr,
+    offs_r,
+    offs_n,
+    n_ok,
+    out_ok,
+    N,
+    HAS_BIAS: tl.constexpr,
+    HAS_CB: tl.constexpr,
+):
+    if HAS_BIAS:
+        part += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_CB:
+        part += tl.load(cb_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out, part.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+# -- launch configuration -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Block sizes of one launch (a fixed function of shape and dtype; see ``_pick_config``)."""
+
+    block_n: int
+    chunk_k: int
+    sub_k: int
+    block_r: int
+    use_dot: bool
+    split_k: int
+    chunks_per_split: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=1024)
+def _pick_config(
+    rows: int,
+    n: int,
+    k: int,
+    elem_size: int,
+    num_sms: int,
+    programs_per_sm: int = 8,
+    block_n: int | None = None,
+    chunk_k: int = 256,
+) -> GemvConfig:
+    """Deterministic block sizes from shape and dtype (no autotuning at call time).
+
+    Chosen by the H100 sweep in bench/NOTES.md (run 2, bf16, s = 0 / 0.5 / 0.9):
+    * one row: 256-byte Wᵀ runs (BLOCK_N = 128 bf16), 16-row tiles (32-row tiles cost
+      registers and occupancy: slower on 4 of 5 shapes), ~8 programs per SM (4 or 16: slower
+      on 3 of 5), 256 channels per masking step (vs 128: 4096² s=0.9 12.3 -> 9.4 µs,
+      28672x8192 s=0 222 -> 179 µs; within 2% elsewhere except 14336x4096 s=0.9, +18%);
+    * several rows (tensor cores): BLOCK_N = 256 was the fastest tile on all five shapes.
+    """
+    use_dot = rows > 1
+    if block_n is None:
+        block_n = (512 if use_dot else 256) // elem_size
+    block_n = max(16, min(block_n, _next_pow2(n)))
+    block_r = max(16, _next_pow2(rows)) if use_dot else 1
+    sub_k = 16
+    n_blocks = triton.cdiv(n, block_n)
+    n_chunks = max(1, triton.cdiv(k, chunk_k))
+    split = max(1, round(programs_per_sm * num_sms / n_blocks))
+    split = min(split, n_chunks, _MAX_SPLIT_K)
+    if n_blocks > _COUNTER_CAPACITY:
+        split = 1
+    chunks_per_split = triton.cdiv(n_chunks, split)
+    split = triton.cdiv(n_chunks, chunks_per_split)  # no empty splits
+    return GemvConfig(block_n, chunk_k, sub_k, block_r, use_dot, split, chunks_per_split)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a small grid that still exercises split-K
+
+
+_counters: dict[torch.device, Tensor] = {}
+
+
+def _arrival_counters(device: torch.device) -> Tensor:
+    """Per-device split-K counters; zeroed once, then reset by the kernel itself."""
+    buf = _counters.get(device)
+    if buf is None:
+        buf = _counters[device] = torch.zeros(_COUNTER_CAPACITY, dtype=torch.int32, device=device)
+    return buf
+
+
+# -- public API ---------------------------------------------------------------------------------
+
+
+def max_rows(n: int, k: int, dtype: torch.dtype) -> int:
+    """Most rows (batch x tokens) the kernel takes; above it the op runs mask + cuBLAS.
+
+    Measured on the H100 (bench/NOTES.md, run 2): with 2-16 rows the tensor-core path ran at
+    0.24-0.54x cuBLAS on a dense input and at best 0.75x (4 rows, BLOCK_N = 256) on all five
+    shapes, while one row reached 0.72-0.97x dense and 1.3-5.2x at s = 0.5-0.9. So only
+    single-row decode takes the kernel until the batched path is faster.
+    """
+    return 1
+
+
+def supports(x: Tensor, weight: Tensor) -> bool:
+    """Whether the fused kernel handles this call (else the op runs mask + cuBLAS)."""
+    if not x.is_cuda or weight.device != x.device or weight.dim() != 2:
+        return False
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        return False
+    n, k = weight.shape
+    if n == 0 or k == 0 or x.shape[-1] != k:
+        return False
+    rows = x.numel() // k
+    if not 1 <= rows <= max_rows(n, k, x.dtype):
+        return False
+    return weight.stride(0) == 1 and weight.stride(1) == n  # column-major: Wᵀ contiguous
+
+
+def threshold_gemv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    threshold: float,
+    center: Tensor | None = None,
+    channel_scale: Tensor | None = None,
+    center_bias: Tensor | None = None,
+    *,
+    config: GemvConfig | None = None,
+) -> Tensor:
+    """``F.linear(where(|x - center| * scale >= threshold, x, center), weight, bias)``, fused.
+
+    Any weight strides are correct; column-major ones are fast. ``config`` overrides the block
+    sizes (tests and benchmarks only).
+    """
+    k = x.shape[-1]
+    n = weight.shape[0]
+    torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: "threshold_gemv: bad weight")
+    torch._check(weight.dtype == x.dtype, lambda: "threshold_gemv: weight and x dtypes differ")
+    torch._check(x.dtype in _DTYPES, lambda: f"threshold_gemv: unsupported dtype {x.dtype}")
+    x2 = x.reshape(-1, k)  # a view for any usual layout; a tiny copy otherwise
+    rows = x2.shape[0]
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if rows == 0 or n == 0:
+        return out.reshape(*x.shape[:-1], n)
+    if k == 0:
+        out.copy_(torch.zeros_like(out) if bias is None else bias.expand(rows, n))
+        return out.reshape(*x.shape[:-1], n)
+
+    center_mode = 0
+    if center is not None:
+        center_mode = 1 if center.dim() == 0 else 2
+        if center_bias is None:  # slow path: W @ fill, fill = the center in x's dtype
+            fill = center.to(x.dtype).float().expand(k)
+            center_bias = torch.mv(weight.float(), fill)
+
+    if config is None:
+        config = _pick_config(rows, n, k, x.element_size(), _num_sms(x.device))
+    n_blocks = triton.cdiv(n, config.block_n)
+    torch._check(
+        config.split_k == 1 or n_blocks <= _COUNTER_CAPACITY,
+        lambda: "threshold_gemv: too many N-blocks for split-K",
+    )
+    split_len = config.chunks_per_split * config.chunk_k
+    scr = torch.empty((config.split_k, 1 + rows, split_len), dtype=torch.float32, device=x.device)
+    if config.split_k > 1:
+        ws = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
+        cnt = _arrival_counters(x.device)
+    else:
+        ws = cnt = out
+    epi_r = _next_pow2(rows)
+    split_group = max(1, min(_next_pow2(config.split_k), 4096 // (epi_r * config.block_n)))
+    dummy = x2
+    grid = (n_blocks, config.split_k)
+    _threshold_gemv_kernel[grid](
+        x2,
+        weight,
+        bias if bias is not None else dummy,
+        center_bias if center_bias is not None else dummy,
+        center if center is not None else dummy,
+        channel_scale if channel_scale is not None else dummy,
+        out,
+        ws,
+        cnt,
+        scr,
+        rows,
+        n,
+        k,
+        x2.stride(0),
+        x2.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        float(threshold),
+        config.split_k,
+        config.chunks_per_split,
+        CENTER_MODE=center_mode,
+        HAS_SCALE=channel_scale is not None,
+        HAS_BIAS=bias is not None,
+        HAS_CB=center_bias is not None,
+        BLOCK_R=config.block_r,
+        EPI_R=epi_r,
+        BLOCK_N=config.block_n,
+        CHUNK_K=config.chunk_k,
+        SUB_K=config.sub_k,
+        USE_DOT=config.use_dot,
+        DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
+        SPLIT_GROUP=split_group,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out.reshape(*x.shape[:-1], n)

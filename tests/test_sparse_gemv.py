@@ -1,0 +1,267 @@
+"""The fused threshold + sparse GEMV kernel against the op's reference, on any input.
+
+Without CUDA the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set before
+Triton is first imported, hence the first lines); with CUDA the ``gpu`` tests run it compiled,
+with more and larger examples, and ``opcheck`` the op itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before Triton's first import (conftest does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fxsparse.kernels import sparse_gemv as sg  # noqa: E402
+from fxsparse.kernels.threshold_linear import threshold_linear_reference  # noqa: E402
+
+INTERPRETED = type(sg._threshold_gemv_kernel).__name__ == "InterpretedFunction"
+HAS_CUDA = torch.cuda.is_available()
+
+cpu_only = pytest.mark.skipif(not INTERPRETED, reason="interpreter tests (no CUDA)")
+
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+@dataclasses.dataclass
+class Case:
+    rows: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    threshold: float
+    center: str  # none | scalar | channel
+    scale: bool
+    bias: bool
+    center_bias: bool
+    layout: str  # contiguous | strided | transposed | 3d
+    specials: int  # NaN / Inf entries planted in x
+    seed: int
+
+
+def cases(max_rows: int, max_n: int, max_k: int, dtype=None, center=None) -> st.SearchStrategy[Case]:
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if dtype is None else [dtype]
+    centers = ["none", "scalar", "channel"] if center is None else [center]
+    return st.builds(
+        Case,
+        rows=st.integers(1, max_rows),
+        n=st.integers(1, max_n),
+        k=st.integers(1, max_k),
+        dtype=st.sampled_from(dtypes),
+        threshold=st.sampled_from([0.0, -1.0, 0.3, 0.8, 1.5, math.inf]),
+        center=st.sampled_from(centers),
+        scale=st.booleans(),
+        bias=st.booleans(),
+        center_bias=st.booleans(),
+        layout=st.sampled_from(["contiguous", "strided", "transposed", "3d"]),
+        specials=st.sampled_from([0, 0, 0, 1, 3]),
+        seed=st.integers(0, 2**31 - 1),
+    )
+
+
+def make_inputs(c: Case, device: str):
+    g = torch.Generator().manual_seed(c.seed)
+    randn = lambda *s: torch.randn(*s, generator=g)
+    x = randn(c.rows, c.k).to(c.dtype)
+    for i in range(c.specials):  # NaN, +Inf, -Inf at random places
+        r = int(torch.randint(c.rows, (), generator=g))
+        j = int(torch.randint(c.k, (), generator=g))
+        x[r, j] = (math.nan, math.inf, -math.inf)[i % 3]
+    x = x.to(device)  # then the layout (a copy to another device would make it contiguous)
+    if c.layout == "strided":
+        x = torch.stack([torch.zeros_like(x), x], dim=-1)[..., 1]
+    elif c.layout == "transposed":
+        x = x.t().contiguous().t()
+    elif c.layout == "3d" and c.rows % 2 == 0:
+        x = x.reshape(2, c.rows // 2, c.k)
+    weight = (randn(c.k, c.n) / math.sqrt(c.k)).to(c.dtype).to(device).t()  # column-major
+    bias = randn(c.n).to(c.dtype).to(device) if c.bias else None
+    center = None
+    if c.center == "scalar":
+        center = torch.tensor(0.25, device=device)
+    elif c.center == "channel":
+        center = (0.5 * randn(c.k)).to(device)
+    scale = (0.5 + torch.rand(c.k, generator=g)).to(device) if c.scale else None
+    center_bias = None
+    if center is not None and c.center_bias:
+        center_bias = weight.float() @ center.to(c.dtype).float().expand(c.k)
+    return x, weight, bias, center, scale, center_bias
+
+
+def check(out: torch.Tensor, x, weight, bias, threshold, center, scale, dtype) -> None:
+    up = lambda t: None if t is None else t.double()
+    ref = threshold_linear_reference(up(x), up(weight), up(bias), threshold, up(center), up(scale))
+    assert out.shape == ref.shape and out.dtype == dtype
+    out = out.double().cpu()
+    ref = ref.cpu()
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN positions differ from the reference"
+    inf = ref.isinf()
+    assert torch.equal(out[inf], ref[inf]), "Inf positions differ from the reference"
+    fin = ref.isfinite()
+    err = (out[fin] - ref[fin]).norm()
+    scale_ = ref[fin].norm()
+    if scale_ == 0:
+        assert err == 0
+    else:
+        assert err / scale_ < TOL[dtype], f"relative error {float(err / scale_):.2e}"
+
+
+def run_case(c: Case, device: str, config=None) -> None:
+    x, weight, bias, center, scale, center_bias = make_inputs(c, device)
+    out = sg.threshold_gemv(x, weight, bias, c.threshold, center, scale, center_bias, config=config)
+    check(out, x, weight, bias, c.threshold, center, scale, c.dtype)
+
+
+# -- CPU, through the interpreter ---------------------------------------------------------------
+
+
+@cpu_only
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=cases(max_rows=16, max_n=150, max_k=150))
+def test_matches_reference_cpu(c: Case) -> None:
+    run_case(c, "cpu")
+
+
+@cpu_only
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c=cases(max_rows=8, max_n=100, max_k=200),
+    num_sms=st.sampled_from([1, 4, 132]),
+    block_n=st.sampled_from([16, 32, 128]),
+    chunk_k=st.sampled_from([16, 32, 64]),
+)
+def test_block_sizes_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int) -> None:
+    """Every split (1 … many) and tile shape the heuristic may pick gives the same function."""
+    cfg = sg._pick_config(c.rows, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k)
+    run_case(c, "cpu", cfg)
+
+
+@cpu_only
+@pytest.mark.parametrize("rows", [1, 5])
+def test_output_fully_written_cpu(monkeypatch, rows: int) -> None:
+    """Output and workspace start as NaN: any element the kernel skips shows up."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    c = Case(rows, 67, 131, torch.bfloat16, 0.8, "channel", True, True, True, "contiguous", 0, 1)
+    run_case(c, "cpu", sg._pick_config(rows, 67, 131, 2, 132, block_n=16, chunk_k=16))
+
+
+@cpu_only
+def test_extreme_thresholds_cpu() -> None:
+    """τ = 0 is the dense layer; τ = ∞ leaves only bias + W·center (and the non-finite x)."""
+    for thr, center in [(0.0, "none"), (math.inf, "channel"), (math.inf, "none")]:
+        run_case(Case(3, 40, 90, torch.float32, thr, center, False, True, False, "contiguous", 0, 7), "cpu")
+
+
+def test_supports_declines_what_it_cannot_run() -> None:
+    w = torch.randn(64, 32)
+    assert not sg.supports(torch.randn(32), w)  # CPU
+    if HAS_CUDA:
+        wc = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16).t()
+        x = torch.randn(1, 32, device="cuda", dtype=torch.bfloat16)
+        assert sg.supports(x, wc)
+        rows = sg.max_rows(64, 32, torch.bfloat16) + 1  # above the measured crossover
+        assert not sg.supports(torch.randn(rows, 32, device="cuda", dtype=torch.bfloat16), wc)
+        assert not sg.supports(x, wc.contiguous())  # row-major
+        assert not sg.supports(x.float(), wc)  # dtype mismatch
+        assert not sg.supports(torch.randn(64, 32, device="cuda", dtype=torch.bfloat16), wc)
+
+
+# -- GPU -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("center", ["none", "scalar", "channel"])
+def test_matches_reference_gpu(dtype: torch.dtype, center: str) -> None:
+    """Split in items so ``pytest -n`` compiles the kernel variants in parallel."""
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(c=cases(max_rows=16, max_n=3000, max_k=3000, dtype=dtype, center=center))
+    def prop(c: Case) -> None:
+        run_case(c, "cuda")
+
+    prop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_output_fully_written_gpu(monkeypatch, rows: int) -> None:
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for n, k in [(4096, 4096), (1000, 3001), (14336, 4096)]:
+        run_case(
+            Case(rows, n, k, torch.bfloat16, 0.8, "channel", True, True, True, "contiguous", 0, n), "cuda"
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
+def test_cuda_graph_replay_gpu() -> None:
+    """The launch captures: no host sync, no call-time tuning; replays follow new inputs."""
+    c = Case(1, 4096, 4096, torch.bfloat16, 0.7, "scalar", False, True, True, "contiguous", 0, 3)
+    x, weight, bias, center, scale, cb = make_inputs(c, "cuda")
+    sg.threshold_gemv(x, weight, bias, c.threshold, center, scale, cb)  # warm-up compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sg.threshold_gemv(x, weight, bias, c.threshold, center, scale, cb)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        check(out, x, weight, bias, c.threshold, center, scale, c.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
+def test_opcheck_gpu() -> None:
+    import fxsparse.kernels  # noqa: F401  (registers the op)
+
+    for rows, center in [(1, None), (4, "channel"), (16, "scalar")]:
+        c = Case(
+            rows, 512, 768, torch.bfloat16, 0.5, center or "none", False, True, True, "contiguous", 0, rows
+        )
+        x, weight, bias, ctr, scale, cb = make_inputs(c, "cuda")
+        # rows above max_rows take the op's fallback (mask + cuBLAS): opcheck covers both
+        assert sg.supports(x, weight) == (rows <= sg.max_rows(512, 768, torch.bfloat16))
+        torch.library.opcheck(
+            torch.ops.fxsparse.threshold_linear.default, (x, weight, bias, 0.5, ctr, scale, cb)
+        )
+        out = torch.ops.fxsparse.threshold_linear(x, weight, bias, 0.5, ctr, scale, cb)
+        check(out, x, weight, bias, 0.5, ctr, scale, c.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
+def test_reduce_overhead_compile_gpu() -> None:
+    import fxsparse.kernels  # noqa: F401
+
+    c = Case(1, 1024, 2048, torch.bfloat16, 0.6, "channel", False, True, True, "contiguous", 0, 5)
+    x, weight, bias, ctr, scale, cb = make_inputs(c, "cuda")
+
+    def f(x):
+        return torch.ops.fxsparse.threshold_linear(x * 1.0, weight, bias, 0.6, ctr, None, cb)
+
+    fc = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):
+        x = torch.randn_like(x)
+        check(fc(x).clone(), x, weight, bias, 0.6, ctr, None, c.dtype)
