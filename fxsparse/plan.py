@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LayerPlan", "SparsityPlan", "PlanError", "linear_layers", "PLAN_FORMAT", "PLAN_VERSION"]
+__all__ = ["LayerPlan", "SparsityPlan", "PlanError", "linear_layers", "linear_shape", "PLAN_FORMAT",
+           "PLAN_VERSION"]
 
 PLAN_FORMAT = "fxsparse.plan"
 PLAN_VERSION = 1
@@ -50,13 +51,20 @@ class PlanError(ValueError):
     """A plan that is malformed or does not fit the model it is applied to."""
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(out_features, in_features)`` of a linear layer: ``nn.Linear``, or the ``Conv1D`` of
+    GPT-2-style models (a linear whose weight is stored ``[in, out]``), else None."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return int(module.nf), int(module.nx)
+    return None
+
+
 def linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{module name: (out_features, in_features)}`` for every ``nn.Linear`` in ``model``."""
-    return {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
+    """``{module name: (out_features, in_features)}`` for every linear layer of ``model``."""
+    return {name: shape for name, m in model.named_modules()
+            if (shape := linear_shape(m)) is not None}
 
 
 def _vector_or_scalar(value: Any, in_features: int, what: str, layer: str, *, positive: bool,

@@ -33,6 +33,8 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
     modules = dict(model.named_modules())
     done = []
     for name in plan.layers:
+        if not isinstance(modules[name], nn.Linear):
+            continue  # GPT-2's Conv1D already stores W [in, out]: the kernel's layout
         w = modules[name].weight
         if w.device.type not in device_types or (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
             continue

@@ -4,5 +4,7 @@ Kernels never import passes: they see tensors and numbers, never plans or graphs
 """
 
 from .threshold_linear import keep_mask_reference, threshold_linear, threshold_linear_reference
+from .topk_linear import topk_keep_count, topk_keep_mask_reference, topk_linear, topk_linear_reference
 
-__all__ = ["keep_mask_reference", "threshold_linear", "threshold_linear_reference"]
+__all__ = ["keep_mask_reference", "threshold_linear", "threshold_linear_reference",
+           "topk_keep_count", "topk_keep_mask_reference", "topk_linear", "topk_linear_reference"]

@@ -2,7 +2,10 @@
 
 Pre: ``match_linears`` has run. ``plan`` maps module names to ``LayerPlan``s.
 Post: every site with a plan entry calls ``fxsparse::threshold_linear(x, W, b, threshold, center,
-channel_scale, center_bias)``; center, scale and the folded ``center_bias = W @ center`` are
+channel_scale, center_bias)``, except entries whose ``method`` is ``"topk"``, which call
+``fxsparse::topk_linear(x, W, b, k, center, channel_scale)`` with
+``k = in_features - round(target_sparsity * in_features)`` (their ``threshold`` is unused);
+center, scale and the folded ``center_bias = W @ center`` are
 buffers of ``gm`` (``get_attr``), computed once here rather than per call. Other linears are
 untouched. The replacement keeps the old node's ``meta`` (shape, stack trace, module stack).
 ``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why, for inspection;
@@ -22,6 +25,7 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 from ..kernels import threshold_linear  # noqa: F401  (registers torch.ops.fxsparse)
+from ..kernels.topk_linear import topk_keep_count
 from ..plan import SparsityPlan
 from .match import linear_sites
 
@@ -73,6 +77,18 @@ def lower_linears(
                 w = graph.get_attr(f"{node.target}.weight")
                 b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
             w_val = mod.weight
+        elif site.kind == "conv1d":  # addmm(b, x, W_in_out): the linear's weight is W.t()
+            b, x, w_in_out = node.args[:3]
+            with graph.inserting_before(node):
+                w = graph.call_method("t", (w_in_out,))
+            w_val = None
+            if site.weight_index is not None and example_inputs is not None:
+                w_val = _real(example_inputs[site.weight_index])
+            if w_val is None and isinstance(w_in_out, fx.Node):
+                w_val = w_in_out.meta.get("val")
+            w_val = None if w_val is None else w_val.t()
+            if w_val is not None:
+                w.meta["val"] = w_val
         else:
             args = list(node.args) + [None] * (3 - len(node.args))
             x = node.kwargs.get("input", args[0])
@@ -99,16 +115,19 @@ def lower_linears(
         with graph.inserting_before(node):
             c_node = _buffer(gm, graph, key + "_center", center.to(device)) if center is not None else None
             s_node = _buffer(gm, graph, key + "_scale", scale.to(device)) if scale is not None else None
-            cb_node = _buffer(gm, graph, key + "_cbias", center_bias) if center_bias is not None else None
-            new = graph.call_function(
-                torch.ops.fxsparse.threshold_linear.default,
-                (x, w, b, float(lp.threshold), c_node, s_node, cb_node),
-            )
+            if lp.method == "topk":
+                k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0)
+                op = torch.ops.fxsparse.topk_linear.default
+                new = graph.call_function(op, (x, w, b, k, c_node, s_node))
+            else:
+                cb_node = _buffer(gm, graph, key + "_cbias", center_bias) if center_bias is not None else None
+                op = torch.ops.fxsparse.threshold_linear.default
+                new = graph.call_function(op, (x, w, b, float(lp.threshold), c_node, s_node, cb_node))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         decisions.append({"name": site.name, "plan_key": key, "node": new.name,
-                          "op": "fxsparse.threshold_linear", "reason": "planned"})
+                          "op": "fxsparse." + op._schema.name.split("::")[1], "reason": "planned"})
         counters["fxsparse"]["lowered"] += 1
 
     gm.meta["fxsparse_decisions"] = decisions

@@ -4,6 +4,8 @@ Pre: ``gm`` is a graph Dynamo hands a backend (``F.linear`` calls whose weights 
 lifted from parameters; ``node.meta`` carries ``nn_module_stack`` and the placeholders'
 ``grapharg`` source), or a ``torch.fx.symbolic_trace`` graph (``call_module`` on ``nn.Linear``).
 
+GPT-2's ``Conv1D`` (``addmm(b, x, W)`` with ``W`` stored ``[in, out]``) counts as a linear too.
+
 Post: every linear node carries ``node.meta["fxsparse_site"]``, a ``LinearSite`` with the module
 name as ``model.named_modules()`` spells it (``model.layers.0.mlp.up_proj``). The graph itself
 is unchanged. A module called twice gives two sites with the same name; graphs split by graph
@@ -22,6 +24,7 @@ from torch import fx, nn
 __all__ = ["LinearSite", "match_linears", "linear_sites", "module_path"]
 
 _LINEAR_TARGETS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+_ADDMM_TARGETS = {torch.addmm, torch.ops.aten.addmm.default}
 SITE_KEY = "fxsparse_site"
 
 
@@ -32,7 +35,7 @@ class LinearSite:
     name: str
     node_name: str
     weight_index: int | None
-    kind: str  # "call_function" (F.linear) or "call_module" (nn.Linear)
+    kind: str  # "call_function" (F.linear), "call_module" (nn.Linear) or "conv1d" (GPT-2 addmm)
 
 
 def module_path(source: str) -> str:
@@ -51,6 +54,16 @@ def _linear_args(node: fx.Node) -> tuple[fx.Node, object, object] | None:
         w = node.kwargs.get("weight", args[1])
         b = node.kwargs.get("bias", args[2])
         return x, w, b
+    return None
+
+
+def _conv1d_args(node: fx.Node) -> tuple[fx.Node, object, object] | None:
+    """``addmm(bias, x, W_in_out)`` called from a GPT-2 ``Conv1D``: (x, W [in, out], bias)."""
+    if node.op == "call_function" and node.target in _ADDMM_TARGETS and not node.kwargs:
+        stack = node.meta.get("nn_module_stack")
+        if stack and getattr(list(stack.values())[-1][1], "__name__", "") == "Conv1D":
+            b, x, w = node.args[:3]
+            return x, w, b
     return None
 
 
@@ -88,6 +101,10 @@ def match_linears(gm: fx.GraphModule) -> fx.GraphModule:
             name = _name_from_stack(node) or _name_from_weight(w)
             if name is not None:
                 site = LinearSite(name, node.name, placeholders.get(w), "call_function")
+        elif (args := _conv1d_args(node)) is not None:
+            name = _name_from_stack(node)
+            if name is not None:
+                site = LinearSite(name, node.name, placeholders.get(args[1]), "conv1d")
         elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
             site = LinearSite(str(node.target), node.name, None, "call_module")
         if site is not None:

@@ -18,7 +18,9 @@ from .match import linear_sites
 __all__ = ["insert_observers"]
 
 
-def _input_of(node: fx.Node) -> tuple[fx.Node, str | int]:
+def _input_of(node: fx.Node, kind: str) -> tuple[fx.Node, str | int]:
+    if kind == "conv1d":  # addmm(bias, x, W)
+        return node.args[1], 1
     if node.op == "call_module":
         return node.args[0], 0
     if "input" in node.kwargs:
@@ -44,7 +46,7 @@ def insert_observers(
         if id(obs) not in attr_of:
             attr_of[id(obs)] = f"fxsparse_observer_{len(attr_of)}"
             gm.add_submodule(attr_of[id(obs)], obs)
-        x, slot = _input_of(node)
+        x, slot = _input_of(node, site.kind)
         with gm.graph.inserting_before(node):
             obs_node = gm.graph.call_module(attr_of[id(obs)], (x,))
         obs_node.meta.update({k: v for k, v in x.meta.items() if k in ("val", "tensor_meta")})

@@ -1,0 +1,149 @@
+"""``fxsparse::topk_linear``: a linear layer that keeps only the ``k`` largest inputs of each row.
+
+Top-k activation sparsity (Sparsing Law, Luo et al. 2024, arXiv:2411.02335, seed 003) keeps a
+fixed number of channels per token instead of a calibrated threshold, so every token has the
+same sparsity. Semantics (the one definition every implementation must match)::
+
+    d     = |x - center| * channel_scale          # float32; center 0 and scale 1 when None
+    tau_r = k-th largest d of row r               # NaN ranks above every number (torch.topk)
+    keep  = not (d < tau_r)                       # ties with tau_r are kept; NaN is kept
+    out   = F.linear(where(keep, x, center), weight, bias)
+
+Ties: every entry equal to the k-th largest score is kept, so a row with ties at the boundary
+keeps more than ``k`` entries (never fewer); the result never depends on which tied entry a sort
+happens to return. ``k <= 0`` drops every finite entry; ``k >= in_features`` keeps all. A row
+with ``k`` or more NaN scores has a NaN ``tau_r`` and keeps everything (NaN, as in
+``threshold_linear``, is never silently replaced).
+``topk_keep_count`` turns a plan's ``target_sparsity`` into ``k``.
+
+Implementations: a plain-torch reference (``torch.topk`` for the per-row threshold, then a dense
+``F.linear``) serves CPU and, registered under that name, CUDA; a fake (meta) impl for tracing;
+autograd treats the mask as a constant (straight-through on kept entries), as
+``threshold_linear`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["topk_linear", "topk_linear_reference", "topk_keep_mask_reference", "topk_keep_count"]
+
+
+def topk_keep_count(in_features: int, sparsity: float) -> int:
+    """Entries kept per row for a target dropped fraction: ``in_features - round(s * in_features)``."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return in_features - int(round(sparsity * in_features))
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def topk_keep_mask_reference(
+    x: Tensor, k: int, center: Tensor | None, channel_scale: Tensor | None
+) -> Tensor:
+    """Boolean mask of the entries of ``x`` that survive the per-row top-k rule."""
+    d = _as(x, torch.float32)
+    if center is not None:
+        d = d - _as(center, torch.float32)
+    d = d.abs()
+    if channel_scale is not None:
+        d = d * _as(channel_scale, torch.float32)
+    n = d.shape[-1]
+    if k >= n or d.numel() == 0:
+        return torch.ones_like(d, dtype=torch.bool)
+    if k <= 0:
+        tau = torch.full_like(d[..., :1], float("inf"))
+    else:
+        tau = torch.topk(d, k, dim=-1, largest=True, sorted=True).values[..., k - 1:k]
+    return ~(d < tau)
+
+
+def topk_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    k: int,
+    center: Tensor | None = None,
+    channel_scale: Tensor | None = None,
+) -> Tensor:
+    """Pure-torch reference of the op (the CPU and CUDA implementation, and the tests' oracle)."""
+    keep = topk_keep_mask_reference(x, k, center, channel_scale)
+    fill = torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
+    return F.linear(torch.where(keep, x, fill), weight, bias)
+
+
+def _check_args(x, weight, bias, center, channel_scale) -> None:
+    n_in = x.shape[-1]
+    torch._check(weight.dim() == 2, lambda: f"topk_linear: weight must be 2-D, got {weight.dim()}-D")
+    torch._check(
+        weight.shape[1] == n_in,
+        lambda: f"topk_linear: x has {n_in} input features but weight is {tuple(weight.shape)}",
+    )
+    n = weight.shape[0]
+    if bias is not None:
+        torch._check(bias.shape == (n,), lambda: f"topk_linear: bias must be ({n},)")
+    if center is not None:
+        torch._check(
+            center.dim() == 0 or center.shape == (n_in,),
+            lambda: f"topk_linear: center must be a scalar or ({n_in},), got {tuple(center.shape)}",
+        )
+    if channel_scale is not None:
+        torch._check(
+            channel_scale.shape == (n_in,),
+            lambda: f"topk_linear: channel_scale must be ({n_in},), got {tuple(channel_scale.shape)}",
+        )
+
+
+@torch.library.custom_op("fxsparse::topk_linear", mutates_args=())
+def topk_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    k: int,
+    center: Tensor | None = None,
+    channel_scale: Tensor | None = None,
+) -> Tensor:
+    """``F.linear(x with all but the k largest |x - center|*scale of each row set to center)``."""
+    _check_args(x, weight, bias, center, channel_scale)
+    return topk_linear_reference(x, weight, bias, k, center, channel_scale)
+
+
+@topk_linear.register_fake
+def _(x, weight, bias, k, center=None, channel_scale=None):
+    _check_args(x, weight, bias, center, channel_scale)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@topk_linear.register_kernel("cuda")
+def _topk_linear_cuda_torch_composition(x, weight, bias, k, center=None, channel_scale=None):
+    # No dedicated kernel yet: torch.topk + cuBLAS, the same composition as the reference.
+    _check_args(x, weight, bias, center, channel_scale)
+    return topk_linear_reference(x, weight, bias, k, center, channel_scale)
+
+
+# -- autograd: the mask is a constant of the forward (straight-through on kept entries) -------
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, k, center, channel_scale = inputs
+    keep = topk_keep_mask_reference(x, k, center, channel_scale)
+    ctx.save_for_backward(x, weight, keep, center)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, keep, center = ctx.saved_tensors
+    fill = torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
+    xm = torch.where(keep, x, fill)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    grad_x = torch.where(keep, grad @ _as(weight, grad.dtype), torch.zeros((), dtype=grad.dtype))
+    grad_w = g2.t() @ _as(xm.reshape(-1, xm.shape[-1]), grad.dtype)
+    grad_b = g2.sum(0) if ctx.has_bias else None
+    return _as(grad_x, x.dtype), _as(grad_w, weight.dtype), grad_b, None, None, None
+
+
+topk_linear.register_autograd(_backward, setup_context=_setup_context)
