@@ -11,6 +11,8 @@ from . import kernels  # noqa: F401  (registers torch.ops.fxsparse.*)
 from .backend import sparse_act
 from .calibration import calibrate, collect_statistics
 from .inspection import Report, explain
+from .logs import _from_env as _logs_from_env
+from .logs import set_logs
 from .observers import ActivationObserver
 from .plan import LayerPlan, PlanError, SparsityPlan
 from .prepare import compile, prepare_weights
@@ -32,6 +34,7 @@ __all__ = [
     "collect_statistics",
     "explain",
     "prepare_weights",
+    "set_logs",
     "sparse_act",
 ]
 
@@ -53,3 +56,4 @@ def _register_backend() -> None:
 
 
 _register_backend()
+_logs_from_env()

@@ -110,8 +110,12 @@ def sparse_act(
         opts.debug_dir.mkdir(parents=True, exist_ok=True)
         for stage, code in stages.items():
             (opts.debug_dir / f"graph{gid:03d}_{stage}.py").write_text(code)
-    log.info("sparse_act: graph %d: %d linear(s) lowered", gid,
-             sum(d["op"] != "linear" for d in decisions))
+    lowered = [d["name"] for d in decisions if d["op"] != "linear"]
+    log.info("sparse_act: graph %d: %d of %d linear(s) lowered%s", gid, len(lowered),
+             len(decisions), f" ({', '.join(lowered)})" if lowered else "")
+    if log.isEnabledFor(logging.DEBUG):
+        for stage, code in stages.items():
+            log.debug("graph %d after %s:\n%s", gid, stage, code)
 
     if opts.observers is not None or not opts.inductor:
         return gm  # observers are Python modules; they run outside Inductor

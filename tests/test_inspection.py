@@ -75,3 +75,18 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     rc = main(["evaluate", "--plan", str(tmp_path / "missing.json"), "--model", str(tmp_path)])
     assert rc == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_logging_switch(model_plan, caplog):
+    import logging
+
+    model, plan = model_plan
+    fxsparse.set_logs("debug")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="fxsparse"):
+            torch.compile(model, backend="sparse_act", options={"plan": plan, "inductor": False})(
+                token_batches(1, batch=1, seq=8)[0], use_cache=False)
+    finally:
+        fxsparse.set_logs(None)
+    text = caplog.text
+    assert "6 of 15 linear(s) lowered" in text and "after lower" in text
