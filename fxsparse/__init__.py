@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import kernels  # noqa: F401  (registers torch.ops.fxsparse.*)
 from .backend import sparse_act
 from .calibration import calibrate, collect_statistics
+from .generation import compile_config
 from .inspection import Report, explain
 from .logs import _from_env as _logs_from_env
 from .logs import set_logs
@@ -31,6 +32,7 @@ __all__ = [
     "TargetScope",
     "calibrate",
     "compile",
+    "compile_config",
     "collect_statistics",
     "explain",
     "prepare_weights",
