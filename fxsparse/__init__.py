@@ -18,6 +18,7 @@ from .observers import ActivationObserver
 from .plan import LayerPlan, PlanError, SparsityPlan
 from .prepare import compile, prepare_weights
 from .scope import IgnoredScope, ScopeError, TargetScope
+from .training import Sparse24Config, SquaredReLU24MLP, convert_to_squared_relu_24
 
 __version__ = "0.1.0"
 
@@ -28,11 +29,14 @@ __all__ = [
     "PlanError",
     "Report",
     "ScopeError",
+    "Sparse24Config",
     "SparsityPlan",
+    "SquaredReLU24MLP",
     "TargetScope",
     "calibrate",
     "compile",
     "compile_config",
+    "convert_to_squared_relu_24",
     "collect_statistics",
     "explain",
     "prepare_weights",
