@@ -374,8 +374,11 @@ def test_cuda_ffn_matches_cpu_reference(method):
     want = torch.ops.fxsparse.squared_relu24_ffn_backward(
         *cpu, torch.tensor(True), scale, method, 0.05, True, 0
     )
+    # bf16 rounding flips a few near-tied 2:4 choices (token-wise in dW), so single entries may
+    # differ a lot: compare by relative norm, the bf16-vs-fp32 bound bench/train24.py also uses.
     for a, b in zip((dx, dw1, dw2), want, strict=True):
-        torch.testing.assert_close(a.float().cpu(), b, rtol=3e-2, atol=3e-2)
+        rel = ((a.float().cpu() - b).norm() / b.norm()).item()
+        assert rel < 2e-2, rel
 
 
 def test_autocast_bf16():
