@@ -4,9 +4,10 @@ Models come from a Hugging Face folder or a ``.gguf`` file (default: the embedde
 text from a file or the embedded corpora (``lee`` news, ``enwiki`` extract).
 
     fxsparse demo                                   # the main job, on the embedded defaults
-    fxsparse calibrate --out plan.json --mlp 0.4 --down 0.5
+    fxsparse calibrate --out plan.json --mlp 0.4 --down 0.5 [--method mode --center median]
     fxsparse evaluate --plan plan.json
     fxsparse inspect --plan plan.json --out inspect/
+    fxsparse generate --plan plan.json --prompt "The history of"
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from .attribution import METRICS
+from .methods import METHODS
 
 __all__ = ["main"]
 
@@ -55,9 +59,27 @@ def _calibrate(args, model, tok):
     text = read_text(args.calib_text, default="lee")
     batches = token_chunks(tok, text, args.seq_len, args.calib_windows)
     ignored = IgnoredScope(names=["lm_head"]) if "lm_head" in dict(model.named_modules()) else None
-    plan = calibrate(model, batches, _scopes(args), ignored, progress=True)
+    plan = calibrate(model, batches, _scopes(args), ignored, method=args.method, progress=True,
+                     **_method_options(args))
     plan.meta["calibration_text"] = str(args.calib_text or "lee")
     return plan
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    """The options of ``--method`` (only those the method takes; see fxsparse.methods)."""
+    m = args.method
+    opts: dict = {}
+    if m == "quantile" and args.quantile_ema:
+        opts.update(quantile_ema=True, ema_alpha=args.ema_alpha)
+    if m == "mode":
+        opts["center"] = args.center
+    if m == "fat" and args.epsilon is not None:
+        opts["epsilon"] = args.epsilon
+    if m == "pplp" and args.ppl_p is not None:
+        opts["p"] = args.ppl_p
+    if m == "attribution":
+        opts.update(metric=args.metric, n_steps=args.n_steps)
+    return opts
 
 
 def _evaluate(args, model, tok, plan):
@@ -99,6 +121,33 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(report.table())
     if args.out:
         print(f"graphs and table written to {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Greedy decoding with HF generate, dense and sparse, and the time each took."""
+    from .generation import compile_config
+    from .plan import SparsityPlan
+    from .prepare import prepare_weights
+
+    plan = SparsityPlan.load(args.plan)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    model, tok = _load(args)
+    plan.check_model(model)
+    model.to(args.device)
+    prepare_weights(model, plan)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(args.device)
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False, cache_implementation="static",
+              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    mode = "reduce-overhead" if args.device == "cuda" else None
+    for label, extra in (("dense", {}), ("sparse_act", {"compile_config": compile_config(
+            plan, mode=mode, compile_on_cpu=args.device == "cpu")})):
+        with torch.no_grad():
+            t = time.perf_counter()
+            out = model.generate(ids, **kw, **extra)
+            took = time.perf_counter() - t
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        print(f"--- {label} ({took:.1f} s including compilation) ---\n{args.prompt}{text}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -149,6 +198,19 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--mlp", type=float, default=0.4, help="sparsity of up/gate_proj inputs")
         sp.add_argument("--down", type=float, default=0.5, help="sparsity of down_proj inputs")
         sp.add_argument("--attn", type=float, default=0.0, help="sparsity of q/k/v/o_proj inputs")
+        sp.add_argument("--method", default="quantile", choices=METHODS,
+                        help="calibration method (fxsparse.methods)")
+        sp.add_argument("--quantile-ema", action="store_true",
+                        help="quantile: NNCF's per-batch quantile averaged by EMA")
+        sp.add_argument("--ema-alpha", type=float, default=0.2, help="quantile EMA weight")
+        sp.add_argument("--center", default="median", choices=("zero", "median", "kde"),
+                        help="mode: the center (SCAP)")
+        sp.add_argument("--epsilon", type=float, default=None,
+                        help="fat: the absolute threshold (default: matched to the targets)")
+        sp.add_argument("--ppl-p", type=float, default=None,
+                        help="pplp: allowed perplexity rise in %% on the calibration text")
+        sp.add_argument("--metric", default="gxo", choices=METRICS, help="attribution metric")
+        sp.add_argument("--n-steps", type=int, default=8, help="attribution ig: path steps")
 
     sp = sub.add_parser("demo", help="calibrate, compile and evaluate the embedded default")
     common(sp)
@@ -165,6 +227,13 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help="perplexity and per-layer sparsity of a plan")
     common(sp, plan_needed=True)
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("generate", help="greedy generation, dense and with the plan (HF generate)")
+    common(sp, plan_needed=True)
+    sp.add_argument("--prompt", default="The history of the city begins")
+    sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("inspect", help="graphs before/after each pass and the per-layer table")
     common(sp, plan_needed=True)

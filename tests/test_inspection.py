@@ -90,3 +90,14 @@ def test_logging_switch(model_plan, caplog):
         fxsparse.set_logs(None)
     text = caplog.text
     assert "6 of 15 linear(s) lowered" in text and "after lower" in text
+
+
+def test_cli_generate_checks_device_before_loading(tmp_path, capsys, model_plan):
+    from fxsparse.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only error")
+    _, plan = model_plan
+    plan.save(tmp_path / "plan.json")
+    rc = main(["generate", "--plan", str(tmp_path / "plan.json"), "--device", "cuda"])
+    assert rc == 2 and "no CUDA device" in capsys.readouterr().err
