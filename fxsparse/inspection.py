@@ -37,6 +37,7 @@ class LayerRow:
     sparsity: float | None = None  # measured on the given input
     token_std: float | None = None  # spread of the per-token dropped fraction
     calls: int = 0
+    kernel: str = "-"  # implementation per row range on the model's device
     dense_bytes: int = 0
     sparse_bytes: int | None = None  # expected weight bytes of one decode step
 
@@ -47,18 +48,18 @@ class Report:
     rows: list[LayerRow] = field(default_factory=list)
 
     def table(self) -> str:
-        head = (f"{'layer':44s} {'op':18s} {'target':>6s} {'thresh':>9s} {'center':>8s} "
-                f"{'sparsity':>8s} {'±tok':>6s} {'MB dense':>8s} {'MB sparse':>9s}  note")
+        head = (f"{'layer':44s} {'op':26s} {'target':>6s} {'thresh':>9s} {'center':>8s} "
+                f"{'sparsity':>8s} {'±tok':>6s} {'MB dense':>8s} {'MB sparse':>9s}  kernel / note")
         lines = [head, "-" * len(head)]
         fmt = lambda v, f: "-" if v is None else format(v, f)
         for r in self.rows:
             center = r.center if isinstance(r.center, str) else fmt(r.center, ".3g")
             lines.append(
-                f"{r.name:44s} {r.op:18s} {fmt(r.target, '.2f'):>6s} {fmt(r.threshold, '.3g'):>9s} "
+                f"{r.name:44s} {r.op:26s} {fmt(r.target, '.2f'):>6s} {fmt(r.threshold, '.3g'):>9s} "
                 f"{center:>8s} {fmt(r.sparsity, '.3f'):>8s} {fmt(r.token_std, '.3f'):>6s} "
                 f"{r.dense_bytes / 1e6:8.2f} "
                 f"{fmt(None if r.sparse_bytes is None else r.sparse_bytes / 1e6, '9.2f'):>9s}  "
-                f"{'' if r.reason == 'planned' else r.reason}"
+                f"{r.kernel if r.reason == 'planned' else r.reason}"
             )
         planned = [r for r in self.rows if r.sparse_bytes is not None]
         dense = sum(r.dense_bytes for r in self.rows)
@@ -87,6 +88,18 @@ class Report:
             for stage, code in g["stages"].items():
                 (folder / f"graph{g['graph']:03d}_{stage}.py").write_text(code)
         return folder
+
+
+def _kernel_description(op: str, device: torch.device, out_f: int, in_f: int,
+                        dtype: torch.dtype) -> str:
+    """Which implementation runs for which row count (the op dispatches at run time)."""
+    if op != "fxsparse.threshold_linear":
+        return "torch composition"
+    if device.type != "cuda":
+        return "torch reference (mask, then matmul)"
+    from .kernels.sparse_gemv import max_rows
+
+    return f"Triton sparse GEMV <= {max_rows(out_f, in_f, dtype)} row(s), mask + cuBLAS above"
 
 
 def _center_repr(center: float | list[float]) -> float | str:
@@ -129,6 +142,7 @@ def explain(
     report = Report(graphs=record)
     seen: dict[str, LayerRow] = {}
     elem = {n: p.element_size() for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
     for g in record:
         for d in g["decisions"]:
             key = d.get("plan_key", d["name"])
@@ -145,6 +159,8 @@ def explain(
                 row.center = _center_repr(lp.center)
                 row.sparsity, row.token_std = stats["sparsity"], stats["token_std"]
                 row.sparse_bytes = int(round(wbytes * (1.0 - stats["sparsity"])))
+                w = modules[key].weight
+                row.kernel = _kernel_description(d["op"], w.device, out_f, in_f, w.dtype)
             seen[key] = row
     for name, (out_f, in_f) in linears.items():
         if name not in seen:
