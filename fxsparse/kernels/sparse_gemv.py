@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["GemvConfig", "max_rows", "supports", "threshold_gemv"]
+__all__ = ["GemvConfig", "max_rows", "reserve", "supports", "threshold_gemv"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at BLOCK_N = 128)
@@ -346,6 +346,17 @@ def _num_sms(device: torch.device) -> int:
 
 
 _counters: dict[torch.device, Tensor] = {}
+
+
+def reserve(device: torch.device) -> None:
+    """Allocate the persistent per-device state now, outside any CUDA-graph memory pool.
+
+    Created lazily inside a ``mode="reduce-overhead"`` warm-up, the counters would live in the
+    graph pool untracked, which cudagraph trees reject ("tensor(s) in the cudagraph pool not
+    tracked as outputs"); the lower pass calls this at compile time.
+    """
+    if device.type == "cuda":
+        _arrival_counters(device)
 
 
 def _arrival_counters(device: torch.device) -> Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.utils import counters
 
-from ..kernels import threshold_linear  # noqa: F401  (registers torch.ops.fxsparse)
+from ..kernels import sparse_gemv, threshold_linear  # noqa: F401  (registers torch.ops.fxsparse)
 from ..kernels.topk_linear import topk_keep_count
 from ..plan import SparsityPlan
 from .match import linear_sites
@@ -102,6 +102,7 @@ def lower_linears(
         if w_val is not None:
             plan.check_shape(key, tuple(w_val.shape))
         device = w_val.device if w_val is not None else torch.device("cpu")
+        sparse_gemv.reserve(device)  # the kernel's persistent state, outside CUDA-graph pools
 
         # -- constants, computed once ----------------------------------------------------------
         center = lp.center_tensor()
