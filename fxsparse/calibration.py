@@ -2,7 +2,8 @@
 
 The recipe, as in PT2E quantization: compile the model with ``sparse_act`` in calibration mode
 (the observe pass puts an ``ActivationObserver`` on the input of each targeted linear), run the
-calibration data through it, then turn each observer's statistics into a ``LayerPlan``.
+calibration data through it, then turn each observer's statistics into a ``LayerPlan``
+(``fxsparse.methods``: one pass serves every target sparsity of a method).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .methods import METHODS
 from .observers import ActivationObserver
-from .plan import LayerPlan, SparsityPlan, linear_layers
+from .plan import SparsityPlan, linear_layers
 from .scope import IgnoredScope, TargetScope, resolve_targets
 
 __all__ = ["calibrate", "collect_statistics", "iterate_batches", "METHODS"]
-
-METHODS = ("quantile",)
 
 
 def _progress(iterable, total, desc, enabled):
@@ -85,13 +85,17 @@ def _length(dataset: Any) -> int | None:
 def collect_statistics(
     model: nn.Module,
     dataset: Any,
-    observers: Mapping[str, ActivationObserver],
+    observers: Mapping[str, ActivationObserver | nn.Module],
     *,
     max_batches: int | None = None,
     progress: bool = True,
     desc: str = "calibrating",
 ) -> None:
-    """Run ``dataset`` through ``model`` compiled in calibration mode, feeding ``observers``."""
+    """Run ``dataset`` through ``model`` compiled in calibration mode, feeding ``observers``.
+
+    An observer is any module with ``forward(x) -> x`` and a ``count`` of what it recorded
+    (``ActivationObserver``, or ``methods.ObserverGroup`` holding several).
+    """
     compiled = torch.compile(model, backend="sparse_act", options={"observers": dict(observers)})
     device = _model_device(model)
     extra = _call_kwargs(model)
@@ -126,6 +130,8 @@ def calibrate(
     *,
     max_batches: int | None = None,
     progress: bool = True,
+    refine: int = 0,
+    **options: Any,
 ) -> SparsityPlan:
     """Calibrate per-layer thresholds so each targeted layer drops its target share of inputs.
 
@@ -135,10 +141,20 @@ def calibrate(
             ``datasets.Dataset`` with ``input_ids``.
         target_sparsity_by_scope: ``{TargetScope(...): sparsity in [0, 1)}``.
         ignored_scope: layers to leave dense whatever the targets say.
-        method: ``"quantile"``: tau = Quantile(|X|, s) over all calibration tokens of the layer
-            (NNCF ``sparsify_activations``, seed 000).
+        method: one of ``METHODS`` (details and formulas in ``fxsparse.methods``):
+            ``"quantile"``: tau = Quantile(|X|, s) (NNCF, seed 000; ``quantile_ema=True``,
+            ``ema_alpha``: NNCF's per-batch EMA estimate); ``"mode"``: SCAP mode-centering
+            (seed 001; ``center="zero"|"median"|"kde"``); ``"norm"``: |x_i| * ||W[:, i]||
+            (seed 003); ``"topk"``: per-token top-k; ``"fat"``: one absolute threshold
+            (``epsilon=``); ``"pplp"``: per-layer thresholds from a common tail-error budget,
+            ``p=`` for PPL-p% on the calibration text; ``"attribution"``: gradient attributions
+            (seed 002; ``metric=``, ``n_steps=``, ``ref_sparsity=``, ``heads=``).
         max_batches: stop after this many batches.
         progress: show a progress bar.
+        refine: recalibrate this many times on the inputs layers see while the previous plan
+            sparsifies the model (``methods.refine_plan``), so deep layers meet their targets
+            in the sparse model, not only in the dense one.
+        **options: the method's options (above).
 
     Returns:
         A ``SparsityPlan``; ``plan.save(path)`` writes it as JSON.
@@ -147,32 +163,29 @@ def calibrate(
 
         plan = fxsparse.calibrate(model, batches,
                                   {TargetScope(patterns=[r".*mlp\\..*_proj"]): 0.4},
-                                  IgnoredScope(names=["lm_head"]))
+                                  IgnoredScope(names=["lm_head"]), method="mode", center="median")
     """
+    from .methods import collect_method_statistics, plan_from_observers, refine_plan
+
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {METHODS}")
     linears = linear_layers(model)
     targets, skipped = resolve_targets(linears, target_sparsity_by_scope, ignored_scope)
-    observers = {name: ActivationObserver(name, linears[name][1]) for name in targets}
-    collect_statistics(model, dataset, observers, max_batches=max_batches, progress=progress)
-
-    layers = {}
-    for name, target in targets.items():
-        obs = observers[name]
-        threshold = obs.threshold_for(target)
-        out_f, in_f = linears[name]
-        layers[name] = LayerPlan(
-            threshold=threshold,
-            in_features=in_f,
-            out_features=out_f,
-            target_sparsity=target,
-            method=method,
-            calibrated_sparsity=obs.sparsity_at(threshold),
-        )
-    return SparsityPlan(
-        layers=layers,
-        model=SparsityPlan.fingerprint(model),
-        skipped=skipped,
-        meta={"method": method,
-              "calibration_tokens": max(int(o.ch_count) for o in observers.values())},
-    )
+    attr_keys = ("n_steps", "ref_sparsity", "heads")
+    attr_opts = {k: options.pop(k) for k in attr_keys if k in options}
+    if attr_opts and method != "attribution":
+        raise TypeError(f"option(s) {sorted(attr_opts)} only apply to method 'attribution'")
+    metrics = [options.get("metric", "gxo")] if method == "attribution" else []
+    data = dataset
+    if method == "pplp" and options.get("p") is not None:
+        data = list(dataset) if max_batches is None else list(dataset)[:max_batches]
+        options.update(model=model, data=data)
+    stats = collect_method_statistics(
+        model, data, targets, methods=(method,), metrics=metrics, attribution_options=attr_opts,
+        skipped=skipped, batch_quantiles=bool(options.get("quantile_ema")),
+        max_batches=max_batches, progress=progress)
+    plan = plan_from_observers(stats, targets, method, **options)
+    if refine:
+        plan = refine_plan(model, data, plan, iterations=refine, max_batches=max_batches,
+                           **options)
+    return plan

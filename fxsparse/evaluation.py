@@ -10,17 +10,82 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from .kernels import keep_mask_reference, topk_keep_count, topk_keep_mask_reference
 from .observers import ActivationObserver
-from .plan import SparsityPlan
+from .plan import LayerPlan, SparsityPlan
 
-__all__ = ["evaluate", "EvalResult", "sliding_windows"]
+__all__ = ["evaluate", "EvalResult", "sliding_windows", "plan_hooks_any", "TopkProbe", "make_probe"]
+
+
+class TopkProbe(ActivationObserver):
+    """Probe for a ``topk`` layer: counts what ``fxsparse::topk_linear`` drops in each row."""
+
+    def __init__(self, name: str, in_features: int, k: int, center: Tensor | None,
+                 channel_scale: Tensor | None) -> None:
+        super().__init__(name, in_features)
+        self.k, self.center, self.scale = k, center, channel_scale
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        v = x.detach().reshape(-1, self.in_features)
+        c = None if self.center is None else self.center.to(v.device)
+        s = None if self.scale is None else self.scale.to(v.device)
+        dropped = (~topk_keep_mask_reference(v, self.k, c, s)).double()
+        frac = dropped.mean(1)
+        self.probe_dropped += dropped.sum().cpu()
+        self.probe_tokens += v.shape[0]
+        self.probe_frac_sum += frac.sum().cpu()
+        self.probe_frac_sumsq += (frac**2).sum().cpu()
+        return x
+
+
+def make_probe(name: str, lp: LayerPlan) -> ActivationObserver:
+    """An exact probe of what ``lp``'s op drops (threshold or top-k)."""
+    if lp.method == "topk":
+        return TopkProbe(name, lp.in_features, topk_keep_count(lp.in_features, lp.target_sparsity or 0.0),
+                         lp.center_tensor(), lp.scale_tensor())
+    probe = ActivationObserver(name, lp.in_features)
+    probe.set_probe(lp.threshold, lp.center_tensor(), lp.scale_tensor(), stats=False)
+    return probe
+
+
+@contextmanager
+def plan_hooks_any(model: nn.Module, plan: SparsityPlan,
+                   probes: dict[str, ActivationObserver] | None = None) -> Iterator[nn.Module]:
+    """Eager forward-pre-hooks applying ``plan`` (threshold and top-k layers), optionally feeding
+    ``probes``. No compiler: a sweep over many plans pays no Dynamo tracing per plan."""
+    plan.check_model(model)
+    modules = dict(model.named_modules())
+    handles = []
+    for name, lp in plan.layers.items():
+        center, scale = lp.center_tensor(), lp.scale_tensor()
+        k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0) if lp.method == "topk" else None
+
+        def hook(_mod, args, lp=lp, center=center, scale=scale, k=k, name=name):
+            x = args[0]
+            c = None if center is None else center.to(x.device)
+            s = None if scale is None else scale.to(x.device)
+            if probes is not None and name in probes:
+                probes[name](x)
+            keep = (topk_keep_mask_reference(x, k, c, s) if k is not None
+                    else keep_mask_reference(x, lp.threshold, c, s))
+            fill = torch.zeros((), dtype=x.dtype, device=x.device) if c is None else c.to(x.dtype)
+            return (torch.where(keep, x, fill), *args[1:])
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass
@@ -80,25 +145,35 @@ def evaluate(
     max_windows: int | None = None,
     sparse_model: Any = None,
     progress: bool = True,
+    engine: str = "compile",
+    dense_cache: dict[int, tuple[float, torch.Tensor]] | None = None,
 ) -> EvalResult:
     """Score ``ids`` (1-D token ids) with the dense model, and with ``plan`` if given.
 
     The sparse side runs the model compiled by ``sparse_act`` with an exact probe on each
     planned layer (Inductor off, so the probes, which are Python modules, can run); pass
     ``sparse_model`` to score another compiled model instead (probes are then skipped).
+    ``engine="hooks"`` applies the plan with eager hooks instead (same masks, no Dynamo: cheaper
+    when one process scores many plans). ``dense_cache`` (a dict, filled on first use) keeps the
+    dense model's loss and argmax per window, so a sweep runs the dense model once.
     """
+    if engine not in ("compile", "hooks"):
+        raise ValueError(f"engine must be 'compile' or 'hooks', got {engine!r}")
     stride = stride or window
     ids = ids.reshape(-1)
     device = next(model.parameters()).device
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     probes: dict[str, ActivationObserver] = {}
+    hooks = None
     if plan is not None and sparse_model is None:
         plan.check_model(model)
-        for name, lp in plan.layers.items():
-            probes[name] = ActivationObserver(name, lp.in_features)
-            probes[name].set_probe(lp.threshold, lp.center_tensor(), lp.scale_tensor())
-        sparse_model = torch.compile(model, backend="sparse_act", options={
-            "plan": plan, "observers": probes, "inductor": False})
+        probes = {name: make_probe(name, lp) for name, lp in plan.layers.items()}
+        if engine == "hooks":
+            hooks = probes
+            sparse_model = model
+        else:
+            sparse_model = torch.compile(model, backend="sparse_act", options={
+                "plan": plan, "observers": probes, "inductor": False})
 
     total = _window_count(ids.numel(), window, stride)
     if max_windows is not None:
@@ -116,12 +191,22 @@ def evaluate(
         chunk = chunk.to(device)
         lo = max(skip - 1, 0)  # logits at position p predict token p + 1
         target = chunk[0, lo + 1:]
-        logits = model(chunk, **extra).logits[0, lo:-1].float()
-        nll_dense += F.cross_entropy(logits, target, reduction="sum").item()
+        if dense_cache is not None and i in dense_cache:
+            nll, top = dense_cache[i]
+        else:
+            logits = model(chunk, **extra).logits[0, lo:-1].float()
+            nll, top = F.cross_entropy(logits, target, reduction="sum").item(), logits.argmax(-1)
+            if dense_cache is not None:
+                dense_cache[i] = (nll, top)
+        nll_dense += nll
         if sparse_model is not None:
-            s_logits = sparse_model(chunk, **extra).logits[0, lo:-1].float()
+            if hooks is not None:
+                with plan_hooks_any(model, plan, hooks):
+                    s_logits = model(chunk, **extra).logits[0, lo:-1].float()
+            else:
+                s_logits = sparse_model(chunk, **extra).logits[0, lo:-1].float()
             nll_sparse += F.cross_entropy(s_logits, target, reduction="sum").item()
-            agree += (s_logits.argmax(-1) == logits.argmax(-1)).sum().item()
+            agree += (s_logits.argmax(-1) == top).sum().item()
         count += target.numel()
     if count == 0:
         raise ValueError("no tokens to score: the text is shorter than two tokens")
