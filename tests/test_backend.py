@@ -218,3 +218,21 @@ def test_fxsparse_compile_and_prepare_weights(model_and_plan):
     torch.testing.assert_close(fast(x, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(PlanError, match="another model"):
         fxsparse.compile(tiny_llama(layers=3), plan)
+
+
+def test_centered_and_scaled_plan_through_inductor(model_and_plan):
+    """Centers, channel scales and the folded center bias are graph constants Inductor must take."""
+    model, plan = model_and_plan
+    data = plan.to_dict()
+    for name, lp in data["layers"].items():
+        k = lp["in_features"]
+        lp["center"] = [0.01 * ((i % 5) - 2) for i in range(k)] if "down" in name else 0.02
+        lp["channel_scale"] = [1.0 + 0.1 * (i % 3) for i in range(k)]
+    centered = SparsityPlan.from_dict(data)
+    x = token_batches(1, batch=1, seq=12, seed=13)[0]
+    fast = torch.compile(model, backend="sparse_act", options={"plan": centered})
+    with torch.no_grad():
+        got = fast(x, use_cache=False).logits
+        with plan_hooks(model, centered):
+            want = model(x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -47,6 +47,13 @@ def _buffer(gm: fx.GraphModule, graph: fx.Graph, stem: str, value: torch.Tensor)
     while hasattr(gm, f"{name}_{i}"):
         i += 1
     gm.register_buffer(f"{name}_{i}", value)
+    # Dynamo graphs map every lifted parameter/buffer to its source; AOTAutograd looks new
+    # buffers up there too, so a constant of ours needs an entry (else Inductor asserts).
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[f"{name}_{i}"] = ConstantSource(f"{name}_{i}")
     node = graph.get_attr(f"{name}_{i}")
     node.meta["val"] = value
     return node
