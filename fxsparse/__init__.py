@@ -14,6 +14,7 @@ from .generation import compile_config
 from .inspection import Report, explain
 from .logs import _from_env as _logs_from_env
 from .logs import set_logs
+from .methods import allocate_sparsity, collect_method_statistics, plan_from_observers, refine_plan
 from .observers import ActivationObserver
 from .plan import LayerPlan, PlanError, SparsityPlan
 from .prepare import compile, prepare_weights
@@ -23,6 +24,10 @@ from .training import Sparse24Config, SquaredReLU24MLP, convert_to_squared_relu_
 __version__ = "0.1.0"
 
 __all__ = [
+    "allocate_sparsity",
+    "collect_method_statistics",
+    "plan_from_observers",
+    "refine_plan",
     "ActivationObserver",
     "IgnoredScope",
     "LayerPlan",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import keep_mask_reference, topk_keep_count, topk_keep_mask_reference
+from .kernels import topk_keep_count, topk_keep_mask_reference
 from .observers import ActivationObserver
 from .plan import LayerPlan, SparsityPlan
+from .reference import plan_hooks
 
-__all__ = ["evaluate", "EvalResult", "sliding_windows", "plan_hooks_any", "TopkProbe", "make_probe"]
+__all__ = ["evaluate", "EvalResult", "sliding_windows", "TopkProbe", "make_probe"]
 
 
 class TopkProbe(ActivationObserver):
@@ -55,37 +55,6 @@ def make_probe(name: str, lp: LayerPlan) -> ActivationObserver:
     probe = ActivationObserver(name, lp.in_features)
     probe.set_probe(lp.threshold, lp.center_tensor(), lp.scale_tensor(), stats=False)
     return probe
-
-
-@contextmanager
-def plan_hooks_any(model: nn.Module, plan: SparsityPlan,
-                   probes: dict[str, ActivationObserver] | None = None) -> Iterator[nn.Module]:
-    """Eager forward-pre-hooks applying ``plan`` (threshold and top-k layers), optionally feeding
-    ``probes``. No compiler: a sweep over many plans pays no Dynamo tracing per plan."""
-    plan.check_model(model)
-    modules = dict(model.named_modules())
-    handles = []
-    for name, lp in plan.layers.items():
-        center, scale = lp.center_tensor(), lp.scale_tensor()
-        k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0) if lp.method == "topk" else None
-
-        def hook(_mod, args, lp=lp, center=center, scale=scale, k=k, name=name):
-            x = args[0]
-            c = None if center is None else center.to(x.device)
-            s = None if scale is None else scale.to(x.device)
-            if probes is not None and name in probes:
-                probes[name](x)
-            keep = (topk_keep_mask_reference(x, k, c, s) if k is not None
-                    else keep_mask_reference(x, lp.threshold, c, s))
-            fill = torch.zeros((), dtype=x.dtype, device=x.device) if c is None else c.to(x.dtype)
-            return (torch.where(keep, x, fill), *args[1:])
-
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass
@@ -201,7 +170,7 @@ def evaluate(
         nll_dense += nll
         if sparse_model is not None:
             if hooks is not None:
-                with plan_hooks_any(model, plan, hooks):
+                with plan_hooks(model, plan, hooks):
                     s_logits = model(chunk, **extra).logits[0, lo:-1].float()
             else:
                 s_logits = sparse_model(chunk, **extra).logits[0, lo:-1].float()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .observers import ActivationObserver
+from .evaluation import make_probe
 from .plan import SparsityPlan, linear_layers
 
 __all__ = ["explain", "Report", "LayerRow"]
@@ -124,11 +124,7 @@ def explain(
     plan = SparsityPlan.coerce(plan)
     plan.check_model(model)
     linears = linear_layers(model)
-    observers = {}
-    for name, lp in plan.layers.items():
-        obs = ActivationObserver(name, lp.in_features)
-        obs.set_probe(lp.threshold, lp.center_tensor(), lp.scale_tensor(), stats=False)
-        observers[name] = obs
+    observers = {name: make_probe(name, lp) for name, lp in plan.layers.items()}
     record: list[dict[str, Any]] = []
     compiled = torch.compile(
         model, backend="sparse_act",

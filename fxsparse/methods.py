@@ -261,10 +261,10 @@ def collect_method_statistics(
 def _collect_eager(model: nn.Module, dataset: Any, groups: Mapping[str, nn.Module],
                    plan: SparsityPlan, max_batches: int | None) -> None:
     from .calibration import _call_kwargs, _model_device, iterate_batches
-    from .evaluation import plan_hooks_any
+    from .reference import plan_hooks
 
     extra = _call_kwargs(model)
-    with plan_hooks_any(model, plan, dict(groups)):
+    with plan_hooks(model, plan, dict(groups)):
         for i, (args, kwargs) in enumerate(iterate_batches(dataset, _model_device(model))):
             if max_batches is not None and i >= max_batches:
                 break
@@ -518,11 +518,11 @@ def plan_perplexity(model: nn.Module, batches: Sequence[Any], plan: SparsityPlan
     """Perplexity of ``model`` on token batches with ``plan`` applied by eager hooks."""
     from contextlib import nullcontext
 
-    from .evaluation import plan_hooks_any
+    from .reference import plan_hooks
 
     nll = 0.0
     n = 0
-    with plan_hooks_any(model, plan) if plan is not None else nullcontext():
+    with plan_hooks(model, plan) if plan is not None else nullcontext():
         for b in batches:
             ids = b if isinstance(b, Tensor) else b["input_ids"]
             ids = ids if ids.dim() == 2 else ids.unsqueeze(0)

@@ -6,32 +6,41 @@ that Dynamo cannot trace. Hooks are per instance and removable; no class is patc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .kernels import keep_mask_reference
+from .kernels import keep_mask_reference, topk_keep_count, topk_keep_mask_reference
 from .plan import SparsityPlan
 
 __all__ = ["plan_hooks"]
 
 
 @contextmanager
-def plan_hooks(model: nn.Module, plan: SparsityPlan) -> Iterator[nn.Module]:
-    """Within the block, every planned ``nn.Linear`` of ``model`` thresholds its input."""
+def plan_hooks(model: nn.Module, plan: SparsityPlan,
+               probes: Mapping[str, nn.Module] | None = None) -> Iterator[nn.Module]:
+    """Within the block, every planned layer of ``model`` sparsifies its input as its op would
+    (threshold or top-k), feeding the dense input to ``probes[name]`` first if given.
+
+    No compiler involved: a sweep over many plans pays no Dynamo tracing per plan.
+    """
     plan.check_model(model)
     modules = dict(model.named_modules())
     handles = []
     for name, lp in plan.layers.items():
-        center, scale, thr = lp.center_tensor(), lp.scale_tensor(), lp.threshold
+        center, scale = lp.center_tensor(), lp.scale_tensor()
+        k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0) if lp.method == "topk" else None
 
-        def hook(_mod, args, center=center, scale=scale, thr=thr):
+        def hook(_mod, args, lp=lp, center=center, scale=scale, k=k, name=name):
             x = args[0]
             c = None if center is None else center.to(x.device)
             s = None if scale is None else scale.to(x.device)
-            keep = keep_mask_reference(x, thr, c, s)
+            if probes is not None and name in probes:
+                probes[name](x)
+            keep = (topk_keep_mask_reference(x, k, c, s) if k is not None
+                    else keep_mask_reference(x, lp.threshold, c, s))
             fill = torch.zeros((), dtype=x.dtype, device=x.device) if c is None else c.to(x.dtype)
             return (torch.where(keep, x, fill), *args[1:])
 

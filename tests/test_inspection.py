@@ -101,3 +101,24 @@ def test_cli_generate_checks_device_before_loading(tmp_path, capsys, model_plan)
     plan.save(tmp_path / "plan.json")
     rc = main(["generate", "--plan", str(tmp_path / "plan.json"), "--device", "cuda"])
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_explain_and_hooks_know_topk_layers(model_plan):
+    from fxsparse.reference import plan_hooks
+
+    model, plan = model_plan
+    data = plan.to_dict()
+    for lp in data["layers"].values():
+        lp.update(method="topk", threshold=0.0, target_sparsity=0.25)
+    topk = fxsparse.SparsityPlan.from_dict(data)
+    x = token_batches(1, batch=1, seq=16, seed=21)[0]
+    rows = {r.name: r for r in fxsparse.explain(model, x, plan=topk).rows}
+    for name in topk.layers:
+        assert rows[name].op == "fxsparse.topk_linear"
+        assert abs(rows[name].sparsity - 0.25) < 0.02  # exact per row, up to rounding of k
+    fast = torch.compile(model, backend="sparse_act", options={"plan": topk})
+    with torch.no_grad():
+        got = fast(x, use_cache=False).logits
+        with plan_hooks(model, topk):
+            want = model(x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 import fxsparse
 from fxsparse import IgnoredScope, SparsityPlan, TargetScope
 from fxsparse.attribution import METRICS, attribution_scores
-from fxsparse.evaluation import evaluate, plan_hooks_any
+from fxsparse.evaluation import evaluate
 from fxsparse.methods import (
     allocate_sparsity,
     collect_method_statistics,
@@ -19,6 +19,7 @@ from fxsparse.methods import (
     plan_perplexity,
 )
 from fxsparse.plan import linear_layers
+from fxsparse.reference import plan_hooks
 
 from conftest import tiny_llama, token_batches
 
@@ -40,7 +41,7 @@ def setup():
 
 def measured(model, plan, batches):
     probes = {n: fxsparse.evaluation.make_probe(n, lp) for n, lp in plan.layers.items()}
-    with torch.no_grad(), plan_hooks_any(model, plan, probes):
+    with torch.no_grad(), plan_hooks(model, plan, probes):
         for b in batches:
             model(b, use_cache=False)
     return {n: p.probe_stats()["sparsity"] for n, p in probes.items()}
@@ -140,7 +141,7 @@ def test_topk_plan_drops_exact_share_per_token(setup):
     model, names, stats = setup
     plan = plan_from_observers(stats, dict.fromkeys(names, 0.5), "topk")
     probes = {n: fxsparse.evaluation.make_probe(n, lp) for n, lp in plan.layers.items()}
-    with torch.no_grad(), plan_hooks_any(model, plan, probes):
+    with torch.no_grad(), plan_hooks(model, plan, probes):
         model(FRESH[0], use_cache=False)
     for p in probes.values():
         st = p.probe_stats()
