@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .kernels import keep_mask_reference, topk_keep_count, topk_keep_mask_reference
+from .kernels.threshold_linear import fill_value
 from .plan import SparsityPlan
 
 __all__ = ["plan_hooks"]
@@ -41,8 +42,7 @@ def plan_hooks(model: nn.Module, plan: SparsityPlan,
                 probes[name](x)
             keep = (topk_keep_mask_reference(x, k, c, s) if k is not None
                     else keep_mask_reference(x, lp.threshold, c, s))
-            fill = torch.zeros((), dtype=x.dtype, device=x.device) if c is None else c.to(x.dtype)
-            return (torch.where(keep, x, fill), *args[1:])
+            return (torch.where(keep, x, fill_value(x, c)), *args[1:])
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     try:

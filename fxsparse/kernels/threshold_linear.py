@@ -56,31 +56,41 @@ def threshold_linear_reference(
     """Pure-torch reference of the op (the CPU implementation, and the tests' oracle)."""
     del center_bias  # an optimisation for kernels that skip columns; not needed here
     keep = keep_mask_reference(x, threshold, center, channel_scale)
-    fill = torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
-    return F.linear(torch.where(keep, x, fill), weight, bias)
+    return F.linear(torch.where(keep, x, fill_value(x, center)), weight, bias)
 
 
-def _check_args(x, weight, bias, center, channel_scale, center_bias) -> None:
+def check_linear_args(op: str, x, weight, bias, center, channel_scale) -> None:
+    """Shape checks shared by the sparse linear ops; errors name the op and the argument."""
     k = x.shape[-1]
-    torch._check(weight.dim() == 2, lambda: f"threshold_linear: weight must be 2-D, got {weight.dim()}-D")
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D, got {weight.dim()}-D")
     torch._check(
         weight.shape[1] == k,
-        lambda: f"threshold_linear: x has {k} input features but weight is {tuple(weight.shape)}",
+        lambda: f"{op}: x has {k} input features but weight is {tuple(weight.shape)}",
     )
     n = weight.shape[0]
     if bias is not None:
-        torch._check(bias.shape == (n,), lambda: f"threshold_linear: bias must be ({n},)")
+        torch._check(bias.shape == (n,), lambda: f"{op}: bias must be ({n},)")
     if center is not None:
         torch._check(
             center.dim() == 0 or center.shape == (k,),
-            lambda: f"threshold_linear: center must be a scalar or ({k},), got {tuple(center.shape)}",
+            lambda: f"{op}: center must be a scalar or ({k},), got {tuple(center.shape)}",
         )
     if channel_scale is not None:
         torch._check(
             channel_scale.shape == (k,),
-            lambda: f"threshold_linear: channel_scale must be ({k},), got {tuple(channel_scale.shape)}",
+            lambda: f"{op}: channel_scale must be ({k},), got {tuple(channel_scale.shape)}",
         )
+
+
+def fill_value(x: Tensor, center: Tensor | None) -> Tensor:
+    """What a dropped entry becomes: the center in x's dtype (zero without one)."""
+    return torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
+
+
+def _check_args(x, weight, bias, center, channel_scale, center_bias) -> None:
+    check_linear_args("threshold_linear", x, weight, bias, center, channel_scale)
     if center_bias is not None:
+        n = weight.shape[0]
         torch._check(center_bias.shape == (n,), lambda: f"threshold_linear: center_bias must be ({n},)")
 
 
@@ -127,15 +137,20 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
+def masked_linear_backward(ctx, grad):
+    """(grad_x, grad_w, grad_b) of ``F.linear(where(keep, x, fill), W, b)`` with ``keep`` held
+    constant; ``ctx`` saved (x, weight, keep, center) and ``has_bias``. Shared by the ops."""
     x, weight, keep, center = ctx.saved_tensors
-    fill = torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
-    xm = torch.where(keep, x, fill)
+    xm = torch.where(keep, x, fill_value(x, center))
     g2 = grad.reshape(-1, grad.shape[-1])
     grad_x = torch.where(keep, grad @ _as(weight, grad.dtype), torch.zeros((), dtype=grad.dtype))
     grad_w = g2.t() @ _as(xm.reshape(-1, xm.shape[-1]), grad.dtype)
     grad_b = g2.sum(0) if ctx.has_bias else None
-    return _as(grad_x, x.dtype), _as(grad_w, weight.dtype), grad_b, None, None, None, None
+    return _as(grad_x, x.dtype), _as(grad_w, weight.dtype), grad_b
+
+
+def _backward(ctx, grad):
+    return (*masked_linear_backward(ctx, grad), None, None, None, None)
 
 
 threshold_linear.register_autograd(_backward, setup_context=_setup_context)

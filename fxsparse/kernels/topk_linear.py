@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .threshold_linear import check_linear_args, fill_value, masked_linear_backward
+
 __all__ = ["topk_linear", "topk_linear_reference", "topk_keep_mask_reference", "topk_keep_count"]
 
 
@@ -72,30 +74,11 @@ def topk_linear_reference(
 ) -> Tensor:
     """Pure-torch reference of the op (the CPU and CUDA implementation, and the tests' oracle)."""
     keep = topk_keep_mask_reference(x, k, center, channel_scale)
-    fill = torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
-    return F.linear(torch.where(keep, x, fill), weight, bias)
+    return F.linear(torch.where(keep, x, fill_value(x, center)), weight, bias)
 
 
 def _check_args(x, weight, bias, center, channel_scale) -> None:
-    n_in = x.shape[-1]
-    torch._check(weight.dim() == 2, lambda: f"topk_linear: weight must be 2-D, got {weight.dim()}-D")
-    torch._check(
-        weight.shape[1] == n_in,
-        lambda: f"topk_linear: x has {n_in} input features but weight is {tuple(weight.shape)}",
-    )
-    n = weight.shape[0]
-    if bias is not None:
-        torch._check(bias.shape == (n,), lambda: f"topk_linear: bias must be ({n},)")
-    if center is not None:
-        torch._check(
-            center.dim() == 0 or center.shape == (n_in,),
-            lambda: f"topk_linear: center must be a scalar or ({n_in},), got {tuple(center.shape)}",
-        )
-    if channel_scale is not None:
-        torch._check(
-            channel_scale.shape == (n_in,),
-            lambda: f"topk_linear: channel_scale must be ({n_in},), got {tuple(channel_scale.shape)}",
-        )
+    check_linear_args("topk_linear", x, weight, bias, center, channel_scale)
 
 
 @torch.library.custom_op("fxsparse::topk_linear", mutates_args=())
@@ -136,14 +119,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    x, weight, keep, center = ctx.saved_tensors
-    fill = torch.zeros((), dtype=x.dtype, device=x.device) if center is None else center.to(x.dtype)
-    xm = torch.where(keep, x, fill)
-    g2 = grad.reshape(-1, grad.shape[-1])
-    grad_x = torch.where(keep, grad @ _as(weight, grad.dtype), torch.zeros((), dtype=grad.dtype))
-    grad_w = g2.t() @ _as(xm.reshape(-1, xm.shape[-1]), grad.dtype)
-    grad_b = g2.sum(0) if ctx.has_bias else None
-    return _as(grad_x, x.dtype), _as(grad_w, weight.dtype), grad_b, None, None, None
+    return (*masked_linear_backward(ctx, grad), None, None, None)
 
 
 topk_linear.register_autograd(_backward, setup_context=_setup_context)
