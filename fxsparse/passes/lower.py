@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from ..kernels import sparse_gemv, threshold_linear  # noqa: F401  (registers torch.ops.fxsparse)
 from ..kernels.topk_linear import topk_keep_count
-from ..plan import SparsityPlan
+from ..plan import PlanError, SparsityPlan
 from .match import linear_sites
 
 __all__ = ["lower_linears"]
@@ -75,6 +75,9 @@ def lower_linears(
             counters["fxsparse"]["dense"] += 1
             continue
         lp = plan.layers[key]
+        if lp.prefill != "threshold":  # reserved in the plan format, not lowered yet
+            raise PlanError(f"layer {key!r}: prefill={lp.prefill!r} is not implemented yet; "
+                            "only 'threshold' (the same op at every row count) is")
 
         # -- operands: input, weight, bias as nodes; the weight's value if we have it ----------
         if site.kind == "call_module":
