@@ -31,17 +31,22 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def keep_mask_reference(
-    x: Tensor, threshold: float, center: Tensor | None, channel_scale: Tensor | None
-) -> Tensor:
-    """Boolean mask of the entries of ``x`` that survive the threshold (float32 comparison)."""
+def drop_score(x: Tensor, center: Tensor | None, channel_scale: Tensor | None) -> Tensor:
+    """``|x - center| * channel_scale`` in float32: the score every sparse op ranks entries by."""
     d = _as(x, torch.float32)
     if center is not None:
         d = d - _as(center, torch.float32)
     d = d.abs()
     if channel_scale is not None:
         d = d * _as(channel_scale, torch.float32)
-    return ~(d < float(threshold))
+    return d
+
+
+def keep_mask_reference(
+    x: Tensor, threshold: float, center: Tensor | None, channel_scale: Tensor | None
+) -> Tensor:
+    """Boolean mask of the entries of ``x`` that survive the threshold (float32 comparison)."""
+    return ~(drop_score(x, center, channel_scale) < float(threshold))
 
 
 def threshold_linear_reference(

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .threshold_linear import check_linear_args, fill_value, masked_linear_backward
+from .threshold_linear import check_linear_args, drop_score, fill_value, masked_linear_backward
 
 __all__ = ["topk_linear", "topk_linear_reference", "topk_keep_mask_reference", "topk_keep_count"]
 
@@ -40,20 +40,11 @@ def topk_keep_count(in_features: int, sparsity: float) -> int:
     return in_features - int(round(sparsity * in_features))
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def topk_keep_mask_reference(
     x: Tensor, k: int, center: Tensor | None, channel_scale: Tensor | None
 ) -> Tensor:
     """Boolean mask of the entries of ``x`` that survive the per-row top-k rule."""
-    d = _as(x, torch.float32)
-    if center is not None:
-        d = d - _as(center, torch.float32)
-    d = d.abs()
-    if channel_scale is not None:
-        d = d * _as(channel_scale, torch.float32)
+    d = drop_score(x, center, channel_scale)
     n = d.shape[-1]
     if k >= n or d.numel() == 0:
         return torch.ones_like(d, dtype=torch.bool)
