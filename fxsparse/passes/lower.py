@@ -27,7 +27,7 @@ from torch._dynamo.utils import counters
 from ..kernels import sparse_gemv, threshold_linear  # noqa: F401  (registers torch.ops.fxsparse)
 from ..kernels.topk_linear import topk_keep_count
 from ..plan import PlanError, SparsityPlan
-from .match import linear_sites
+from .match import linear_args, linear_sites
 
 __all__ = ["lower_linears"]
 
@@ -39,6 +39,16 @@ def _real(t: object) -> torch.Tensor | None:
     if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and t.device.type != "meta":
         return t
     return None
+
+
+def _weight_value(index: int | None, w: object, example_inputs: Sequence[object] | None):
+    """The weight's real value (the placeholder's example input), else its traced fake value."""
+    value = None
+    if index is not None and example_inputs is not None:
+        value = _real(example_inputs[index])
+    if value is None and isinstance(w, fx.Node):
+        value = w.meta.get("val")
+    return value
 
 
 def _buffer(gm: fx.GraphModule, graph: fx.Graph, stem: str, value: torch.Tensor) -> fx.Node:
@@ -91,24 +101,13 @@ def lower_linears(
             b, x, w_in_out = node.args[:3]
             with graph.inserting_before(node):
                 w = graph.call_method("t", (w_in_out,))
-            w_val = None
-            if site.weight_index is not None and example_inputs is not None:
-                w_val = _real(example_inputs[site.weight_index])
-            if w_val is None and isinstance(w_in_out, fx.Node):
-                w_val = w_in_out.meta.get("val")
+            w_val = _weight_value(site.weight_index, w_in_out, example_inputs)
             w_val = None if w_val is None else w_val.t()
             if w_val is not None:
                 w.meta["val"] = w_val
         else:
-            args = list(node.args) + [None] * (3 - len(node.args))
-            x = node.kwargs.get("input", args[0])
-            w = node.kwargs.get("weight", args[1])
-            b = node.kwargs.get("bias", args[2])
-            w_val = None
-            if site.weight_index is not None and example_inputs is not None:
-                w_val = _real(example_inputs[site.weight_index])
-            if w_val is None and isinstance(w, fx.Node):
-                w_val = w.meta.get("val")
+            x, w, b = linear_args(node)
+            w_val = _weight_value(site.weight_index, w, example_inputs)
         if w_val is not None:
             plan.check_shape(key, tuple(w_val.shape))
         device = w_val.device if w_val is not None else torch.device("cpu")

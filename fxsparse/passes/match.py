@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["LinearSite", "match_linears", "linear_sites", "module_path"]
+__all__ = ["LinearSite", "linear_args", "match_linears", "linear_sites", "module_path"]
 
 _LINEAR_TARGETS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 _ADDMM_TARGETS = {torch.addmm, torch.ops.aten.addmm.default}
@@ -47,7 +47,8 @@ def module_path(source: str) -> str:
     return s.strip(".")
 
 
-def _linear_args(node: fx.Node) -> tuple[fx.Node, object, object] | None:
+def linear_args(node: fx.Node) -> tuple[fx.Node, object, object] | None:
+    """(x, weight, bias) of an ``F.linear`` call node, else None."""
     if node.op == "call_function" and node.target in _LINEAR_TARGETS:
         args = list(node.args) + [None] * (3 - len(node.args))
         x = node.kwargs.get("input", args[0])
@@ -93,7 +94,7 @@ def match_linears(gm: fx.GraphModule) -> fx.GraphModule:
     placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     for node in gm.graph.nodes:
         site = None
-        args = _linear_args(node)
+        args = linear_args(node)
         if args is not None:
             _, w, _ = args
             # The calling module names the layer (a tied lm_head's weight is sourced from the
