@@ -47,6 +47,7 @@ ref_mod = _load("fxsparse_bench_threshold_linear", "fxsparse/kernels/threshold_l
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 DT = torch.bfloat16
+BAD_VARIANTS: set[str] = set()  # sweep variants that failed the correctness check: not timed
 TOUCH_BYTES = 1.5e9  # weight copies per shape: a 90%-sparse pass over them still spans 3x L2
 
 
@@ -102,7 +103,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30))
 
 
-def correctness_check() -> None:
+def correctness_check(sweep: bool = False) -> None:
     """Kernel vs float64 reference on a few shapes, dtypes and centers; abort on mismatch."""
     torch.manual_seed(0)
     tol = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
@@ -123,18 +124,27 @@ def correctness_check() -> None:
                     }[center]
                     sc = torch.rand(k, device="cuda") + 0.5
                     cb = None if c is None else w.float() @ c.to(dtype).float().expand(k)
-                    out = sg.threshold_gemv(x, w, b, 0.7, c, sc, cb)
                     up = lambda t: None if t is None else t.double()
                     ref = ref_mod.threshold_linear_reference(up(x), up(w), up(b), 0.7, up(c), up(sc))
-                    e = rel_err(out, ref)
-                    if not e < tol[dtype]:
-                        bad.append((str(dtype), n, k, rows, center, e))
+                    nsm = torch.cuda.get_device_properties(0).multi_processor_count
+                    cfgs = {"default": None}
+                    if sweep and dtype == torch.bfloat16 and rows in (1, 4) and center != "scalar":
+                        cfgs.update(variants(rows, n, k, nsm))
+                    for name, cfg in cfgs.items():
+                        if cfg is not None and cfg.kind == "compact" and rows > 1:
+                            continue
+                        out = sg.threshold_gemv(x, w, b, 0.7, c, sc, cb, config=cfg)
+                        e = rel_err(out, ref)
+                        if not e < tol[dtype]:
+                            bad.append((str(dtype), n, k, rows, center, name, e))
     torch.cuda.synchronize()
     if bad:
         print("!!!!!!!! CORRECTNESS CHECK FAILED: kernel disagrees with the reference !!!!!!!!")
         for b_ in bad:
             print("   ", b_)
-        sys.exit(1)
+        BAD_VARIANTS.update(b_[5] for b_ in bad)
+        if "default" in BAD_VARIANTS:
+            sys.exit(1)
     print("correctness check: OK (3 dtypes x 4 shapes x 5 row counts x 3 centers)")
 
 
@@ -198,26 +208,22 @@ def time_sparse(st: Setup, rows: int, inputs, config=None, check: bool = True):
 
 
 def variants(rows: int, n: int, k: int, nsm: int):
-    """Configurations tried by --sweep around the default heuristic (one factor at a time)."""
-    base = dict(programs_per_sm=8, block_n=128, chunk_k=128)
-    out = {}
-
-    def add(name, sub_k=None, num_warps=4, num_stages=1, **kw):
-        cfg = sg._pick_config(rows, n, k, 2, nsm, **{**base, **kw})
-        if sub_k is not None:
-            cfg = dataclasses.replace(cfg, sub_k=sub_k)
-        out[name] = dataclasses.replace(cfg, num_warps=num_warps, num_stages=num_stages)
-
-    add("base")
-    add("sk32", sub_k=32)
-    add("bn64", block_n=64)
-    add("bn256", block_n=256)
-    add("pps4", programs_per_sm=4)
-    add("pps16", programs_per_sm=16)
+    """Configurations tried by --sweep: the compaction kernel (v3) against masked streaming."""
+    out = {"v3-compact": sg._pick_config(rows, n, k, 2, nsm)}
     if rows == 1:
-        add("ck64", chunk_k=64)
-        add("ck256", chunk_k=256)
-        add("stages3", num_stages=3)
+        out["v3-compact"] = dataclasses.replace(out["v3-compact"], use_dot=False, block_r=1)
+    m = lambda **kw: sg.masked_config(rows, n, k, 2, nsm, **kw)  # noqa: E731
+    if rows <= 4:
+        out["fma-n256-k16"] = m(use_dot=False)
+        out["fma-n256-k32"] = m(use_dot=False, block_k=32)
+        out["fma-n128-k32"] = m(use_dot=False, block_n=128, block_k=32)
+        out["fma-n256-k16-pps4"] = m(use_dot=False, programs_per_sm=4)
+        out["fma-n512-k16-w8"] = m(use_dot=False, block_n=512, num_warps=8)
+        out["fma-n256-k16-plain"] = m(use_dot=False, hand_pipe=False)
+    out["dot-n128-k64-s3"] = m(use_dot=True, block_n=128, block_k=64, hand_pipe=False, num_stages=3)
+    out["dot-n64-k64-s4"] = m(use_dot=True, block_n=64, block_k=64, hand_pipe=False, num_stages=4)
+    out["dot-n256-k32-s3"] = m(use_dot=True, block_n=256, block_k=32, hand_pipe=False, num_stages=3)
+    out["dot-n128-k32-hp"] = m(use_dot=True, block_n=128, block_k=32)
     return out
 
 
@@ -227,6 +233,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time block-size variants")
     ap.add_argument("--crossover", action="store_true", help="rows 1..16 against cuBLAS")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-table", action="store_true", help="skip the default-config table")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +250,7 @@ def main() -> None:
         l2_mb=props.L2_cache_size / 2**20,
     )
     print(env, flush=True)
-    correctness_check()
+    correctness_check(args.sweep)
     env["copy_tbps"] = copy_bandwidth()
     print(f"copy bandwidth {env['copy_tbps']:.2f} TB/s", flush=True)
     nsm = props.multi_processor_count
@@ -252,7 +260,7 @@ def main() -> None:
     for n, k in shapes:
         st = make_setup(n, k)
         wbytes = n * k * 2
-        for rows in (1, 4):
+        for rows in args.rows:
             dense_us = time_dense(st, rows)
             dense_cm_us = time_dense(st, rows, column_major=True)
             print(
@@ -265,7 +273,14 @@ def main() -> None:
                     inputs = sparse_inputs(st, rows, s)
                     su = statistics.mean(i[3] for i in inputs)
                     for name, cfg in variants(rows, n, k, nsm).items():
-                        us, spread = time_sparse(st, rows, inputs, cfg)
+                        if name in BAD_VARIANTS:
+                            continue
+                        try:
+                            us, spread = time_sparse(st, rows, inputs, cfg)
+                        except Exception as e:  # noqa: BLE001  (a variant that fails to compile)
+                            print(f"  sweep {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                            BAD_VARIANTS.add(name)
+                            continue
                         sweep.append(
                             dict(
                                 n=n,
@@ -287,7 +302,7 @@ def main() -> None:
                             f"{spread:.1%})",
                             flush=True,
                         )
-            for s in SPARSITIES:
+            for s in [] if args.no_table else SPARSITIES:
                 inputs = sparse_inputs(st, rows, s)
                 sr = statistics.mean(i[2] for i in inputs)
                 su = statistics.mean(i[3] for i in inputs)
@@ -340,8 +355,30 @@ def main() -> None:
         doc = dict(env=env, results=results, sweep=sweep, crossover=crossover, seconds=time.time() - t_start)
         (out_dir / "gemv_h100.json").write_text(json.dumps(doc, indent=1))
         md = markdown(env, results, crossover)
-        (out_dir / "gemv_h100.md").write_text(md)
+        if not args.no_table:
+            (out_dir / "gemv_h100.md").write_text(md)
+        if sweep:
+            (out_dir / "gemv_sweep_h100.md").write_text(sweep_markdown(env, sweep))
     print("\n" + md)
+    if sweep:
+        print(sweep_markdown(env, sweep))
+
+
+def sweep_markdown(env: dict, sweep: list[dict]) -> str:
+    """One line per (shape, rows, variant): speedup over cuBLAS at each swept sparsity."""
+    lines = [f"# Sweep on {env['gpu']} (torch {env['torch']}, triton {env['triton']}): speedup / µs", ""]
+    keys = sorted({(r["n"], r["k"], r["rows"]) for r in sweep}, key=lambda t: (t[2], t[0] * t[1]))
+    for n, k, rows in keys:
+        rs = [r for r in sweep if (r["n"], r["k"], r["rows"]) == (n, k, rows)]
+        ss = sorted({r["s"] for r in rs})
+        lines += [f"{n}x{k} rows={rows}: " + " | ".join(f"s={v:.1f}" for v in ss)]
+        for name in dict.fromkeys(r["variant"] for r in rs):
+            cells = []
+            for v in ss:
+                m = [r for r in rs if r["variant"] == name and r["s"] == v]
+                cells.append(f"{m[0]['speedup']:.2f}x {m[0]['us']:.1f}" if m else "-")
+            lines.append(f"  {name:20s} " + " | ".join(cells))
+    return "\n".join(lines) + "\n"
 
 
 def markdown(env: dict, results: list[dict], crossover: list[dict]) -> str:
