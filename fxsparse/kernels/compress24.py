@@ -1,0 +1,231 @@
+"""2:4 prune + compression straight into cuSPARSELt's layout, in one pass over ``x``.
+
+``torch._cslt_sparse_mm(A_compressed, B)`` multiplies a 2:4-sparse ``A`` ([M, K], row-major,
+16-bit) on the sparse tensor cores. Torch builds ``A_compressed`` with ``torch._cslt_compress``
+from an already pruned dense tensor, which reads and writes far more than the bytes that have to
+move (measured on the H100: about 0.1 TB/s). This kernel reads ``x`` once and writes the
+compressed buffer once: the byte floor of the step.
+
+The layout (bf16/fp16; decoded from ``torch._cslt_compress`` outputs on an H100 with
+cuSPARSELt 0.8, and checked byte for byte against them in ``tests/test_compress24.py``):
+
+* **values**: ``[M, K/2]`` row-major, the two kept entries of every group of 4 in column order;
+* **metadata**, right after the values: for every 64-row block (M padded up to a multiple of
+  64) and, inside it, every 32-column k-tile, 256 bytes. A group's 4-bit code is
+  ``i0 | i1 << 2`` (``i0 < i1`` the kept positions in the group). Inside a tile, with
+  ``row = 16*b + 8*h + r`` (``h`` in 0..1, ``r`` in 0..7) and group ``g = 4*gh + gl`` of the
+  tile's 8, the code sits in nibble ``16*(8*b + r) + 4*gl + 2*gh + h`` (low nibble first);
+  padding rows hold code ``0b1110``, as torch writes them.
+
+So every (64-row, 32-column) tile of ``x`` maps to a 64 x 16 block of values and 256 bytes of
+metadata; a program handles 64 rows x ``BLOCK_K`` columns and packs each row pair (r, r + 8)
+of a k-tile into one 64-bit word (32 words per tile, stored contiguously).
+
+Pruning rule = ``prune24``'s (``fxsparse/kernels/prune24.py``): keep the 2 entries of each
+group with the largest ``|x - center|`` (float32; NaN ranks as +inf; ties: lower index wins).
+The stored values are ``x - center`` rounded to x's dtype, so that
+``F.linear(prune24(x, c), W) = sparse_mm(compressed, W.T) + W @ c``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .sparse_gemv import _round_to
+
+__all__ = ["compress24", "compress24_reference", "compressed_numel", "decompress24_reference"]
+
+_ROW_BLOCK = 64  # metadata rows per block
+_K_TILE = 32  # metadata columns per tile
+_PAD_CODE = 0b1110  # what torch._cslt_compress writes for padding rows
+
+
+def compressed_numel(m: int, k: int) -> int:
+    """Elements (of x's 16-bit dtype) in the compressed buffer of an [m, k] matrix."""
+    m_pad = -(-m // _ROW_BLOCK) * _ROW_BLOCK
+    return m * k // 2 + m_pad * k // 16
+
+
+def _check(x: Tensor) -> None:
+    torch._check(x.dim() == 2, lambda: f"compress24: x must be 2-D, got {tuple(x.shape)}")
+    torch._check(
+        x.dtype in (torch.bfloat16, torch.float16),
+        lambda: f"compress24: x must be bfloat16 or float16, got {x.dtype}",
+    )
+    torch._check(
+        x.shape[1] % _K_TILE == 0,
+        lambda: f"compress24: the last dim must be a multiple of {_K_TILE}, got {x.shape[1]}",
+    )
+
+
+def _as_view(buf: Tensor, m: int) -> Tensor:
+    # torch._cslt_compress returns [m, numel / m] when that divides; only numel matters to the mm
+    return buf.view(m, -1) if m and buf.numel() % m == 0 else buf
+
+
+# -- reference (plain torch): the CPU implementation and the tests' oracle -------------------
+
+
+def compress24_reference(x: Tensor, center: Tensor | float | None = None) -> Tensor:
+    """The compressed buffer of ``prune24(x, center) - center``, computed with plain torch."""
+    from .prune24 import keep24_reference  # kernels may import kernels
+
+    _check(x)
+    m, k = x.shape
+    fill = torch.zeros((), dtype=x.dtype, device=x.device)
+    if center is not None:
+        fill = torch.as_tensor(center, device=x.device).to(x.dtype)
+    keep = keep24_reference(x, fill).reshape(m, k // 4, 4)
+    diff = (x.float() - fill.float()).to(x.dtype).reshape(m, k // 4, 4)
+    idx = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :2]
+    idx = idx.sort(dim=-1).values  # i0 < i1
+    values = diff.gather(-1, idx).reshape(m, k // 2)
+    code = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.int64)  # [m, k/4]
+
+    m_pad = -(-m // _ROW_BLOCK) * _ROW_BLOCK
+    codes = torch.full((m_pad, k // 4), _PAD_CODE, dtype=torch.int64, device=x.device)
+    codes[:m] = code
+    # (row block, b, h, r, k-tile, gh, gl) -> (row block, k-tile, b, r, gl, gh, h)
+    t = codes.reshape(m_pad // 64, 4, 2, 8, k // 32, 2, 4).permute(0, 4, 1, 3, 6, 5, 2)
+    nib = t.reshape(-1, 2)
+    meta = (nib[:, 0] | (nib[:, 1] << 4)).to(torch.uint8)
+    out = torch.empty(compressed_numel(m, k), dtype=x.dtype, device=x.device)
+    out[: m * k // 2] = values.reshape(-1)
+    out[m * k // 2 :] = meta.view(x.dtype)
+    return _as_view(out, m)
+
+
+def decompress24_reference(buf: Tensor, m: int, k: int) -> Tensor:
+    """Dense [m, k] matrix (zeros at dropped entries) from a compressed buffer: inverts the layout."""
+    buf = buf.reshape(-1)
+    values = buf[: m * k // 2].reshape(m, k // 4, 2)
+    meta = buf[m * k // 2 :].view(torch.uint8).to(torch.int64)
+    nib = torch.stack([meta & 15, meta >> 4], dim=-1)
+    m_pad = -(-m // _ROW_BLOCK) * _ROW_BLOCK
+    t = nib.reshape(m_pad // 64, k // 32, 4, 8, 4, 2, 2)  # (blk, kt, b, r, gl, gh, h)
+    codes = t.permute(0, 2, 6, 3, 1, 5, 4).reshape(m_pad, k // 4)[:m]
+    idx = torch.stack([codes & 3, codes >> 2], dim=-1)
+    dense = torch.zeros(m, k // 4, 4, dtype=buf.dtype, device=buf.device)
+    dense.scatter_(-1, idx, values)
+    return dense.reshape(m, k)
+
+
+# -- Triton kernel ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _compress24_kernel(
+    x_ptr,  # [M, K], row stride stride_xm, unit column stride
+    center_ptr,  # [K] or [1] (read when HAS_CENTER)
+    val_ptr,  # compressed buffer as x's dtype: values [M, K/2] first
+    meta_ptr,  # the same buffer as int64 words: metadata from word M*K/8 on
+    M,
+    K,
+    stride_xm,
+    meta_base,  # M * K / 8: the first metadata word
+    HAS_CENTER: tl.constexpr,
+    CENTER_PER_CHANNEL: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of 32 (k-tiles per program = BLOCK_K / 32)
+):
+    G: tl.constexpr = BLOCK_K // 4  # groups per row in this program
+    T: tl.constexpr = BLOCK_K // 32  # k-tiles in this program
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * 64 + tl.arange(0, 64)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    r_ok = rows < M
+    ok = r_ok[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=ok, other=0.0)
+    if HAS_CENTER:
+        if CENTER_PER_CHANNEL:
+            cen = tl.load(center_ptr + cols, mask=cols < K, other=0.0).to(x.dtype)[None, :]
+        else:
+            cen = tl.load(center_ptr).to(x.dtype)
+        diff = x.to(tl.float32) - cen.to(tl.float32)
+    else:
+        diff = x.to(tl.float32)
+    d = tl.abs(diff)
+    d = tl.where(d != d, float("inf"), d)  # NaN ranks as +inf: always kept
+    v = _round_to(diff, x.dtype).to(x.dtype)  # nearest-even, also in the interpreter
+
+    # the 4 entries of each group as separate [64, G] tensors (j = 2*hi + lo)
+    d_lo0, d_lo1 = tl.split(tl.reshape(d, (64, G, 2, 2)))
+    d0, d2 = tl.split(d_lo0)
+    d1, d3 = tl.split(d_lo1)
+    v_lo0, v_lo1 = tl.split(tl.reshape(v, (64, G, 2, 2)))
+    v0, v2 = tl.split(v_lo0)
+    v1, v3 = tl.split(v_lo1)
+    # rank = how many entries beat this one (strictly larger, or equal at a lower index)
+    k0 = ((d1 > d0).to(tl.int32) + (d2 > d0).to(tl.int32) + (d3 > d0).to(tl.int32)) < 2
+    k1 = ((d0 >= d1).to(tl.int32) + (d2 > d1).to(tl.int32) + (d3 > d1).to(tl.int32)) < 2
+    k2 = ((d0 >= d2).to(tl.int32) + (d1 >= d2).to(tl.int32) + (d3 > d2).to(tl.int32)) < 2
+    # exactly two of k0..k3 hold: i0 is the first, i1 the second
+    i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+    i1 = tl.where(k2 & (i0 < 2), 2, tl.where(k1 & (i0 == 0), 1, 3))
+    first = tl.where(k0, v0, tl.where(k1, v1, v2))
+    second = tl.where(i1 == 1, v1, tl.where(i1 == 2, v2, v3))
+
+    # values: [64, G, 2] -> [64, BLOCK_K / 2], row-major in the [M, K/2] block
+    vals = tl.reshape(tl.join(first, second), (64, BLOCK_K // 2))
+    vcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    tl.store(
+        val_ptr + rows[:, None].to(tl.int64) * (K // 2) + vcols[None, :],
+        vals,
+        mask=r_ok[:, None] & (vcols < K // 2)[None, :],
+    )
+
+    # metadata: one 64-bit word per (row pair r, r + 8) and k-tile
+    code = (i0 | (i1 << 2)).to(tl.int64)
+    code = tl.where(r_ok[:, None], code, 0b1110)  # padding rows, as torch writes them
+    gi = tl.arange(0, G) % 8
+    half = (tl.arange(0, 64) // 8) % 2
+    shift = (8 * (2 * (gi % 4) + gi // 4)[None, :] + 4 * half[:, None]).to(tl.int64)
+    words = tl.sum(tl.reshape(code << shift, (64, T, 8)), axis=2)  # [64, T]: disjoint bits
+    words = tl.sum(tl.reshape(words, (4, 2, 8, T)), axis=1)  # rows r and r + 8: [4, 8, T]
+    n_kt = K // 32
+    kt = pid_k * T + tl.arange(0, T)
+    b = tl.arange(0, 4)
+    r = tl.arange(0, 8)
+    word_idx = (
+        (pid_m * n_kt + kt[None, None, :]).to(tl.int64) * 32 + 8 * b[:, None, None] + r[None, :, None]
+    )
+    tl.store(meta_ptr + meta_base + word_idx, words, mask=(kt < n_kt)[None, None, :])
+
+
+def compress24(x: Tensor, center: Tensor | float | None = None, block_k: int = 128) -> Tensor:
+    """``torch._cslt_compress(prune24(x, center) - center)`` in one pass (Triton).
+
+    ``x``: [M, K] bf16/fp16 with unit column stride, K a multiple of 32. CUDA, or CPU under
+    ``TRITON_INTERPRET=1``; :func:`compress24_reference` is the plain-torch equivalent.
+    """
+    _check(x)
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if center is not None:
+        center = torch.as_tensor(center, device=x.device).to(x.dtype).reshape(-1).contiguous()
+        torch._check(center.numel() in (1, k), lambda: f"compress24: center must be a scalar or ({k},)")
+    buf = torch.empty(compressed_numel(m, k), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return buf
+    block_k = min(block_k, triton.next_power_of_2(k))
+    while k % block_k:  # a power-of-two multiple of 32 that divides K
+        block_k //= 2
+    grid = (triton.cdiv(m, _ROW_BLOCK), k // block_k)
+    _compress24_kernel[grid](
+        x,
+        center if center is not None else x,
+        buf,
+        buf.view(torch.int64),
+        m,
+        k,
+        x.stride(0),
+        m * k // 8,
+        HAS_CENTER=center is not None,
+        CENTER_PER_CHANNEL=center is not None and center.numel() == k and k > 1,
+        BLOCK_K=block_k,
+    )
+    return _as_view(buf, m)

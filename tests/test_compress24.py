@@ -1,0 +1,119 @@
+"""2:4 compression into cuSPARSELt's layout: reference vs torch's own output, Triton vs reference."""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fxsparse.kernels import compress24 as C
+from fxsparse.kernels.prune24 import prune24_reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
+needs_triton = pytest.mark.skipif(
+    not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# x and torch._cslt_compress(x) for 2:4-sparse bf16 inputs, saved on an H100 (torch 2.11,
+# cuSPARSELt 0.8) by bench/probe/cslt_layout.py: the layout is checked against the real thing.
+DUMP = Path(__file__).parent / "data" / "cslt_compress_h100.pt"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.int16)
+
+
+@pytest.mark.parametrize("key", sorted(torch.load(DUMP)))
+def test_reference_matches_cusparselt_bytes(key):
+    e = torch.load(DUMP)[key]
+    m, k, _ = key
+    assert torch.equal(bits(C.compress24_reference(e["x"])), e["words"])
+    assert torch.equal(C.decompress24_reference(e["words"].view(torch.bfloat16), m, k), e["x"])
+    assert C.compressed_numel(m, k) == e["words"].numel()
+
+
+@needs_triton
+@pytest.mark.parametrize("key", sorted(torch.load(DUMP)))
+def test_triton_matches_cusparselt_bytes(key):
+    e = torch.load(DUMP)[key]
+    assert torch.equal(bits(C.compress24(e["x"].to(DEV))).cpu(), e["words"])
+
+
+@st.composite
+def cases(draw):
+    m = draw(st.integers(1, 130))
+    k = 32 * draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    center = draw(st.sampled_from([None, "scalar", "channel"]))
+    ties = draw(st.booleans())
+    nan = draw(st.booleans())
+    return m, k, dtype, center, ties, nan
+
+
+def make(m, k, dtype, center, ties, nan, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if ties:  # many exact ties: the lower index must win everywhere
+        x = x.round()
+    if nan:
+        x[0, 1] = math.nan
+        x[-1, -1] = math.inf
+    c = {None: None, "scalar": 0.5, "channel": torch.randn(k, generator=g)}[center]
+    return x.to(dtype), c
+
+
+@needs_triton
+@FAST
+@given(cases())
+def test_triton_matches_reference(case):
+    x, c = make(*case)
+    ref = C.compress24_reference(x, c)
+    out = C.compress24(x.to(DEV), c if not isinstance(c, torch.Tensor) else c.to(DEV)).cpu()
+    assert out.shape == ref.shape
+    assert torch.equal(bits(out), bits(ref))
+
+
+@FAST
+@given(cases())
+def test_decompress_is_prune24_minus_center(case):
+    """The stored values are prune24(x, c) - c, so sparse_mm(compressed, W.T) + W c is the layer."""
+    x, c = make(*case)
+    m, k = x.shape
+    fill = torch.zeros((), dtype=x.dtype) if c is None else torch.as_tensor(c).to(x.dtype)
+    expect = (prune24_reference(x, c).float() - fill.float()).to(x.dtype)
+    got = C.decompress24_reference(C.compress24_reference(x, c), m, k)
+    assert torch.equal(got.isnan(), expect.isnan())
+    assert torch.equal(got.nan_to_num(), expect.nan_to_num())
+
+
+def test_bad_input_is_named():
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        C.compress24_reference(torch.randn(4, 48, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        C.compress24_reference(torch.randn(4, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [64, 200, 1024])
+@pytest.mark.parametrize("center", [None, "channel"])
+def test_sparse_mm_on_compressed(dtype, m, center):
+    """cuSPARSELt's product on our buffer equals F.linear(prune24(x, c), W) (and torch's bytes)."""
+    n, k = 256, 512
+    x, c = make(m, k, dtype, center, False, False, seed=m)
+    x = x.cuda()
+    c = c.cuda() if isinstance(c, torch.Tensor) else c
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+    buf = C.compress24(x, c)
+    fill = torch.zeros((), device="cuda") if c is None else torch.as_tensor(c, device="cuda").float()
+    pruned_centered = (prune24_reference(x, c).float() - fill).to(dtype)
+    assert torch.equal(bits(buf), bits(torch._cslt_compress(pruned_centered)))
+    out = torch._cslt_sparse_mm(buf, w.t()).float()
+    if c is not None:
+        out = out + w.float() @ torch.as_tensor(c, device="cuda").to(dtype).float().expand(k)
+    ref = torch.nn.functional.linear(prune24_reference(x, c).double(), w.double())
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2
