@@ -131,8 +131,6 @@ def correctness_check(sweep: bool = False) -> None:
                     if sweep and dtype == torch.bfloat16 and rows in (1, 4) and center != "scalar":
                         cfgs.update(variants(rows, n, k, nsm))
                     for name, cfg in cfgs.items():
-                        if cfg is not None and cfg.kind == "compact" and rows > 1:
-                            continue
                         out = sg.threshold_gemv(x, w, b, 0.7, c, sc, cb, config=cfg)
                         e = rel_err(out, ref)
                         if not e < tol[dtype]:
@@ -208,22 +206,26 @@ def time_sparse(st: Setup, rows: int, inputs, config=None, check: bool = True):
 
 
 def variants(rows: int, n: int, k: int, nsm: int):
-    """Configurations tried by --sweep: the compaction kernel (v3) against masked streaming."""
-    out = {"v3-compact": sg._pick_config(rows, n, k, 2, nsm)}
+    """Configurations tried by --sweep around the default heuristic (one factor at a time)."""
+    base = dict(programs_per_sm=8, block_n=128, chunk_k=128)
+    out = {}
+
+    def add(name, sub_k=None, num_warps=4, num_stages=1, **kw):
+        cfg = sg._pick_config(rows, n, k, 2, nsm, **{**base, **kw})
+        if sub_k is not None:
+            cfg = dataclasses.replace(cfg, sub_k=sub_k)
+        out[name] = dataclasses.replace(cfg, num_warps=num_warps, num_stages=num_stages)
+
+    add("base")
+    add("sk32", sub_k=32)
+    add("bn64", block_n=64)
+    add("bn256", block_n=256)
+    add("pps4", programs_per_sm=4)
+    add("pps16", programs_per_sm=16)
     if rows == 1:
-        out["v3-compact"] = dataclasses.replace(out["v3-compact"], use_dot=False, block_r=1)
-    m = lambda **kw: sg.masked_config(rows, n, k, 2, nsm, **kw)  # noqa: E731
-    if rows <= 4:
-        out["fma-n256-k16"] = m(use_dot=False)
-        out["fma-n256-k32"] = m(use_dot=False, block_k=32)
-        out["fma-n128-k32"] = m(use_dot=False, block_n=128, block_k=32)
-        out["fma-n256-k16-pps4"] = m(use_dot=False, programs_per_sm=4)
-        out["fma-n512-k16-w8"] = m(use_dot=False, block_n=512, num_warps=8)
-        out["fma-n256-k16-plain"] = m(use_dot=False, hand_pipe=False)
-    out["dot-n128-k64-s3"] = m(use_dot=True, block_n=128, block_k=64, hand_pipe=False, num_stages=3)
-    out["dot-n64-k64-s4"] = m(use_dot=True, block_n=64, block_k=64, hand_pipe=False, num_stages=4)
-    out["dot-n256-k32-s3"] = m(use_dot=True, block_n=256, block_k=32, hand_pipe=False, num_stages=3)
-    out["dot-n128-k32-hp"] = m(use_dot=True, block_n=128, block_k=32)
+        add("ck64", chunk_k=64)
+        add("ck256", chunk_k=256)
+        add("stages3", num_stages=3)
     return out
 
 

@@ -258,186 +258,6 @@ def _threshold_gemv_kernel(
 
 
 @triton.jit
-def _masked_gemv_kernel(
-    x_ptr,  # [R, K] activations, strides (stride_xr, stride_xk)
-    w_ptr,  # [N, K] weight, strides (stride_wn, stride_wk); fast when column-major (1, N)
-    bias_ptr,
-    cb_ptr,
-    center_ptr,
-    scale_ptr,
-    out_ptr,  # [R, N]
-    ws_ptr,  # [split_k, R, N] float32 partial sums (when split_k > 1)
-    cnt_ptr,  # [n_blocks] int32 arrival counters, zero between launches (when split_k > 1)
-    R,
-    N,
-    K,
-    stride_xr,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    threshold,
-    split_k,
-    tiles_per_split,
-    CENTER_MODE: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_CB: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    EPI_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    HAND_PIPE: tl.constexpr,  # issue tile t+1's weight loads before tile t's arithmetic
-    SPLIT_GROUP: tl.constexpr,
-):
-    """Masked streaming: per BLOCK_K channels, the keep mask of x, then only the kept rows of Wᵀ.
-
-    No compaction and no scratch: the weight tile's load is predicated per channel, and a
-    predicated-off row issues no memory traffic, so the bytes scale with the kept count while
-    the dependent chain per call is x -> mask -> W -> (split-K epilogue).
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    thr = tl.cast(threshold, tl.float32)
-
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    k_first = pid_k * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(K, k_first + tiles_per_split * BLOCK_K)
-    x_rows = x_ptr + offs_r[:, None] * stride_xr
-    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
-
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    else:
-        acc3 = tl.zeros((BLOCK_R, BLOCK_K, BLOCK_N), dtype=tl.float32)
-
-    if HAND_PIPE:
-        kk = k_first + offs_k
-        k_ok = kk < k_end
-        xv = tl.load(x_rows + kk[None, :] * stride_xk, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        keep, v_cur = _kept_value(xv, kk, k_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
-        any_keep = tl.max((keep & r_ok[:, None] & k_ok[None, :]).to(tl.int32), axis=0)
-        w_cur = tl.load(
-            w_cols + kk.to(tl.int64)[:, None] * stride_wk,
-            mask=(any_keep != 0)[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        kk = kk + BLOCK_K
-        x_next = tl.load(x_rows + kk[None, :] * stride_xk, mask=r_ok[:, None] & (kk < k_end)[None, :], other=0.0)
-        for t in range(0, tiles_per_split):
-            k_ok = kk < k_end
-            keep, v_next = _kept_value(x_next, kk, k_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
-            any_keep = tl.max((keep & r_ok[:, None] & k_ok[None, :]).to(tl.int32), axis=0)
-            w_next = tl.load(
-                w_cols + kk.to(tl.int64)[:, None] * stride_wk,
-                mask=(any_keep != 0)[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            kk = kk + BLOCK_K
-            x_next = tl.load(x_rows + kk[None, :] * stride_xk, mask=r_ok[:, None] & (kk < k_end)[None, :], other=0.0)
-            if USE_DOT:
-                acc = _dot_acc(acc, v_cur, w_cur, CENTER_MODE, DOT_FP32)
-            else:
-                acc3 += v_cur[:, :, None] * w_cur.to(tl.float32)[None, :, :]
-            w_cur = w_next
-            v_cur = v_next
-    else:  # a plain loop; Triton's software pipeliner (num_stages) overlaps the loads
-        for t in range(0, tiles_per_split):
-            kk = k_first + t * BLOCK_K + offs_k
-            k_ok = kk < k_end
-            xv = tl.load(x_rows + kk[None, :] * stride_xk, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            keep, v = _kept_value(xv, kk, k_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
-            any_keep = tl.max((keep & r_ok[:, None] & k_ok[None, :]).to(tl.int32), axis=0)
-            w = tl.load(
-                w_cols + kk.to(tl.int64)[:, None] * stride_wk,
-                mask=(any_keep != 0)[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            if USE_DOT:
-                acc = _dot_acc(acc, v, w, CENTER_MODE, DOT_FP32)
-            else:
-                acc3 += v[:, :, None] * w.to(tl.float32)[None, :, :]
-
-    if USE_DOT:
-        part = acc
-    else:
-        part = tl.sum(acc3, axis=1)
-    _finish(part, out_ptr, ws_ptr, cnt_ptr, bias_ptr, cb_ptr, pid_n, pid_k, offs_r, r_ok, offs_n, n_ok,
-            R, N, split_k, HAS_BIAS, HAS_CB, EPI_R, BLOCK_N, SPLIT_GROUP)
-
-
-@triton.jit
-def _dot_acc(acc, v, w, CENTER_MODE: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc + v @ w on tensor cores with float32 accumulation (v: float32 kept values)."""
-    if DOT_FP32:  # fp32 weights (exact FMA products), or the CPU interpreter
-        acc = tl.dot(v, w.to(tl.float32), acc, input_precision="ieee")
-    else:
-        v_hi = v.to(w.dtype)
-        acc = tl.dot(v_hi, w, acc)
-        if CENTER_MODE > 0:  # x - c is not exact in 16 bits: add the rounding error
-            v_lo = v - v_hi.to(tl.float32)
-            v_lo = tl.where(v_lo == v_lo, v_lo, 0.0)  # inf - inf: hi carries the inf
-            acc = tl.dot(v_lo.to(w.dtype), w, acc)
-    return acc
-
-
-@triton.jit
-def _finish(
-    part,
-    out_ptr,
-    ws_ptr,
-    cnt_ptr,
-    bias_ptr,
-    cb_ptr,
-    pid_n,
-    pid_k,
-    offs_r,
-    r_ok,
-    offs_n,
-    n_ok,
-    R,
-    N,
-    split_k,
-    HAS_BIAS: tl.constexpr,
-    HAS_CB: tl.constexpr,
-    EPI_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLIT_GROUP: tl.constexpr,
-):
-    """Add biases and store; with split-K, the last-arriving program of an N-block sums."""
-    if split_k > 1:
-        ws_tile = (offs_r[:, None] * N + offs_n[None, :]).to(tl.int64)
-        tl.store(ws_ptr + pid_k.to(tl.int64) * R * N + ws_tile, part, mask=r_ok[:, None] & n_ok[None, :])
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == split_k - 1:
-            offs_e = tl.arange(0, EPI_R)
-            e_ok = (offs_e < R)[:, None] & n_ok[None, :]
-            e_tile = (offs_e[:, None] * N + offs_n[None, :]).to(tl.int64)
-            offs_g = tl.arange(0, SPLIT_GROUP)
-            total = tl.zeros((EPI_R, BLOCK_N), dtype=tl.float32)
-            for g0 in range(0, split_k, SPLIT_GROUP):
-                sp = g0 + offs_g
-                parts = tl.load(
-                    ws_ptr + sp.to(tl.int64)[:, None, None] * R * N + e_tile[None, :, :],
-                    mask=(sp < split_k)[:, None, None] & e_ok[None, :, :],
-                    other=0.0,
-                    cache_modifier=".cg",  # written by other SMs: read from L2, not a stale L1
-                )
-                total += tl.sum(parts, axis=0)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch
-            _store_out(total, out_ptr, bias_ptr, cb_ptr, offs_e, offs_n, n_ok, e_ok, N, HAS_BIAS, HAS_CB)
-    else:
-        _store_out(part, out_ptr, bias_ptr, cb_ptr, offs_r, offs_n, n_ok, r_ok[:, None] & n_ok[None, :], N,
-                   HAS_BIAS, HAS_CB)
-
-
-@triton.jit
 def _store_out(
     part,
     out_ptr,
@@ -475,8 +295,6 @@ class GemvConfig:
     chunks_per_split: int
     num_warps: int = 4
     num_stages: int = 1
-    kind: str = "compact"  # "compact" (scratch + gather) or "masked" (predicated tile loads)
-    hand_pipe: bool = True  # masked: weights of tile t+1 issued before tile t's arithmetic
 
 
 def _next_pow2(n: int) -> int:
@@ -518,39 +336,6 @@ def _pick_config(
     chunks_per_split = triton.cdiv(n_chunks, split)
     split = triton.cdiv(n_chunks, chunks_per_split)  # no empty splits
     return GemvConfig(block_n, chunk_k, sub_k, block_r, use_dot, split, chunks_per_split)
-
-
-def masked_config(
-    rows: int,
-    n: int,
-    k: int,
-    elem_size: int,
-    num_sms: int,
-    *,
-    programs_per_sm: int = 8,
-    block_n: int = 256,
-    block_k: int = 16,
-    use_dot: bool | None = None,
-    hand_pipe: bool = True,
-    num_stages: int = 1,
-    num_warps: int = 4,
-) -> GemvConfig:
-    """Block sizes for the masked-streaming kernel (``chunk_k`` is BLOCK_K, ``chunks_per_split``
-    the K tiles per split)."""
-    if use_dot is None:
-        use_dot = rows > 4
-    block_n = max(16, min(block_n, _next_pow2(n)))
-    block_r = max(16, _next_pow2(rows)) if use_dot else _next_pow2(rows)
-    n_blocks = triton.cdiv(n, block_n)
-    n_tiles = max(1, triton.cdiv(k, block_k))
-    split = max(1, round(programs_per_sm * num_sms / n_blocks))
-    split = min(split, n_tiles, _MAX_SPLIT_K)
-    if n_blocks > _COUNTER_CAPACITY:
-        split = 1
-    per_split = triton.cdiv(n_tiles, split)
-    split = triton.cdiv(n_tiles, per_split)
-    return GemvConfig(block_n, block_k, block_k, block_r, use_dot, split, per_split, num_warps, num_stages,
-                      kind="masked", hand_pipe=hand_pipe)
 
 
 @functools.lru_cache(maxsize=16)
@@ -655,6 +440,8 @@ def threshold_gemv(
         config.split_k == 1 or n_blocks <= _COUNTER_CAPACITY,
         lambda: "threshold_gemv: too many N-blocks for split-K",
     )
+    split_len = config.chunks_per_split * config.chunk_k
+    scr = torch.empty((config.split_k, 1 + rows, split_len), dtype=torch.float32, device=x.device)
     if config.split_k > 1:
         ws = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device)
@@ -664,45 +451,6 @@ def threshold_gemv(
     split_group = max(1, min(_next_pow2(config.split_k), 4096 // (epi_r * config.block_n)))
     dummy = x2
     grid = (n_blocks, config.split_k)
-    if config.kind == "masked":
-        _masked_gemv_kernel[grid](
-            x2,
-            weight,
-            bias if bias is not None else dummy,
-            center_bias if center_bias is not None else dummy,
-            center if center is not None else dummy,
-            channel_scale if channel_scale is not None else dummy,
-            out,
-            ws,
-            cnt,
-            rows,
-            n,
-            k,
-            x2.stride(0),
-            x2.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            float(threshold),
-            config.split_k,
-            config.chunks_per_split,
-            CENTER_MODE=center_mode,
-            HAS_SCALE=channel_scale is not None,
-            HAS_BIAS=bias is not None,
-            HAS_CB=center_bias is not None,
-            BLOCK_R=config.block_r,
-            EPI_R=epi_r,
-            BLOCK_N=config.block_n,
-            BLOCK_K=config.chunk_k,
-            USE_DOT=config.use_dot,
-            DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
-            HAND_PIPE=config.hand_pipe,
-            SPLIT_GROUP=split_group,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-        return out.reshape(*x.shape[:-1], n)
-    split_len = config.chunks_per_split * config.chunk_k
-    scr = torch.empty((config.split_k, 1 + rows, split_len), dtype=torch.float32, device=x.device)
     _threshold_gemv_kernel[grid](
         x2,
         weight,
