@@ -35,6 +35,7 @@ from triton.testing import do_bench
 
 from fxsparse import training as T
 from fxsparse.kernels import prune24 as P
+from fxsparse.kernels.compress24 import compress24
 
 TOKENS = (4096, 16384)
 SHAPES = ((2048, 8192), (4096, 16384))
@@ -185,24 +186,25 @@ def time_parts(x, w1, w2, dy, method: str) -> dict[str, float]:
     perm = T.token_permutation(t, x.device)[0]
     z2 = P.prune24_tokens_t(y2s, perm, dense)
     dyp, xp = dy[perm], x[perm]
-    p_y2s, p_dy1, p_z2 = (torch._cslt_compress(v) for v in (y2s, dy1, z2))
+    p_y2s, p_dy1, p_z2 = (compress24(v) for v in (y2s, dy1, z2))
     parts = {
         "fwd: x@W1^T (dense, kept)": ms(lambda: x @ w1.t()),
         "fwd: ReLU^2 + 2:4 prune + counts (Triton)": ms(
             lambda: P.sparsify24(y1, method, relu2=True, count=True)
         ),
-        "fwd: compress Y2s": ms(lambda: torch._cslt_compress(y2s)),
+        "fwd: compress Y2s (compress24)": ms(lambda: compress24(y2s)),
+        "  torch._cslt_compress, for comparison": ms(lambda: torch._cslt_compress(y2s)),
         "fwd: Y2s@W2^T sparse (cuSPARSELt)": ms(lambda: T.cslt_mm(p_y2s, t, w2.t())),
         "  dense equivalent Y2@W2^T": ms(lambda: y2s @ w2.t()),
         "bwd: dY3@W2 (dense, kept)": ms(lambda: dy @ w2),
         "bwd: mask + ReLU^2 grad (Triton)": ms(lambda: P.relu2_grad24(dy2, y1, y2s, method == "mvue")),
-        "bwd: compress dY1": ms(lambda: torch._cslt_compress(dy1)),
+        "bwd: compress dY1": ms(lambda: compress24(dy1)),
         "bwd: dX = dY1@W1 sparse": ms(lambda: T.cslt_mm(p_dy1, t, w1)),
         "  dense equivalent dY1@W1": ms(lambda: dy1 @ w1),
         "bwd: split 95/5 (topk of counts)": ms(lambda: T.dense_feature_mask(counts, 0.05)),
         "bwd: token-wise 2:4 prune x2 (Triton)": 2 * ms(lambda: P.prune24_tokens_t(y2s, perm, dense)),
         "bwd: permute dY3 and X": ms(lambda: (dy[perm], x[perm])),
-        "bwd: compress x2": 2 * ms(lambda: torch._cslt_compress(z2)),
+        "bwd: compress x2": 2 * ms(lambda: compress24(z2)),
         "bwd: dW2, dW1 sparse (95% features) x2": ms(lambda: T.cslt_mm(p_z2, i, dyp, transpose_result=True))
         + ms(lambda: T.cslt_mm(p_z2, i, xp)),
         "  dense equivalent dW2, dW1": ms(lambda: dy.t() @ y2s) + ms(lambda: dy1.t() @ x),
