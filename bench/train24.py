@@ -218,6 +218,7 @@ def time_parts(x, w1, w2, dy, method: str) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one small shape (smoke test)")
+    ap.add_argument("--large", action="store_true", help="only T=16384, h=4096, i=16384 (the target)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/train24.py needs a CUDA GPU")
@@ -228,6 +229,8 @@ def main() -> None:
         sys.exit(1)
 
     tokens, shapes = (TOKENS, SHAPES) if not args.quick else ((4096,), ((1024, 4096),))
+    if args.large:
+        tokens, shapes = TOKENS[-1:], SHAPES[-1:]
     rows, parts_all = [], {}
     for h, i in shapes:
         for t in tokens:
