@@ -77,6 +77,17 @@ def test_triton_matches_reference(case):
     assert torch.equal(bits(out), bits(ref))
 
 
+@needs_triton
+@pytest.mark.parametrize("center", [None, "channel"])
+def test_padding_rows_are_the_center(center):
+    """``rows=`` pads the compressed matrix as if extra rows of x equalled the center (zeros)."""
+    x, c = make(20, 64, torch.bfloat16, center, False, False)
+    fill = torch.zeros(64) if c is None else c
+    padded = torch.cat([x, fill.to(x.dtype).expand(12, 64)])
+    out = C.compress24(x.to(DEV), c if c is None else c.to(DEV), rows=32).cpu()
+    assert torch.equal(bits(out), bits(C.compress24_reference(padded, c)))
+
+
 @FAST
 @given(cases())
 def test_decompress_is_prune24_minus_center(case):

@@ -122,10 +122,11 @@ def _compress24_kernel(
     center_ptr,  # [K] or [1] (read when HAS_CENTER)
     val_ptr,  # compressed buffer as x's dtype: values [M, K/2] first
     meta_ptr,  # the same buffer as int64 words: metadata from word M*K/8 on
-    M,
+    M,  # rows of x
+    M_OUT,  # rows of the compressed matrix (>= M; rows past M are zeros)
     K,
     stride_xm,
-    meta_base,  # M * K / 8: the first metadata word
+    meta_base,  # M_OUT * K / 8: the first metadata word
     HAS_CENTER: tl.constexpr,
     CENTER_PER_CHANNEL: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of 32 (k-tiles per program = BLOCK_K / 32)
@@ -149,7 +150,9 @@ def _compress24_kernel(
         diff = x.to(tl.float32)
     d = tl.abs(diff)
     d = tl.where(d != d, float("inf"), d)  # NaN ranks as +inf: always kept
+    d = tl.where(r_ok[:, None], d, 0.0)  # padding rows: as if x were the center
     v = _round_to(diff, x.dtype).to(x.dtype)  # nearest-even, also in the interpreter
+    v = tl.where(r_ok[:, None], v, 0.0)  # padding rows of the product are zeros
 
     # the 4 entries of each group as separate [64, G] tensors (j = 2*hi + lo)
     d_lo0, d_lo1 = tl.split(tl.reshape(d, (64, G, 2, 2)))
@@ -174,12 +177,12 @@ def _compress24_kernel(
     tl.store(
         val_ptr + rows[:, None].to(tl.int64) * (K // 2) + vcols[None, :],
         vals,
-        mask=r_ok[:, None] & (vcols < K // 2)[None, :],
+        mask=(rows < M_OUT)[:, None] & (vcols < K // 2)[None, :],
     )
 
     # metadata: one 64-bit word per (row pair r, r + 8) and k-tile
     code = (i0 | (i1 << 2)).to(tl.int64)
-    code = tl.where(r_ok[:, None], code, 0b1110)  # padding rows, as torch writes them
+    code = tl.where((rows < M_OUT)[:, None], code, 0b1110)  # past the matrix, as torch writes it
     gi = tl.arange(0, G) % 8
     half = (tl.arange(0, 64) // 8) % 2
     shift = (8 * (2 * (gi % 4) + gi // 4)[None, :] + 4 * half[:, None]).to(tl.int64)
@@ -195,14 +198,20 @@ def _compress24_kernel(
     tl.store(meta_ptr + meta_base + word_idx, words, mask=(kt < n_kt)[None, None, :])
 
 
-def compress24(x: Tensor, center: Tensor | float | None = None, block_k: int = 128) -> Tensor:
+def compress24(
+    x: Tensor, center: Tensor | float | None = None, rows: int | None = None, block_k: int = 128
+) -> Tensor:
     """``torch._cslt_compress(prune24(x, center) - center)`` in one pass (Triton).
 
-    ``x``: [M, K] bf16/fp16 with unit column stride, K a multiple of 32. CUDA, or CPU under
-    ``TRITON_INTERPRET=1``; :func:`compress24_reference` is the plain-torch equivalent.
+    ``x``: [M, K] bf16/fp16 with unit column stride, K a multiple of 32. ``rows`` (>= M) pads
+    the compressed matrix with zero rows without copying ``x`` (cuSPARSELt wants M aligned).
+    CUDA, or CPU under ``TRITON_INTERPRET=1``; :func:`compress24_reference` is the plain-torch
+    equivalent.
     """
     _check(x)
-    m, k = x.shape
+    m_in, k = x.shape
+    m = m_in if rows is None else rows
+    torch._check(m >= m_in, lambda: f"compress24: rows={rows} is below x's {m_in} rows")
     if x.stride(1) != 1:
         x = x.contiguous()
     if center is not None:
@@ -220,6 +229,7 @@ def compress24(x: Tensor, center: Tensor | float | None = None, block_k: int = 1
         center if center is not None else x,
         buf,
         buf.view(torch.int64),
+        m_in,
         m,
         k,
         x.stride(0),
