@@ -36,5 +36,5 @@ for m, k in [(32, 64), (64, 128), (128, 256), (256, 512), (96, 192)]:
             words, ok = repr(e), False
         out[(m, k, trial)] = dict(x=x.cpu(), code=code, words=words, roundtrip=ok)
         print(m, k, trial, "numel", None if isinstance(words, str) else words.numel(), "roundtrip", ok)
-print(torch.__version__, torch.backends.cusparselt.version() if hasattr(torch.backends, "cusparselt") else None)
+print(torch.__version__, torch.backends.cusparselt.version())
 torch.save(out, sys.argv[1] + "/cslt_layout.pt")
