@@ -113,18 +113,23 @@ def test_bad_input_is_named():
 @pytest.mark.parametrize("m", [64, 200, 1024])
 @pytest.mark.parametrize("center", [None, "channel"])
 def test_sparse_mm_on_compressed(dtype, m, center):
-    """cuSPARSELt's product on our buffer equals F.linear(prune24(x, c), W) (and torch's bytes)."""
+    """cuSPARSELt's product on our buffer equals F.linear(prune24(x, c), W) (and torch's bytes).
+
+    cuSPARSELt takes M in multiples of 16: m = 200 goes through ``rows=`` padding.
+    """
     n, k = 256, 512
+    rows = -(-m // 16) * 16
     x, c = make(m, k, dtype, center, False, False, seed=m)
     x = x.cuda()
     c = c.cuda() if isinstance(c, torch.Tensor) else c
     w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
-    buf = C.compress24(x, c)
-    fill = torch.zeros((), device="cuda") if c is None else torch.as_tensor(c, device="cuda").float()
-    pruned_centered = (prune24_reference(x, c).float() - fill).to(dtype)
-    assert torch.equal(bits(buf), bits(torch._cslt_compress(pruned_centered)))
-    out = torch._cslt_sparse_mm(buf, w.t()).float()
+    buf = C.compress24(x, c, rows=rows)
+    fill = torch.zeros((), device="cuda", dtype=dtype) if c is None else c.to(dtype)
+    pruned = prune24_reference(x, c)
+    padded = torch.cat([pruned, fill.expand(rows - m, k)]) if rows > m else pruned
+    assert torch.equal(bits(buf), bits(torch._cslt_compress(padded - fill)))
+    out = torch._cslt_sparse_mm(buf, w.t())[:m].float()
     if c is not None:
-        out = out + w.float() @ torch.as_tensor(c, device="cuda").to(dtype).float().expand(k)
-    ref = torch.nn.functional.linear(prune24_reference(x, c).double(), w.double())
+        out = out + w.float() @ fill.float().expand(k)
+    ref = torch.nn.functional.linear(pruned.double(), w.double())
     assert (out.double() - ref).norm() / ref.norm() < 1e-2
