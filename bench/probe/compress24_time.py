@@ -28,7 +28,7 @@ def main() -> None:
         same = torch.equal(compress24(x).view(-1).view(torch.int16), ref.view(-1).view(torch.int16))
         floor = (m * k * 2 + m * k + m * k / 8) / (bw * 1e12) * 1e6
         row = [f"{m}x{k}", f"same={same}", f"floor {floor:.0f} us"]
-        for bk in (64, 128, 256):
+        for bk in (32, 64, 128):
             t = us(lambda bk=bk, x=x: compress24(x, block_k=bk))
             row.append(f"bk{bk} {t:.0f} us ({floor / t:.2f} of floor)")
         t_torch = us(lambda x=x: torch._cslt_compress(prune24_triton(x)))

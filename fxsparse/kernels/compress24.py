@@ -199,7 +199,7 @@ def _compress24_kernel(
 
 
 def compress24(
-    x: Tensor, center: Tensor | float | None = None, rows: int | None = None, block_k: int = 128
+    x: Tensor, center: Tensor | float | None = None, rows: int | None = None, block_k: int = 64
 ) -> Tensor:
     """``torch._cslt_compress(prune24(x, center) - center)`` in one pass (Triton).
 
