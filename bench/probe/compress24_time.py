@@ -28,9 +28,9 @@ def main() -> None:
         same = torch.equal(compress24(x).view(-1).view(torch.int16), ref.view(-1).view(torch.int16))
         floor = (m * k * 2 + m * k + m * k / 8) / (bw * 1e12) * 1e6
         row = [f"{m}x{k}", f"same={same}", f"floor {floor:.0f} us"]
-        for bk in (32, 64, 128):
-            t = us(lambda bk=bk, x=x: compress24(x, block_k=bk))
-            row.append(f"bk{bk} {t:.0f} us ({floor / t:.2f} of floor)")
+        for bk, nw in [(32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)]:
+            t = us(lambda bk=bk, nw=nw, x=x: compress24(x, block_k=bk, num_warps=nw))
+            row.append(f"bk{bk}/w{nw} {t:.0f} us ({floor / t:.2f})")
         t_torch = us(lambda x=x: torch._cslt_compress(prune24_triton(x)))
         t_tile = us(lambda x=x: torch._sparse_semi_structured_tile(x, algorithm="", use_cutlass=False))
         row += [f"prune24+_cslt_compress {t_torch:.0f} us", f"torch tile op {t_tile:.0f} us"]

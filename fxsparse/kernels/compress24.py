@@ -199,7 +199,11 @@ def _compress24_kernel(
 
 
 def compress24(
-    x: Tensor, center: Tensor | float | None = None, rows: int | None = None, block_k: int = 64
+    x: Tensor,
+    center: Tensor | float | None = None,
+    rows: int | None = None,
+    block_k: int = 64,
+    num_warps: int = 4,
 ) -> Tensor:
     """``torch._cslt_compress(prune24(x, center) - center)`` in one pass (Triton).
 
@@ -237,5 +241,6 @@ def compress24(
         HAS_CENTER=center is not None,
         CENTER_PER_CHANNEL=center is not None and center.numel() == k and k > 1,
         BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return _as_view(buf, m)
