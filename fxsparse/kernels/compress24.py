@@ -34,8 +34,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparse_gemv import _round_to
-
 __all__ = ["compress24", "compress24_reference", "compressed_numel", "decompress24_reference"]
 
 _ROW_BLOCK = 64  # metadata rows per block
@@ -117,85 +115,132 @@ def decompress24_reference(buf: Tensor, m: int, k: int) -> Tensor:
 
 
 @triton.jit
+def _bits_to_f32(e, IS_BF16: tl.constexpr):
+    """float32 value of 16-bit float bit patterns held in int32 (exact)."""
+    if IS_BF16:
+        return (e << 16).to(tl.float32, bitcast=True)
+    else:
+        return e.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f32_to_bits(v, IS_BF16: tl.constexpr):
+    """16-bit float bit patterns (int32, 0..65535) of float32 ``v``, rounded to nearest even."""
+    if IS_BF16:  # by hand: the interpreter truncates bf16 casts
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        return b.to(tl.int32)
+    else:
+        return v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
 def _compress24_kernel(
-    x_ptr,  # [M, K], row stride stride_xm, unit column stride
-    center_ptr,  # [K] or [1] (read when HAS_CENTER)
-    val_ptr,  # compressed buffer as x's dtype: values [M, K/2] first
-    meta_ptr,  # the same buffer as int64 words: metadata from word M*K/8 on
+    x_ptr,  # [M, K] as int64 words (a group of 4 16-bit entries per word), row stride stride_xw
+    center_ptr,  # [K] or [1] float32 (read when HAS_CENTER)
+    val_ptr,  # compressed buffer as int32: values [M, K/2] (2 per word) first
+    meta_ptr,  # the same buffer as int32: metadata from word meta_base on
     M,  # rows of x
     M_OUT,  # rows of the compressed matrix (>= M; rows past M are zeros)
     K,
-    stride_xm,
-    meta_base,  # M_OUT * K / 8: the first metadata word
+    stride_xw,
+    meta_base,  # M_OUT * K / 4: the first metadata word (int32 units)
+    IS_BF16: tl.constexpr,
     HAS_CENTER: tl.constexpr,
     CENTER_PER_CHANNEL: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of 32 (k-tiles per program = BLOCK_K / 32)
 ):
+    # Integer arithmetic on the raw 16-bit patterns: a whole group of 4 is one int64 word in
+    # one thread, so ranking, selection and packing need no data exchange between threads.
     G: tl.constexpr = BLOCK_K // 4  # groups per row in this program
     T: tl.constexpr = BLOCK_K // 32  # k-tiles in this program
+    INF: tl.constexpr = 0x7F80 if IS_BF16 else 0x7C00  # |x| bits of +inf; NaN bits are above
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * 64 + tl.arange(0, 64)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    grp = pid_k * G + tl.arange(0, G)
     r_ok = rows < M
-    ok = r_ok[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=ok, other=0.0)
-    if HAS_CENTER:
+    ok = r_ok[:, None] & (grp < K // 4)[None, :]
+    w = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xw + grp[None, :], mask=ok, other=0)
+    e0 = (w & 0xFFFF).to(tl.int32)
+    e1 = ((w >> 16) & 0xFFFF).to(tl.int32)
+    e2 = ((w >> 32) & 0xFFFF).to(tl.int32)
+    e3 = ((w >> 48) & 0xFFFF).to(tl.int32)
+    if HAS_CENTER:  # rank |x - c| in float32, store x - c rounded to x's dtype
         if CENTER_PER_CHANNEL:
-            cen = tl.load(center_ptr + cols, mask=cols < K, other=0.0).to(x.dtype)[None, :]
+            cp = center_ptr + grp * 4
+            gk = grp < K // 4
+            f0 = _bits_to_f32(e0, IS_BF16) - tl.load(cp, mask=gk, other=0.0)[None, :]
+            f1 = _bits_to_f32(e1, IS_BF16) - tl.load(cp + 1, mask=gk, other=0.0)[None, :]
+            f2 = _bits_to_f32(e2, IS_BF16) - tl.load(cp + 2, mask=gk, other=0.0)[None, :]
+            f3 = _bits_to_f32(e3, IS_BF16) - tl.load(cp + 3, mask=gk, other=0.0)[None, :]
         else:
-            cen = tl.load(center_ptr).to(x.dtype)
-        diff = x.to(tl.float32) - cen.to(tl.float32)
-    else:
-        diff = x.to(tl.float32)
-    d = tl.abs(diff)
-    d = tl.where(d != d, float("inf"), d)  # NaN ranks as +inf: always kept
-    d = tl.where(r_ok[:, None], d, 0.0)  # padding rows: as if x were the center
-    v = _round_to(diff, x.dtype).to(x.dtype)  # nearest-even, also in the interpreter
-    v = tl.where(r_ok[:, None], v, 0.0)  # padding rows of the product are zeros
-
-    # the 4 entries of each group as separate [64, G] tensors (j = 2*hi + lo)
-    d_lo0, d_lo1 = tl.split(tl.reshape(d, (64, G, 2, 2)))
-    d0, d2 = tl.split(d_lo0)
-    d1, d3 = tl.split(d_lo1)
-    v_lo0, v_lo1 = tl.split(tl.reshape(v, (64, G, 2, 2)))
-    v0, v2 = tl.split(v_lo0)
-    v1, v3 = tl.split(v_lo1)
-    # rank = how many entries beat this one (strictly larger, or equal at a lower index)
-    k0 = ((d1 > d0).to(tl.int32) + (d2 > d0).to(tl.int32) + (d3 > d0).to(tl.int32)) < 2
-    k1 = ((d0 >= d1).to(tl.int32) + (d2 > d1).to(tl.int32) + (d3 > d1).to(tl.int32)) < 2
-    k2 = ((d0 >= d2).to(tl.int32) + (d1 >= d2).to(tl.int32) + (d3 > d2).to(tl.int32)) < 2
+            c = tl.load(center_ptr)
+            f0 = _bits_to_f32(e0, IS_BF16) - c
+            f1 = _bits_to_f32(e1, IS_BF16) - c
+            f2 = _bits_to_f32(e2, IS_BF16) - c
+            f3 = _bits_to_f32(e3, IS_BF16) - c
+        m0 = tl.abs(f0)
+        m1 = tl.abs(f1)
+        m2 = tl.abs(f2)
+        m3 = tl.abs(f3)
+        m0 = tl.where(m0 != m0, float("inf"), m0)  # NaN ranks as +inf
+        m1 = tl.where(m1 != m1, float("inf"), m1)
+        m2 = tl.where(m2 != m2, float("inf"), m2)
+        m3 = tl.where(m3 != m3, float("inf"), m3)
+        e0 = _f32_to_bits(f0, IS_BF16)
+        e1 = _f32_to_bits(f1, IS_BF16)
+        e2 = _f32_to_bits(f2, IS_BF16)
+        e3 = _f32_to_bits(f3, IS_BF16)
+    else:  # |x| as an integer: the bit patterns of non-negative floats order like the values
+        m0 = tl.minimum(e0 & 0x7FFF, INF)  # NaN ranks as +inf
+        m1 = tl.minimum(e1 & 0x7FFF, INF)
+        m2 = tl.minimum(e2 & 0x7FFF, INF)
+        m3 = tl.minimum(e3 & 0x7FFF, INF)
+    # padding rows rank as all-equal (-> code 0b0100) and store zeros
+    pad = ~r_ok[:, None]
+    # i beats j (i < j) when m_i >= m_j (ties: the lower index wins); the top 2 beat >= 2 others
+    b01 = (m0 >= m1).to(tl.int32)
+    b02 = (m0 >= m2).to(tl.int32)
+    b03 = (m0 >= m3).to(tl.int32)
+    b12 = (m1 >= m2).to(tl.int32)
+    b13 = (m1 >= m3).to(tl.int32)
+    b23 = (m2 >= m3).to(tl.int32)
+    k0 = (b01 + b02 + b03 >= 2) | pad
+    k1 = (b12 + b13 - b01 >= 1) | pad
+    k2 = (b23 - b02 - b12 >= 0) & ~pad
     # exactly two of k0..k3 hold: i0 is the first, i1 the second
     i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
     i1 = tl.where(k2 & (i0 < 2), 2, tl.where(k1 & (i0 == 0), 1, 3))
-    first = tl.where(k0, v0, tl.where(k1, v1, v2))
-    second = tl.where(i1 == 1, v1, tl.where(i1 == 2, v2, v3))
+    first = tl.where(k0, e0, tl.where(k1, e1, e2))
+    second = tl.where(i1 == 1, e1, tl.where(i1 == 2, e2, e3))
+    packed = tl.where(pad, 0, first | (second << 16))  # [64, G]: the group's 2 values
 
-    # values: [64, G, 2] -> [64, BLOCK_K / 2], row-major in the [M, K/2] block
-    vals = tl.reshape(tl.join(first, second), (64, BLOCK_K // 2))
-    vcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     tl.store(
-        val_ptr + rows[:, None].to(tl.int64) * (K // 2) + vcols[None, :],
-        vals,
-        mask=(rows < M_OUT)[:, None] & (vcols < K // 2)[None, :],
+        val_ptr + rows[:, None].to(tl.int64) * (K // 4) + grp[None, :],
+        packed,
+        mask=(rows < M_OUT)[:, None] & (grp < K // 4)[None, :],
     )
 
-    # metadata: one 64-bit word per (row pair r, r + 8) and k-tile
-    code = (i0 | (i1 << 2)).to(tl.int64)
+    # metadata: 8 bytes per (row pair r, r + 8) and k-tile, as two int32 words (lo, hi)
+    code = (i0 | (i1 << 2)).to(tl.uint32)
     code = tl.where((rows < M_OUT)[:, None], code, 0b1110)  # past the matrix, as torch writes it
     gi = tl.arange(0, G) % 8
-    half = (tl.arange(0, 64) // 8) % 2
-    shift = (8 * (2 * (gi % 4) + gi // 4)[None, :] + 4 * half[:, None]).to(tl.int64)
-    words = tl.sum(tl.reshape(code << shift, (64, T, 8)), axis=2)  # [64, T]: disjoint bits
-    words = tl.sum(tl.reshape(words, (4, 2, 8, T)), axis=1)  # rows r and r + 8: [4, 8, T]
+    byte = 2 * (gi % 4) + gi // 4  # byte of the row pair's 8 in which group gi's code sits
+    half = (tl.arange(0, 64) // 8) % 2  # row r (low nibble) or r + 8 (high nibble)
+    shifted = code << (8 * (byte % 4)[None, :] + 4 * half[:, None]).to(tl.uint32)
+    lo = tl.where((byte < 4)[None, :], shifted, 0)
+    hi = tl.where((byte >= 4)[None, :], shifted, 0)
+    lo = tl.sum(tl.reshape(tl.sum(tl.reshape(lo, (64, T, 8)), axis=2), (4, 2, 8, T)), axis=1)
+    hi = tl.sum(tl.reshape(tl.sum(tl.reshape(hi, (64, T, 8)), axis=2), (4, 2, 8, T)), axis=1)
+    words = tl.join(lo, hi).to(tl.int32, bitcast=True)  # [4, 8, T, 2]
     n_kt = K // 32
     kt = pid_k * T + tl.arange(0, T)
     b = tl.arange(0, 4)
     r = tl.arange(0, 8)
-    word_idx = (
-        (pid_m * n_kt + kt[None, None, :]).to(tl.int64) * 32 + 8 * b[:, None, None] + r[None, :, None]
-    )
-    tl.store(meta_ptr + meta_base + word_idx, words, mask=(kt < n_kt)[None, None, :])
+    idx = ((pid_m * n_kt + kt[None, None, :]).to(tl.int64) * 32 + 8 * b[:, None, None] + r[None, :, None]) * 2
+    idx = idx[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]
+    tl.store(meta_ptr + meta_base + idx, words, mask=(kt < n_kt)[None, None, :, None])
 
 
 def compress24(
@@ -216,10 +261,12 @@ def compress24(
     m_in, k = x.shape
     m = m_in if rows is None else rows
     torch._check(m >= m_in, lambda: f"compress24: rows={rows} is below x's {m_in} rows")
-    if x.stride(1) != 1:
+    # the kernel reads a group of 4 entries as one 8-byte word
+    if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
         x = x.contiguous()
     if center is not None:
-        center = torch.as_tensor(center, device=x.device).to(x.dtype).reshape(-1).contiguous()
+        # rounded to x's dtype first (the dropped value is the center in x's dtype), then float32
+        center = torch.as_tensor(center, device=x.device).to(x.dtype).float().reshape(-1).contiguous()
         torch._check(center.numel() in (1, k), lambda: f"compress24: center must be a scalar or ({k},)")
     buf = torch.empty(compressed_numel(m, k), dtype=x.dtype, device=x.device)
     if m == 0:
@@ -228,16 +275,18 @@ def compress24(
     while k % block_k:  # a power-of-two multiple of 32 that divides K
         block_k //= 2
     grid = (triton.cdiv(m, _ROW_BLOCK), k // block_k)
+    words = buf.view(torch.int32)
     _compress24_kernel[grid](
-        x,
-        center if center is not None else x,
-        buf,
-        buf.view(torch.int64),
+        x.view(torch.int64) if m_in else x,
+        center if center is not None else words,
+        words,
+        words,
         m_in,
         m,
         k,
-        x.stride(0),
-        m * k // 8,
+        x.stride(0) // 4,
+        m * k // 4,
+        IS_BF16=x.dtype == torch.bfloat16,
         HAS_CENTER=center is not None,
         CENTER_PER_CHANNEL=center is not None and center.numel() == k and k > 1,
         BLOCK_K=block_k,
