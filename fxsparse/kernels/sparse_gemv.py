@@ -239,8 +239,10 @@ def _threshold_gemv_kernel(
                     cache_modifier=".cg",  # written by other SMs: read from L2, not a stale L1
                 )
                 total += tl.sum(parts, axis=0)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch
             _store_out(total, out_ptr, bias_ptr, cb_ptr, offs_e, offs_n, n_ok, e_ok, N, HAS_BIAS, HAS_CB)
+            # ready for the next launch; relaxed, after the output store: the launch boundary
+            # orders it, and an acq_rel exchange here put a GPU-wide fence before the store
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     else:
         _store_out(
             part,
