@@ -23,24 +23,27 @@ FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthChe
 DUMP = Path(__file__).parent / "data" / "cslt_compress_h100.pt"
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.int16)
+def bits(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Compressed data of an [M, k] matrix as int16: the flat prefix of torch's [M, ceil] buffer."""
+    return t.reshape(-1)[: C.compressed_numel(t.shape[0], k)].view(torch.int16)
 
 
 @pytest.mark.parametrize("key", sorted(torch.load(DUMP)))
 def test_reference_matches_cusparselt_bytes(key):
     e = torch.load(DUMP)[key]
     m, k, _ = key
-    assert torch.equal(bits(C.compress24_reference(e["x"])), e["words"])
+    assert torch.equal(bits(C.compress24_reference(e["x"]), k), e["words"])
     assert torch.equal(C.decompress24_reference(e["words"].view(torch.bfloat16), m, k), e["x"])
     assert C.compressed_numel(m, k) == e["words"].numel()
+    out = C.compress24_reference(e["x"])
+    assert out.shape[0] == m and out.numel() >= C.compressed_numel(m, k)  # torch's 2-D shape
 
 
 @needs_triton
 @pytest.mark.parametrize("key", sorted(torch.load(DUMP)))
 def test_triton_matches_cusparselt_bytes(key):
     e = torch.load(DUMP)[key]
-    assert torch.equal(bits(C.compress24(e["x"].to(DEV))).cpu(), e["words"])
+    assert torch.equal(bits(C.compress24(e["x"].to(DEV)), e["x"].shape[1]).cpu(), e["words"])
 
 
 @st.composite
@@ -74,7 +77,7 @@ def test_triton_matches_reference(case):
     ref = C.compress24_reference(x, c)
     out = C.compress24(x.to(DEV), c if not isinstance(c, torch.Tensor) else c.to(DEV)).cpu()
     assert out.shape == ref.shape
-    assert torch.equal(bits(out), bits(ref))
+    assert torch.equal(bits(out, x.shape[1]), bits(ref, x.shape[1]))
 
 
 @needs_triton
@@ -85,7 +88,7 @@ def test_padding_rows_are_the_center(center):
     fill = torch.zeros(64) if c is None else c
     padded = torch.cat([x, fill.to(x.dtype).expand(12, 64)])
     out = C.compress24(x.to(DEV), c if c is None else c.to(DEV), rows=32).cpu()
-    assert torch.equal(bits(out), bits(C.compress24_reference(padded, c)))
+    assert torch.equal(bits(out, 64), bits(C.compress24_reference(padded, c), 64))
 
 
 @FAST
@@ -127,7 +130,7 @@ def test_sparse_mm_on_compressed(dtype, m, center):
     fill = torch.zeros((), device="cuda", dtype=dtype) if c is None else c.to(dtype)
     pruned = prune24_reference(x, c)
     padded = torch.cat([pruned, fill.expand(rows - m, k)]) if rows > m else pruned
-    assert torch.equal(bits(buf), bits(torch._cslt_compress(padded - fill)))
+    assert torch.equal(bits(buf, k), bits(torch._cslt_compress(padded - fill), k))
     out = torch._cslt_sparse_mm(buf, w.t())[:m].float()
     if c is not None:
         out = out + w.float() @ fill.float().expand(k)

@@ -59,9 +59,11 @@ def _check(x: Tensor) -> None:
     )
 
 
-def _as_view(buf: Tensor, m: int) -> Tensor:
-    # torch._cslt_compress returns [m, numel / m] when that divides; only numel matters to the mm
-    return buf.view(m, -1) if m and buf.numel() % m == 0 else buf
+def _empty(m: int, k: int, like: Tensor) -> Tensor:
+    """The buffer torch._cslt_compress returns: [m, ceil(numel / m)], the data in its flat prefix
+    (cuSPARSELt reads the sparse operand's row count off dim 0)."""
+    n = compressed_numel(m, k)
+    return torch.empty((m, -(-n // m) if m else 0), dtype=like.dtype, device=like.device)
 
 
 # -- reference (plain torch): the CPU implementation and the tests' oracle -------------------
@@ -90,15 +92,16 @@ def compress24_reference(x: Tensor, center: Tensor | float | None = None) -> Ten
     t = codes.reshape(m_pad // 64, 4, 2, 8, k // 32, 2, 4).permute(0, 4, 1, 3, 6, 5, 2)
     nib = t.reshape(-1, 2)
     meta = (nib[:, 0] | (nib[:, 1] << 4)).to(torch.uint8)
-    out = torch.empty(compressed_numel(m, k), dtype=x.dtype, device=x.device)
-    out[: m * k // 2] = values.reshape(-1)
-    out[m * k // 2 :] = meta.view(x.dtype)
-    return _as_view(out, m)
+    out = _empty(m, k, x)
+    flat = out.view(-1)
+    flat[: m * k // 2] = values.reshape(-1)
+    flat[m * k // 2 : compressed_numel(m, k)] = meta.view(x.dtype)
+    return out
 
 
 def decompress24_reference(buf: Tensor, m: int, k: int) -> Tensor:
     """Dense [m, k] matrix (zeros at dropped entries) from a compressed buffer: inverts the layout."""
-    buf = buf.reshape(-1)
+    buf = buf.reshape(-1)[: compressed_numel(m, k)]
     values = buf[: m * k // 2].reshape(m, k // 4, 2)
     meta = buf[m * k // 2 :].view(torch.uint8).to(torch.int64)
     nib = torch.stack([meta & 15, meta >> 4], dim=-1)
@@ -247,8 +250,8 @@ def compress24(
     x: Tensor,
     center: Tensor | float | None = None,
     rows: int | None = None,
-    block_k: int = 64,
-    num_warps: int = 4,
+    block_k: int = 128,
+    num_warps: int = 8,
 ) -> Tensor:
     """``torch._cslt_compress(prune24(x, center) - center)`` in one pass (Triton).
 
@@ -268,14 +271,14 @@ def compress24(
         # rounded to x's dtype first (the dropped value is the center in x's dtype), then float32
         center = torch.as_tensor(center, device=x.device).to(x.dtype).float().reshape(-1).contiguous()
         torch._check(center.numel() in (1, k), lambda: f"compress24: center must be a scalar or ({k},)")
-    buf = torch.empty(compressed_numel(m, k), dtype=x.dtype, device=x.device)
+    buf = _empty(m, k, x)
     if m == 0:
         return buf
     block_k = min(block_k, triton.next_power_of_2(k))
     while k % block_k:  # a power-of-two multiple of 32 that divides K
         block_k //= 2
     grid = (triton.cdiv(m, _ROW_BLOCK), k // block_k)
-    words = buf.view(torch.int32)
+    words = buf.view(-1)[: compressed_numel(m, k)].view(torch.int32)
     _compress24_kernel[grid](
         x.view(torch.int64) if m_in else x,
         center if center is not None else words,
@@ -292,4 +295,4 @@ def compress24(
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
-    return _as_view(buf, m)
+    return buf
