@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import statistics
@@ -29,20 +28,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, rel: str):
-    """Load one module by path: the kernels without fxsparse/__init__ (work in progress there)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sg = _load("fxsparse_bench_sparse_gemv", "fxsparse/kernels/sparse_gemv.py")
-ref_mod = _load("fxsparse_bench_threshold_linear", "fxsparse/kernels/threshold_linear.py")
+from fxsparse.kernels import sparse_gemv as sg
+from fxsparse.kernels import threshold_linear as ref_mod
+from fxsparse.kernels.timing import copy_bandwidth, time_calls
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
@@ -56,40 +44,7 @@ TOUCH_BYTES = 1.5e9  # weight copies per shape: a 90%-sparse pass over them stil
 
 def time_graph(calls, trials: int = 5, min_ms: float = 10.0) -> tuple[float, float]:
     """Median µs per call of the calls replayed in one CUDA graph, and the trials' spread."""
-    for c in calls:  # warm-up: compile, allocate
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    g.replay()
-    end.record()
-    end.synchronize()
-    reps = max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
-    times = []
-    for _ in range(trials):
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
-    del g
-    med = statistics.median(times)
-    return med, (max(times) - min(times)) / med
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (TB/s)."""
-    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    us, _ = time_graph([lambda: b.copy_(a)], trials=5, min_ms=30)
-    return 2 * a.numel() / (us * 1e-6) / 1e12
+    return time_calls(calls, trials, min_ms, graphs=True)
 
 
 # -- correctness --------------------------------------------------------------------------------

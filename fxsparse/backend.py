@@ -17,6 +17,9 @@ Options (``torch.compile(..., options={...})``):
                ``explain``); observed graphs run without Inductor.
 ``record``     a list that receives, per compiled graph, its code after each pass and the
                per-layer decisions (used by ``explain``).
+``crossover_rows``  int: the row count from which layers with ``prefill="2:4"`` run 2:4 (prune +
+               sparse tensor cores) instead of dense. Default: measured once per GPU, shape and
+               dtype and cached on disk (``fxsparse.kernels.crossover``); never on CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ __all__ = ["sparse_act", "BackendOptions"]
 
 log = logging.getLogger("fxsparse")
 
-_KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record"}
+_KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record", "crossover_rows"}
 _graph_counter = 0
 
 
@@ -69,6 +72,10 @@ class BackendOptions:
         self.record = options.get("record")
         if self.record is not None and not isinstance(self.record, list):
             raise TypeError("sparse_act: option 'record' must be a list")
+        self.crossover_rows = options.get("crossover_rows")
+        r = self.crossover_rows
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f"sparse_act: option 'crossover_rows' must be an integer >= 0, got {r!r}")
 
 
 def _code(gm: fx.GraphModule) -> str:
@@ -84,7 +91,7 @@ def sparse_act(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable[..., Any]:
-    """Dynamo backend: lower planned linears to ``fxsparse::threshold_linear``, then Inductor."""
+    """Dynamo backend: lower planned linears to the ``fxsparse`` ops, then Inductor."""
     global _graph_counter, _warned_no_plan
     opts = BackendOptions(options, mode)
     _graph_counter += 1
@@ -97,7 +104,8 @@ def sparse_act(
         gm = insert_observers(gm, opts.observers, resolve=resolve)
         stages["observe"] = _code(gm)
     if opts.plan is not None:
-        gm = lower_linears(gm, opts.plan, example_inputs)
+        gm = lower_linears(gm, opts.plan, example_inputs, crossover_rows=opts.crossover_rows,
+                           cudagraphs=opts.mode == "reduce-overhead")
         stages["lower"] = _code(gm)
     elif opts.observers is None and not _warned_no_plan:
         _warned_no_plan = True

@@ -90,9 +90,12 @@ class Report:
         return folder
 
 
-def _kernel_description(op: str, device: torch.device, out_f: int, in_f: int,
+def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_f: int,
                         dtype: torch.dtype) -> str:
-    """Which implementation runs for which row count (the op dispatches at run time)."""
+    """Which implementation runs for which row count (the ops dispatch at run time)."""
+    op = d["op"]
+    if d.get("prefill", "threshold") != "threshold":
+        return _prefill_ranges(d, device)
     if op != "fxsparse.threshold_linear":
         return "torch composition"
     if device.type != "cuda":
@@ -100,6 +103,25 @@ def _kernel_description(op: str, device: torch.device, out_f: int, in_f: int,
     from .kernels.sparse_gemv import max_rows
 
     return f"Triton sparse GEMV <= {max_rows(out_f, in_f, dtype)} row(s), mask + cuBLAS above"
+
+
+def _prefill_ranges(d: dict[str, Any], device: torch.device) -> str:
+    """``"1-16 gemv/threshold, 17-2047 dense, >=2048 2:4"``: the branch per row count."""
+    from .kernels.crossover import NEVER
+
+    decode, m24 = int(d["decode_rows"]), int(d["min_rows_24"])
+    parts = []
+    if decode >= 1:
+        parts.append(f"1-{decode} " + ("gemv/threshold" if device.type == "cuda" else "threshold"))
+    first = decode + 1
+    if m24 > first:
+        parts.append(f"{first}-{m24 - 1} dense" if m24 < NEVER else f">={first} dense")
+    if m24 < NEVER:
+        parts.append(f">={max(m24, first)} 2:4" + ("" if device.type == "cuda" else " (torch reference)"))
+    text = ", ".join(parts)
+    if d.get("branch") not in (None, "per-call"):
+        text += f"; this graph: {d['branch']} only (row count known at compile time)"
+    return text
 
 
 def _center_repr(center: float | list[float]) -> float | str:
@@ -156,7 +178,7 @@ def explain(
                 row.sparsity, row.token_std = stats["sparsity"], stats["token_std"]
                 row.sparse_bytes = int(round(wbytes * (1.0 - stats["sparsity"])))
                 w = modules[key].weight
-                row.kernel = _kernel_description(d["op"], w.device, out_f, in_f, w.dtype)
+                row.kernel = _kernel_description(d, w.device, out_f, in_f, w.dtype)
             seen[key] = row
     for name, (out_f, in_f) in linears.items():
         if name not in seen:

@@ -15,7 +15,8 @@ Schema (version 1)::
           "method": "quantile",
           "in_features": 576, "out_features": 1536,
           "calibrated_sparsity": 0.4001,   # measured on the calibration data (null if unknown)
-          "prefill": "threshold"           # kernel family for large row counts
+          "prefill": "threshold",          # "threshold" | "dense" | "2:4": calls with many rows
+          "decode_rows": 16                # calls with at most this many rows always threshold
         }, ...},
       "skipped": {"lm_head": "ignored_scope", ...},   # linears left dense, with the reason
       "meta": {...}                                   # free-form provenance (method options, data)
@@ -23,6 +24,13 @@ Schema (version 1)::
 
 ``save`` writes a temporary file in the same folder and renames it over the target, so a crash
 never leaves a half-written plan. ``load`` validates everything and names the offending layer.
+
+``prefill`` picks what a call with more than ``decode_rows`` rows (tokens) runs: ``"threshold"``
+(the default) the threshold op at every row count; ``"dense"`` the plain dense linear (TEAL-style
+dense prefill); ``"2:4"`` ``F.linear(prune24(x, center), W, b)`` from the measured row-count
+crossover on (sparse tensor cores), dense below it. Calls with at most ``decode_rows`` rows always
+run the threshold op. ``decode_rows`` (default 16) is an additive field: version-1 plans without
+it load unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +113,7 @@ class LayerPlan:
     channel_scale: list[float] | None = None
     calibrated_sparsity: float | None = None
     prefill: str = "threshold"
+    decode_rows: int = 16
 
     def validate(self, name: str) -> None:
         for key in ("in_features", "out_features"):
@@ -122,6 +131,15 @@ class LayerPlan:
                           positive=True, allow_none=True)
         if self.prefill not in PREFILL_KINDS:
             raise PlanError(f"layer {name!r}: prefill must be one of {PREFILL_KINDS}, got {self.prefill!r}")
+        d = self.decode_rows
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise PlanError(f"layer {name!r}: decode_rows must be an integer >= 0, got {d!r}")
+        if self.prefill != "threshold" and self.method == "topk":
+            raise PlanError(f"layer {name!r}: prefill={self.prefill!r} is not supported for method "
+                            "'topk' (top-k layers run the top-k op at every row count)")
+        if self.prefill == "2:4" and self.in_features % 4:
+            raise PlanError(f"layer {name!r}: prefill='2:4' needs in_features divisible by 4, "
+                            f"got {self.in_features}")
 
     def center_tensor(self) -> torch.Tensor | None:
         """The center as a float32 tensor (0-d or [in_features]); None when it is exactly zero."""
@@ -195,6 +213,22 @@ class SparsityPlan:
         plan = cls(layers=layers, model=dict(data.get("model") or {}),
                    skipped=dict(data.get("skipped") or {}), meta=dict(data.get("meta") or {}))
         return plan
+
+    def set_prefill(self, prefill: str, decode_rows: int | None = None,
+                    names: list[str] | None = None) -> SparsityPlan:
+        """Set ``prefill`` (and ``decode_rows`` when given) on ``names`` (default: every layer);
+        validates and returns the plan itself."""
+        updated = {}
+        for name in self.layers if names is None else names:
+            if name not in self.layers:
+                raise PlanError(f"set_prefill: {name!r} is not a layer of the plan")
+            lp = self.layers[name]
+            new = replace(lp, prefill=prefill,
+                          decode_rows=lp.decode_rows if decode_rows is None else decode_rows)
+            new.validate(name)  # all or nothing: nothing changes when one layer rejects it
+            updated[name] = new
+        self.layers.update(updated)
+        return self
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -238,11 +238,12 @@ def test_centered_and_scaled_plan_through_inductor(model_and_plan):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_reserved_prefill_kinds_are_rejected_not_ignored():
+def test_prefill_kinds_of_topk_layers_are_rejected_not_ignored():
     from fxsparse.passes import lower_linears, match_linears
 
     m = nn.Sequential(nn.Linear(8, 4))
-    plan = SparsityPlan(layers={"0": fxsparse.LayerPlan(threshold=0.1, in_features=8, out_features=4,
+    plan = SparsityPlan(layers={"0": fxsparse.LayerPlan(threshold=0.0, in_features=8, out_features=4,
+                                                        method="topk", target_sparsity=0.5,
                                                         prefill="2:4")})
-    with pytest.raises(PlanError, match="'0'.*prefill='2:4' is not implemented"):
+    with pytest.raises(PlanError, match="'0'.*prefill='2:4' is not supported for method 'topk'"):
         lower_linears(match_linears(torch.fx.symbolic_trace(m)), plan)

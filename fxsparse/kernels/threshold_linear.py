@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["threshold_linear", "threshold_linear_reference", "keep_mask_reference"]
+__all__ = ["threshold_linear", "threshold_linear_cuda", "threshold_linear_reference", "keep_mask_reference"]
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -120,8 +120,11 @@ def _(x, weight, bias, threshold, center=None, channel_scale=None, center_bias=N
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@threshold_linear.register_kernel("cuda")
-def _(x, weight, bias, threshold, center=None, channel_scale=None, center_bias=None):
+def threshold_linear_cuda(x, weight, bias, threshold, center=None, channel_scale=None, center_bias=None):
+    """The CUDA implementation: the fused sparse GEMV for few rows, mask + cuBLAS above.
+
+    Also the decode path of ``fxsparse::prefill_linear`` (called directly, no second dispatch).
+    """
     _check_args(x, weight, bias, center, channel_scale, center_bias)
     from . import sparse_gemv
 
@@ -130,6 +133,9 @@ def _(x, weight, bias, threshold, center=None, channel_scale=None, center_bias=N
             x, weight, bias, threshold, center, channel_scale, center_bias
         )
     return threshold_linear_reference(x, weight, bias, threshold, center, channel_scale)
+
+
+threshold_linear.register_kernel("cuda")(threshold_linear_cuda)
 
 
 # -- autograd: the mask is a constant of the forward (straight-through on kept entries) -------

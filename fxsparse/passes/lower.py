@@ -4,8 +4,15 @@ Pre: ``match_linears`` has run. ``plan`` maps module names to ``LayerPlan``s.
 Post: every site with a plan entry calls ``fxsparse::threshold_linear(x, W, b, threshold, center,
 channel_scale, center_bias)``, except entries whose ``method`` is ``"topk"``, which call
 ``fxsparse::topk_linear(x, W, b, k, center, channel_scale)`` with
-``k = in_features - round(target_sparsity * in_features)`` (their ``threshold`` is unused);
-center, scale and the folded ``center_bias = W @ center`` are
+``k = in_features - round(target_sparsity * in_features)`` (their ``threshold`` is unused), and
+entries whose ``prefill`` is ``"dense"`` or ``"2:4"``, which call
+``fxsparse::prefill_linear(x, W, b, threshold, center, channel_scale, center_bias, decode_rows,
+min_rows_24)`` (threshold op up to ``decode_rows`` rows, 2:4 from ``min_rows_24`` rows, dense
+between; ``min_rows_24`` is resolved here: the ``crossover_rows`` argument, else the measured
+crossover on CUDA, else never). When the row count of the call is static, or its symbolic range
+lies within one branch, the branch's op is emitted directly instead (``threshold_linear``, a
+plain ``linear``, or ``prefill_linear`` for 2:4); otherwise the op decides per call.
+Center, scale and the folded ``center_bias = W @ center`` are
 buffers of ``gm`` (``get_attr``), computed once here rather than per call. Other linears are
 untouched. The replacement keeps the old node's ``meta`` (shape, stack trace, module stack).
 ``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why, for inspection;
@@ -16,6 +23,7 @@ Raises ``PlanError`` when a planned layer's weight shape differs from the plan's
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -24,9 +32,11 @@ import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.utils import counters
 
-from ..kernels import sparse_gemv, threshold_linear  # noqa: F401  (registers torch.ops.fxsparse)
+from ..kernels import prefill_linear, sparse_gemv, threshold_linear  # noqa: F401  (registers the ops)
+from ..kernels.crossover import NEVER, resolve_min_rows_24
+from ..kernels.prefill_linear import branch
 from ..kernels.topk_linear import topk_keep_count
-from ..plan import PlanError, SparsityPlan
+from ..plan import SparsityPlan
 from .match import linear_args, linear_sites
 
 __all__ = ["lower_linears"]
@@ -69,12 +79,56 @@ def _buffer(gm: fx.GraphModule, graph: fx.Graph, stem: str, value: torch.Tensor)
     return node
 
 
+def _row_range(x: object) -> tuple[int, float] | None:
+    """``(lowest, highest)`` row count of the call (``x``'s leading dims), None if unknown."""
+    if not isinstance(x, fx.Node):
+        return None
+    val = x.meta.get("val", x.meta.get("example_value"))  # Dynamo graphs carry example_value
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    rows = math.prod(val.shape[:-1])
+    if isinstance(rows, int):
+        return rows, rows
+    try:  # a SymInt: its value range in the shape env (guards included), when it has one
+        import sympy
+        from torch.utils._sympy.numbers import int_oo
+
+        node = rows.node
+        vr = node.shape_env.bound_sympy(node.expr)
+        unbounded = (int_oo, -int_oo, sympy.oo, -sympy.oo)
+        lo = 0 if vr.lower in unbounded else int(vr.lower)
+        hi = math.inf if vr.upper in unbounded else int(vr.upper)
+        return lo, hi
+    except Exception:  # noqa: BLE001 - no range known: decide per call
+        return None
+
+
+def _static_branch(rows: tuple[int, float] | None, decode_rows: int, min_rows_24: int) -> str | None:
+    """The branch every call takes when the row range lies within one, else None."""
+    if rows is None:
+        return None
+    lo, hi = rows
+    if lo > hi:
+        return None
+    first = branch(lo, decode_rows, min_rows_24)
+    if hi == math.inf:  # unbounded: only a branch that holds for every larger count
+        return first if first == "2:4" or (first == "dense" and min_rows_24 >= NEVER) else None
+    return first if branch(int(hi), decode_rows, min_rows_24) == first else None
+
+
 def lower_linears(
     gm: fx.GraphModule,
     plan: SparsityPlan,
     example_inputs: Sequence[object] | None = None,
+    crossover_rows: int | None = None,
+    cudagraphs: bool = False,
 ) -> fx.GraphModule:
-    """Replace planned linears by the threshold op (see module docstring)."""
+    """Replace planned linears by the sparse ops (see module docstring).
+
+    ``crossover_rows``: the row count from which ``prefill="2:4"`` layers run 2:4 (overrides
+    the measured crossover; the backend option of the same name). ``cudagraphs``: the graph
+    runs under CUDA graphs, so the crossover is measured on GPU time alone.
+    """
     graph = gm.graph
     decisions = []
     for node, site in linear_sites(gm):
@@ -85,9 +139,8 @@ def lower_linears(
             counters["fxsparse"]["dense"] += 1
             continue
         lp = plan.layers[key]
-        if lp.prefill != "threshold":  # reserved in the plan format, not lowered yet
-            raise PlanError(f"layer {key!r}: prefill={lp.prefill!r} is not implemented yet; "
-                            "only 'threshold' (the same op at every row count) is")
+        if lp.prefill != "threshold" and lp.method == "topk":
+            lp.validate(key)  # raises PlanError: top-k layers have no prefill kinds
 
         # -- operands: input, weight, bias as nodes; the weight's value if we have it ----------
         if site.kind == "call_module":
@@ -113,31 +166,54 @@ def lower_linears(
         device = w_val.device if w_val is not None else torch.device("cpu")
         sparse_gemv.reserve(device)  # the kernel's persistent state, outside CUDA-graph pools
 
+        # -- prefill dispatch: which rows run what, decided here when the row count allows --
+        what = "threshold"  # the branch emitted: threshold | dense | 2:4 | per-call
+        min_rows_24 = None
+        if lp.prefill != "threshold":
+            min_rows_24 = NEVER
+            if lp.prefill == "2:4":
+                dtype = w_val.dtype if w_val is not None else torch.float32
+                epilogue = b is not None or lp.center_tensor() is not None
+                min_rows_24 = resolve_min_rows_24(lp.out_features, lp.in_features, dtype, device,
+                                                  crossover_rows, epilogue, cudagraphs)
+            what = _static_branch(_row_range(x), lp.decode_rows, min_rows_24) or "per-call"
+
         # -- constants, computed once ----------------------------------------------------------
         center = lp.center_tensor()
         scale = lp.scale_tensor()
         center_bias = None
         real_w = _real(w_val)
-        if center is not None and real_w is not None:
+        if center is not None and real_w is not None and what != "dense":
             with torch.no_grad():
                 c = center.to(device=device, dtype=real_w.dtype).expand(real_w.shape[1])
                 center_bias = F.linear(c, real_w).float()
         with graph.inserting_before(node):
-            c_node = _buffer(gm, graph, key + "_center", center.to(device)) if center is not None else None
-            s_node = _buffer(gm, graph, key + "_scale", scale.to(device)) if scale is not None else None
+            if what == "dense":
+                op = torch._C._nn.linear
+                new = graph.call_function(op, (x, w, b))
+            else:
+                c_node = None if center is None else _buffer(gm, graph, key + "_center", center.to(device))
+                s_node = None if scale is None else _buffer(gm, graph, key + "_scale", scale.to(device))
             if lp.method == "topk":
                 k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0)
                 op = torch.ops.fxsparse.topk_linear.default
                 new = graph.call_function(op, (x, w, b, k, c_node, s_node))
-            else:
+            elif what != "dense":
                 cb_node = _buffer(gm, graph, key + "_cbias", center_bias) if center_bias is not None else None
-                op = torch.ops.fxsparse.threshold_linear.default
-                new = graph.call_function(op, (x, w, b, float(lp.threshold), c_node, s_node, cb_node))
+                args = (x, w, b, float(lp.threshold), c_node, s_node, cb_node)
+                if what == "threshold":
+                    op = torch.ops.fxsparse.threshold_linear.default
+                else:  # 2:4 for every call, or decided per call
+                    op = torch.ops.fxsparse.prefill_linear.default
+                    args = (*args, int(lp.decode_rows), int(min_rows_24))
+                new = graph.call_function(op, args)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        decisions.append({"name": site.name, "plan_key": key, "node": new.name,
-                          "op": "fxsparse." + op._schema.name.split("::")[1], "reason": "planned"})
+        op_name = "linear" if what == "dense" else "fxsparse." + op._schema.name.split("::")[1]
+        decisions.append({"name": site.name, "plan_key": key, "node": new.name, "op": op_name,
+                          "reason": "planned", "prefill": lp.prefill, "decode_rows": lp.decode_rows,
+                          "min_rows_24": min_rows_24, "branch": what})
         counters["fxsparse"]["lowered"] += 1
 
     gm.meta["fxsparse_decisions"] = decisions

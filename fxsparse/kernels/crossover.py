@@ -1,0 +1,224 @@
+"""Row-count crossover of the 2:4 prefill path: from how many rows ``sparse24_linear`` beats dense.
+
+``crossover_rows(n, k, dtype, device)`` measures once per (GPU name, N, K, dtype, epilogue, torch,
+Triton and cuSPARSELt versions, ``sparse24.SPARSE24_IMPL``): dense ``F.linear`` against
+``sparse24_linear`` (prune + compress + sparse matmul) at M in ``MEASURE_ROWS``, medians of a few
+CUDA-event timings each. The crossover is the smallest measured M from which the 2:4 path is at
+least ``MARGIN`` (2%) faster at every larger measured M; ``NEVER`` (a huge int) when there is
+none. Rows between two measured points follow the larger one's verdict (the crossover is the
+first point of a winning tail), rows above the largest follow it.
+
+The result is cached in memory and in ``$FXSPARSE_CACHE_DIR/crossover.json`` (default
+``~/.cache/fxsparse/crossover.json``), written atomically (temp file + rename); a corrupt file
+is reported and measured again. On CPU, without cuSPARSELt, and for shapes or dtypes it cannot
+take, the answer is ``NEVER`` with nothing measured (the reason is logged once).
+
+Kernels never import passes: this module sees shapes, dtypes and devices only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import sparse24
+from .timing import time_calls
+
+__all__ = ["NEVER", "MEASURE_ROWS", "MARGIN", "crossover_rows", "crossover_from_times",
+           "resolve_min_rows_24", "cache_path", "environment"]
+
+log = logging.getLogger("fxsparse")
+
+NEVER = 1 << 62
+MEASURE_ROWS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+MARGIN = 0.02
+CACHE_FORMAT = "fxsparse.crossover"
+CACHE_VERSION = 1
+
+_memo: dict[str, int] = {}
+
+
+def cache_path() -> Path:
+    root = os.environ.get("FXSPARSE_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "fxsparse"
+    return base / "crossover.json"
+
+
+def environment(device: torch.device) -> dict:
+    """What a measurement depends on besides the shape (part of the cache key)."""
+    import triton
+
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "gpu": props.name,
+        "capability": f"sm{props.major}{props.minor}",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cusparselt": sparse24.cusparselt_version(),
+        "impl": sparse24.SPARSE24_IMPL,
+    }
+
+
+def _key(env: Mapping, n: int, k: int, dtype: torch.dtype, epilogue: bool, graphs: bool) -> str:
+    parts = [f"{name}={env[name]}" for name in sorted(env)]
+    return "|".join([*parts, f"n={n}", f"k={k}", f"dtype={str(dtype).removeprefix('torch.')}",
+                     f"epilogue={int(epilogue)}", f"graphs={int(graphs)}"])
+
+
+def crossover_from_times(times: Mapping[int, tuple[float, float]], margin: float = MARGIN) -> int:
+    """Smallest M from which ``sparse <= (1 - margin) * dense`` at every larger measured M.
+
+    ``times``: ``{M: (dense, sparse)}`` in any time unit; ``NEVER`` if the largest M loses.
+    """
+    best = NEVER
+    for m in sorted(times, reverse=True):
+        dense, sparse = times[m]
+        if not (sparse <= (1.0 - margin) * dense):  # NaN loses
+            break
+        best = m
+    return best
+
+
+# -- the cache file ---------------------------------------------------------------------------
+
+
+def _read_cache(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != CACHE_FORMAT or data.get("version") != CACHE_VERSION:
+            raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r}")
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise ValueError("'entries' is not an object")
+        return entries
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("fxsparse: ignoring unreadable crossover cache %s (%s); measuring again", path, e)
+        return {}
+
+
+def _write_entry(path: Path, key: str, entry: dict) -> None:
+    try:
+        entries = _read_cache(path)  # re-read: another process may have added entries
+        entries[key] = entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": entries},
+                          indent=1, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:  # read-only home and the like: the in-memory cache still holds it
+        log.warning("fxsparse: could not write the crossover cache %s (%s)", path, e)
+
+
+def _entry_rows(entry: object) -> int | None:
+    if isinstance(entry, dict) and "rows" in entry:
+        r = entry["rows"]
+        if r is None:
+            return NEVER
+        if isinstance(r, int) and not isinstance(r, bool) and r >= 0:
+            return r
+    return None
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def _measure(n: int, k: int, dtype: torch.dtype, device: torch.device, epilogue: bool,
+             graphs: bool = False, rows: tuple[int, ...] = MEASURE_ROWS) -> dict[int, tuple[float, float]]:
+    """``{M: (dense µs, 2:4 µs)}``; stops at the first M that does not fit in memory."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    times: dict[int, tuple[float, float]] = {}
+    with unset_fake_temporarily(), torch.no_grad(), torch.cuda.device(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        w = (torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(dtype)
+        bias = torch.randn(n, device=device, generator=gen).to(dtype) if epilogue else None
+        center = torch.tensor(0.05, device=device) if epilogue else None
+        cbias = F.linear(center.to(dtype).expand(k), w).float() if epilogue else None
+        for m in rows:
+            try:
+                # rotate inputs so that small ones are not all served from L2
+                nbuf = max(1, min(4, (64 << 20) // (m * k * 2)))
+                xs = [torch.randn(m, k, device=device, generator=gen).to(dtype) for _ in range(nbuf)]
+                # graphs: GPU time only (mode="reduce-overhead"); else eager calls, whose host
+                # work counts too (torch's cuSPARSELt call sets up its plan every time, ~1 ms)
+                dense, _ = time_calls([lambda x=x: F.linear(x, w, bias) for x in xs], min_ms=1.0,
+                                      graphs=graphs)
+                sparse, _ = time_calls(
+                    [lambda x=x: sparse24.sparse24_linear(x, w, bias, center, cbias) for x in xs],
+                    min_ms=1.0, graphs=graphs)
+            except torch.cuda.OutOfMemoryError:
+                log.warning("fxsparse: crossover measurement for %dx%d stopped at M=%d (out of memory)",
+                            n, k, m)
+                break
+            finally:
+                xs = None
+            times[m] = (dense, sparse)
+    return times
+
+
+def crossover_rows(n: int, k: int, dtype: torch.dtype, device: torch.device | str,
+                   epilogue: bool = False, graphs: bool = False) -> int:
+    """Row count from which the 2:4 path runs for an ``[n, k]`` weight (see module docstring).
+
+    ``epilogue``: the layer adds a bias or a center term (one more pass over the output).
+    ``graphs``: the model runs under CUDA graphs (``mode="reduce-overhead"``), so GPU time
+    decides; otherwise eager calls, whose host work counts too.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    reason = _unsupported(n, k, dtype, device)
+    if reason is not None:
+        sparse24.log_once(f"fxsparse: 2:4 prefill for {n}x{k} {dtype} runs dense: {reason}")
+        return NEVER
+    key = _key(environment(device), n, k, dtype, epilogue, graphs)
+    if key in _memo:
+        return _memo[key]
+    path = cache_path()
+    rows = _entry_rows(_read_cache(path).get(key))
+    if rows is None:
+        t0 = time.perf_counter()
+        times = _measure(n, k, dtype, device, epilogue, graphs)
+        rows = crossover_from_times(times)
+        log.info("fxsparse: 2:4 crossover for %dx%d %s: %s (measured in %.1f s)", n, k, dtype,
+                 "never" if rows >= NEVER else rows, time.perf_counter() - t0)
+        _write_entry(path, key, {
+            "rows": None if rows >= NEVER else rows,
+            "times_us": {str(m): [round(d, 3), round(s, 3)] for m, (d, s) in times.items()},
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+    _memo[key] = rows
+    return rows
+
+
+def _unsupported(n: int, k: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    reason = sparse24.unsupported_reason(n, k, dtype, device)
+    if reason is None and torch.cuda.is_current_stream_capturing():
+        reason = "cannot measure while a CUDA graph is being captured"
+    return reason
+
+
+def resolve_min_rows_24(n: int, k: int, dtype: torch.dtype, device: torch.device | str,
+                        override: int | None = None, epilogue: bool = False, graphs: bool = False) -> int:
+    """``override`` when given, else the measured crossover on CUDA, else ``NEVER``."""
+    if override is not None:
+        return int(override)
+    if torch.device(device).type != "cuda":
+        return NEVER
+    return crossover_rows(n, k, dtype, device, epilogue, graphs)
