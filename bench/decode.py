@@ -1,145 +1,418 @@
-"""Decode speed, dense (Inductor) vs sparse_act, in a lean gpt-fast-style loop.
+"""Decode speed, dense (Inductor) vs sparse_act: lean gpt-fast loop and HF generate (issue 6).
 
-A Llama model with random weights built from a config (no hub access on the GPU machine; the
-default is Llama-3-8B's layer shapes with fewer layers, so that two compilations fit in one
-device call), thresholds calibrated on random-token prompts for the given sparsity on all seven
-projections, then for each variant: static KV cache, one compiled decode step (CUDA graphs via
-``mode="reduce-overhead"``), greedy argmax on device, nothing else per step. Timings exclude
-compilation, synchronise before reading clocks, report ms/token, tokens/s, and the weight
-bytes streamed per token over the step time (achieved bandwidth).
+Random-weight models built from a config (no hub access on the GPU machine): ``llama3-8b``
+(Llama-3-8B's shapes, 32 layers, ``--layers`` to cut), ``smollm2-135m`` (SmolLM2-135M's
+architecture: hidden 576, intermediate 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152, tied
+embeddings) and ``tiny`` (CPU smoke test). Weights are made on the meta device and filled with
+random normals on the target device (seconds for 8B). One calibration pass (random-token
+prompts, all seven projections, ``lm_head`` dense) serves every sparsity; each variant is a
+``(loop, batch, sparsity)``:
 
-    PYTHONPATH=. python bench/decode.py --layers 8 --sparsity 0.5 0.0   # on the GPU machine
-    PYTHONPATH=. python bench/decode.py --tiny --device cpu              # smoke test here
+* ``lean``: static cache, the decode step (forward + argmax) compiled, position bumped in place,
+  nothing else per step (``fxsparse.speed.lean_decode``); CUDA graphs via
+  ``mode="reduce-overhead"``. Step time: median of the intervals between CUDA events recorded
+  at each step start (no sync inside the loop).
+* ``hf``: ``model.generate`` with a static cache; transformers compiles the decode step from
+  ``compile_config`` (``fxsparse.compile_config(plan)`` for sparse, ``CompileConfig(backend=
+  "inductor")`` with the same mode for dense); step time = (generate - prefill-only generate)
+  / (new tokens - 1), medians over ``--repeats``; exactly ``--new-tokens`` tokens.
+
+``dense`` variants use the weights row-major (as loaded); sparse ones after
+``fxsparse.prepare_weights`` (column-major). Per variant, compilation and warm-up are excluded,
+and the row reports ms/step, tokens/s (batch x steps/s), the ratio to the dense twin (same
+model, loop and batch), achieved weight bandwidth (bytes of all linear weights a step needs at
+the achieved sparsity measured on the decode inputs -- for batch > 1 the union over rows, i.e. the
+share of channels every row drops -- over the step time), and where the time goes: a
+``torch.profiler`` pass over ``--profile-steps`` steps gives the GPU kernel time per step by
+family (sparse GEMV Triton kernel, cuBLAS, attention, other kernels, memcpy/memset), GPU busy
+time, and the host gap = step time - busy time; also the host time per call, kernels per step,
+Dynamo graphs compiled and recompiles after warm-up, CUDA-graph skips. Progress lines carry
+timestamps; JSON and markdown are rewritten after every variant, so a run cut off still leaves
+its finished rows.
+
+The H100 matrix in two device calls, then one table from both, without a GPU. Each call is
+estimated at 6-7 minutes: ~15 s imports and model build, ~40 s calibration per preset, and per
+variant 40-60 s of compilation (Dynamo + Inductor + CUDA graph recording, 30-32 layers) plus
+~10 s of measuring (256 timed steps, profiler, achieved sparsity); six and five variants.
+``--budget-s`` starts no variant that the previous one's duration says would not finish in time,
+so a slow machine loses variants, never a whole call:
+
+    PYTHONPATH=. python bench/decode.py --preset llama3-8b --loops lean --batch 1 4 \
+        --sparsity dense 0.0 0.4 0.5 --skip '*:4:0.0' '*:4:0.4' --budget-s 520 --out $OUT/decode_lean
+    PYTHONPATH=. python bench/decode.py --preset llama3-8b smollm2-135m --loops hf lean --batch 1 \
+        --sparsity dense 0.0 0.5 --only 'llama3-8b:hf:*' 'smollm2-135m:lean:1:dense' \
+        'smollm2-135m:lean:1:0.5' --budget-s 520 --out $OUT/decode_hf
+    PYTHONPATH=. python bench/decode.py --report decode_lean.json decode_hf.json \
+        --out bench/results/decode_h100
+
+The first: Llama-3-8B lean loop, batch 1 at dense/0/40/50% and batch 4 at dense/50%; the
+second: HF generate at batch 1, dense/0/50%, and SmolLM2-135M's lean loop, dense/50%. Variant
+names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on them.
+
+Smoke test on CPU (no CUDA graphs, profiler by aten op):
+
+    PYTHONPATH=. python bench/decode.py --preset tiny --device cpu --new-tokens 16 --out /tmp/d
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import gc
 import json
-import os
 import statistics
+import sys
 import time
+import traceback
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import fxsparse
-from fxsparse import IgnoredScope, TargetScope
+from fxsparse import IgnoredScope, TargetScope, speed
+from fxsparse.methods import collect_method_statistics, plan_from_observers
+from fxsparse.plan import linear_layers
+from fxsparse.scope import resolve_targets
 
-model: LlamaForCausalLM | None = None  # a global, so compiled graphs name layers model.layers.N
-cache: StaticCache | None = None
-
-
-def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
-    return out.logits[:, -1].argmax(-1, keepdim=True)
-
-
-def build(args) -> LlamaConfig:
-    if args.tiny:
-        return LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8,
-                       max_position_embeddings=8192, rope_theta=500000.0)
-
-
-def decode(fn, prompt, new_tokens, device, max_len, cfg, dtype, use_graphs=False):
-    """Prefill eagerly, then time ``new_tokens`` steps of ``fn``; returns (ms/token list, tokens)."""
-    global cache
-    cache = StaticCache(config=cfg, max_cache_len=max_len)
-    with torch.no_grad():
-        pos = torch.arange(prompt.shape[1], device=device)
-        out = model(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        toks = [tok]
-        times = []
-        for i in range(new_tokens):
-            p = torch.tensor([prompt.shape[1] + i], device=device)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            if device == "cuda" and use_graphs:
-                torch.compiler.cudagraph_mark_step_begin()  # one graph replay per token
-            tok = fn(tok, p).clone()  # CUDA graphs reuse their output buffer
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t) * 1e3)
-            toks.append(tok.clone())
-    return times, torch.cat(toks, 1)
+PRESETS = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         bos_token_id=0, eos_token_id=0, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+}
+_T0 = time.perf_counter()
 
 
-def main() -> None:
-    global model
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--sparsity", type=float, nargs="*", default=[0.5, 0.0])
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
+@torch.no_grad()
+def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype, seed: int = 0):
+    """Random-weight Llama of a preset's shapes, initialised directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(PRESETS[preset])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**kw)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(dtype).to_empty(device=device).eval()
+    if cfg.tie_word_embeddings:  # to_empty makes a new tensor per module: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, cfg.initializer_range, generator=g)
+    rot = model.model.rotary_emb  # its buffers are computed at init, not parameters
+    model.model.rotary_emb = type(rot)(config=cfg).to(device)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def set_layout(model, plan) -> None:
+    """Planned linears' weights column-major (``prepare_weights``) with a plan, row-major without."""
+    if plan is not None:
+        fxsparse.prepare_weights(model, plan)
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.is_contiguous():
+            m.weight.data = m.weight.data.contiguous()
+
+
+def matches(preset: str, loop: str, batch: int, sparsity, patterns: list[str]) -> bool:
+    """Whether ``preset:loop:batch:sparsity`` (or ``loop:batch:sparsity``) matches a glob."""
+    return any(fnmatch.fnmatch(f"{preset}:{loop}:{batch}:{sparsity}", pat)
+               or fnmatch.fnmatch(f"{loop}:{batch}:{sparsity}", pat) for pat in patterns)
+
+
+def variant_key(r: dict) -> str:
+    return f"{r['preset']}:{r['loop']}:{r['batch']}:{r['sparsity']}"
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(rows: list[dict], info: list[str]) -> str:
+    dense = {(r["preset"], r["layers"], r["loop"], r["batch"]): r["ms_per_step"]
+             for r in rows if r.get("sparsity") == "dense" and r.get("ms_per_step")}
+    lines = ["# decode: dense (Inductor) vs sparse_act", "", *[f"* {i}" for i in info], "",
+             "ms/step: one decode step (batch B tokens); tok/s = B / step; weight TB/s: linear "
+             "weight bytes the step needs at the achieved sparsity (batch > 1: union of rows) / step "
+             "time; kernel columns: GPU ms per step by family (profiler); gap = step - GPU busy "
+             "(host-side); host: host ms per call.", "",
+             "| model | loop | B | variant | achieved sparsity | ms/step | tok/s | vs dense | weight TB/s "
+             "| sparse GEMV | gemm | attn | other | memcpy | GPU busy | gap | host | kernels/step "
+             "| graphs / recompiles |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        model = f"{r['preset']} ({r['layers']} L)"
+        if r.get("error"):
+            lines.append(f"| {model} | {r['loop']} | {r['batch']} | {r['sparsity']} | error: "
+                         f"{r['error'][:80]} |" + " |" * 14)
+            continue
+        ms = r["ms_per_step"]
+        base = dense.get((r["preset"], r["layers"], r["loop"], r["batch"]))
+        ratio = f"{base / ms:.2f}x" if base else "—"
+        variant = "dense" if r["sparsity"] == "dense" else f"sparse_act {r['sparsity']}"
+        ach = r.get("achieved_sparsity")
+        b = r.get("breakdown") or {}
+        lines.append(
+            f"| {model} | {r['loop']} | {r['batch']} | {variant} | {_fmt(ach, '.3f')} | {ms:.3f} | "
+            f"{r['tokens_per_s']:.1f} | {ratio} | {r['weight_TBps']:.3g} | "
+            + " | ".join(_fmt(b.get(f"{k}_ms")) for k in speed.FAMILIES)
+            + f" | {_fmt(b.get('busy_ms'))} | {_fmt(b.get('gap_ms'))} | {_fmt(r.get('host_ms_per_step'))} "
+            f"| {_fmt(b.get('kernels_per_step'), '.0f')} | {r.get('graphs', '—')} / "
+            f"{r.get('recompiles', '—')} |")
+    details = [r for r in rows if r.get("profile")]
+    if details:
+        lines += ["", "Per step, from the profiler: the largest kernels (us) and host-side events (us; "
+                  "CUDA runtime calls per step)", ""]
+    for r in details:
+        p = r["profile"]
+        kern = "; ".join(f"`{k[:60]}` {v:.1f}" for k, v in p["top_kernels"][:4]) or "—"
+        host = "; ".join(f"`{k[:50]}` {v:.1f}" for k, v in p["host_top"][:4]) or "—"
+        calls = ", ".join(f"{k} {v:.1f}" for k, v in p.get("runtime", {}).items()) or "—"
+        lines.append(f"* {variant_key(r)}: kernels {kern}. Host: {host}. Calls: {calls}."
+                     + (f" ({p['note']})" if p.get("note") else ""))
+    return "\n".join(lines)
+
+
+def write(out: str | None, rows: list[dict], info: list[str]) -> str:
+    text = table(rows, info)
+    if out:
+        prefix = Path(out)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        prefix.with_suffix(".md").write_text(text + "\n")
+    return text
+
+
+def report(files: list[str], out: str | None) -> None:
+    rows, info = {}, []
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        info += [i for i in data.get("info", []) if i not in info]
+        for r in data["rows"]:
+            if "loop" in r:  # rows of the old single-loop format lack the keys
+                rows[variant_key(r)] = r
+    print(write(out, list(rows.values()), info))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", default=["llama3-8b"], choices=sorted(PRESETS))
+    ap.add_argument("--layers", type=int, default=None, help="override the llama3-8b layer count")
+    ap.add_argument("--loops", nargs="+", default=["lean", "hf"], choices=("lean", "hf"))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--sparsity", nargs="+", default=["dense", "0.0", "0.4", "0.5"],
+                    help="'dense' (Inductor) and/or target sparsities for sparse_act")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="variants to leave out, globs on 'preset:loop:batch:sparsity' (or "
+                         "'loop:batch:sparsity' for every preset)")
+    ap.add_argument("--only", nargs="*", default=[],
+                    help="if given, run only the variants matching one of these globs (same form)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no variant after this many seconds if the last one would not fit "
+                         "(so a device-call limit never cuts a run mid-variant)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--mode", default="reduce-overhead",
-                    help="Inductor mode on CUDA ('none': no CUDA graphs)")
-    args = ap.parse_args()
-    dev, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    torch.manual_seed(0)
-    cfg = build(args)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if "embed_tokens" not in n)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g).to(dev)
-    calib = [torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(dev)
-             for _ in range(4)]
-    max_len = args.prompt_len + args.new_tokens + 8
-    info = (f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, mode {args.mode}, "
-            f"torch {torch.__version__}, "
-            f"triton {__import__('triton').__version__}, {cfg.num_hidden_layers} layers of "
-            f"h={cfg.hidden_size} i={cfg.intermediate_size}, batch {args.batch}, "
-            f"{args.new_tokens} new tokens after {args.prompt_len}")
-    print(info, flush=True)
+    ap.add_argument("--warmup", type=int, default=6, help="lean: warm-up steps (compile, graphs)")
+    ap.add_argument("--repeats", type=int, default=2, help="hf: timed generate calls (median)")
+    ap.add_argument("--profile-steps", type=int, default=8, help="0: no profiler pass")
+    ap.add_argument("--sparsity-steps", type=int, default=8,
+                    help="decode steps over which achieved sparsity is measured (eager hooks)")
+    ap.add_argument("--calib-prompts", type=int, default=4)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--mode", default=None,
+                    help="Inductor mode (default: reduce-overhead on CUDA, none on CPU)")
+    ap.add_argument("--out", default=None, help="prefix of the .json and .md to write")
+    ap.add_argument("--report", nargs="+", default=None,
+                    help="only merge these JSON results into one table (--out) and exit")
+    return ap.parse_args(argv)
 
-    mode = args.mode if dev == "cuda" and args.mode != "none" else None
-    rows = []
-    variants = [("dense (Inductor)", None)] + [(f"sparse_act s={s}", s) for s in args.sparsity]
-    for label, s in variants:
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        report(args.report, args.out)
+        return
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is available")
+    mode = args.mode if args.mode is not None else ("reduce-overhead" if dev == "cuda" else None)
+    if mode in ("none", "default"):
+        mode = None
+    if mode == "reduce-overhead" and dev != "cuda":
+        sys.exit("error: mode reduce-overhead (CUDA graphs) needs --device cuda")
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    sparsities = [s if s == "dense" else float(s) for s in args.sparsity]
+    import transformers
+    import triton
+
+    info = [f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+            f"triton {triton.__version__}, transformers {transformers.__version__}, {dtype}, mode {mode}",
+            f"{args.prompt_len} prompt tokens, {args.new_tokens} new tokens, random weights, thresholds "
+            f"from {args.calib_prompts} random-token prompts on all seven projections (lm_head dense)"]
+    for line in info:
+        log(line)
+    rows: list[dict] = []
+    for preset in args.preset:
+        variants = [(loop, b, s) for loop in args.loops for b in args.batch for s in sparsities
+                    if not matches(preset, loop, b, s, args.skip)
+                    and (not args.only or matches(preset, loop, b, s, args.only))]
+        if not variants:
+            continue
+        run_preset(args, preset, variants, dev, dtype, mode, rows, info)
+    print(write(args.out, rows, info))
+
+
+def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
+    layers = args.layers if preset == "llama3-8b" else None
+    t = time.perf_counter()
+    model = build_model(preset, layers, dev, dtype)
+    cfg = model.config
+    log(f"{preset}: {cfg.num_hidden_layers} layers, h={cfg.hidden_size}, i={cfg.intermediate_size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, built in "
+        f"{time.perf_counter() - t:.1f} s; variants: {', '.join(f'{a}:{b}:{c}' for a, b, c in variants)}")
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).to(dev)
+             for _ in range(args.calib_prompts)]
+    prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=g).to(dev)
+               for b in sorted({v[1] for v in variants})}
+    plans: dict[float, fxsparse.SparsityPlan] = {}
+    if any(s != "dense" for _, _, s in variants):
+        t = time.perf_counter()
+        targets, skipped = resolve_targets(linear_layers(model), {TargetScope(patterns=[r".*_proj"]): 0.5},
+                                           IgnoredScope(names=["lm_head"]))
         torch.compiler.reset()
-        if s is None:
-            fn = torch.compile(step, mode=mode)
-        else:
-            targets = {TargetScope(patterns=[r".*_proj"]): s}
-            plan = fxsparse.calibrate(model, calib, targets, IgnoredScope(names=["lm_head"]),
-                                      progress=False)
-            fxsparse.prepare_weights(model, plan)  # column-major in place, once
-            opts = {"plan": plan} | ({"mode": mode} if mode else {})
-            fn = torch.compile(step, backend="sparse_act", options=opts)
-        t0 = time.perf_counter()
-        decode(fn, prompt, 4, dev, max_len, cfg, dtype, bool(mode))  # compile + warm up
-        compile_s = time.perf_counter() - t0
-        times, toks = decode(fn, prompt, args.new_tokens, dev, max_len, cfg, dtype, bool(mode))
-        ms = statistics.median(times[8:])
-        rows.append({"variant": label, "sparsity": s, "ms_per_token": ms,
-                     "tokens_per_s": args.batch * 1e3 / ms, "weight_TBps": weight_bytes / ms / 1e9,
-                     "compile_s": compile_s})
-        print(f"{label:22s} {ms:7.3f} ms/token  {args.batch * 1e3 / ms:8.1f} tok/s  "
-              f"{weight_bytes / ms / 1e9:5.2f} TB/s of weights  (compile+warm-up {compile_s:.0f} s)",
-              flush=True)
-    base = rows[0]["ms_per_token"]
-    lines = [f"# decode, {info}", "", "| variant | ms/token | tok/s | weight TB/s | vs dense |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['weight_TBps']:.2f} | {base / r['ms_per_token']:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "decode.json"), "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
-        with open(os.path.join(out, "decode.md"), "w") as f:
-            f.write(table + "\n")
+        stats = collect_method_statistics(model, calib, targets, skipped=skipped, batch_quantiles=False,
+                                          progress=False)
+        for s in sorted({s for _, _, s in variants if s != "dense"}):
+            plans[s] = plan_from_observers(stats, dict.fromkeys(targets, s), "quantile")
+        del stats
+        log(f"calibrated {len(targets)} layers in {time.perf_counter() - t:.1f} s")
+    achieved: dict[tuple, dict] = {}
+    max_len = args.prompt_len + args.new_tokens + 8
+    last_s = 0.0
+    for loop, b, s in variants:
+        if args.budget_s is not None and time.perf_counter() - _T0 + last_s > args.budget_s:
+            log(f"--- {preset}:{loop}:{b}:{s} skipped: the budget of {args.budget_s:.0f} s would run out")
+            continue
+        t_variant = time.perf_counter()
+        row = {"preset": preset, "layers": cfg.num_hidden_layers, "loop": loop, "batch": b,
+               "sparsity": s, "mode": mode, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
+        plan = plans.get(s)
+        log(f"--- {variant_key(row)}")
+        try:
+            if plan is not None and (s, b) not in achieved:
+                t = time.perf_counter()
+                achieved[(s, b)] = speed.decode_sparsity(model, plan, prompts[b], args.sparsity_steps)
+                log(f"achieved sparsity measured in {time.perf_counter() - t:.1f} s")
+            per_layer = achieved.get((s, b), {})
+            torch.compiler.reset()
+            torch._dynamo.utils.counters.clear()
+            set_layout(model, plan)
+            if loop == "lean":
+                run_lean(args, model, plan, prompts[b], mode, max_len, row)
+            else:
+                run_hf(args, model, plan, prompts[b], mode, dev, row)
+            union = {n: d["union"] for n, d in per_layer.items()}
+            wb = speed.linear_weight_bytes(model)
+            planned = sum(wb[n] for n in union)
+            row["achieved_sparsity"] = (sum(wb[n] * u for n, u in union.items()) / planned
+                                        if planned else None)
+            row["achieved_row_sparsity"] = (sum(wb[n] * d["sparsity"] for n, d in per_layer.items())
+                                            / planned if planned else None)
+            row["weight_bytes"] = speed.weight_bytes_per_step(model, union)
+            row["dense_weight_bytes"] = speed.weight_bytes_per_step(model)
+            ms = row["ms_per_step"]
+            row["tokens_per_s"] = b * 1e3 / ms
+            row["weight_TBps"] = row["weight_bytes"] / ms / 1e9
+            if row.get("profile"):
+                row["breakdown"] = speed.breakdown_row(ms, row["profile"])
+            br = row.get("breakdown", {})
+            log(f"{variant_key(row)}: {ms:.3f} ms/step, {row['tokens_per_s']:.1f} tok/s, "
+                f"{row['weight_TBps']:.3g} TB/s, achieved sparsity {_fmt(row['achieved_sparsity'])}, "
+                f"GPU busy {_fmt(br.get('busy_ms'))} ms, gap {_fmt(br.get('gap_ms'))} ms, "
+                f"graphs {row.get('graphs')}, recompiles {row.get('recompiles')}, "
+                f"cudagraph skips {row.get('cudagraph_skips')}, sparse sites {row.get('sparse_lowered')}")
+            if row.get("profile"):
+                p = row["profile"]
+                log("  top kernels/step (us): " + "; ".join(f"{k} {v:.1f}" for k, v in p["top_kernels"][:5]))
+                log("  host/step (us): " + "; ".join(f"{k} {v:.1f}" for k, v in p["host_top"][:5]))
+                if p.get("runtime"):
+                    log("  runtime calls/step: " + ", ".join(f"{k} {v:.1f}" for k, v in p["runtime"].items()))
+        except Exception as e:  # keep going: the other variants are still worth their device time
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {e}"
+            log(f"{variant_key(row)} failed: {row['error'][:200]}")
+        last_s = row["variant_s"] = time.perf_counter() - t_variant
+        rows.append(row)
+        write(args.out, rows, info)
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    del model
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_lean(args, model, plan, prompt, mode, max_len, row) -> None:
+    counters = torch._dynamo.utils.counters
+    step = speed.compile_step(model, plan, mode=mode)
+    cache = speed.make_cache(model, max_len)
+    t = time.perf_counter()
+    speed.lean_decode(model, step, prompt, args.warmup, cache=cache)  # compile + CUDA graphs
+    row["compile_s"] = time.perf_counter() - t
+    row["graphs"] = int(counters["stats"]["unique_graphs"])
+    log(f"compiled + warmed up in {row['compile_s']:.1f} s ({row['graphs']} graph(s))")
+    timing = speed.lean_decode(model, step, prompt, args.new_tokens, cache=cache)
+    row.update(timing.summary())
+    row["step_ms_quartiles"] = statistics.quantiles(timing.step_ms, n=4) if len(timing.step_ms) > 1 else []
+    if args.profile_steps:
+        try:  # the timings above must survive a profiler failure
+            row["profile"] = speed.profile_lean(model, step, prompt, args.profile_steps, cache=cache)
+        except Exception as e:
+            traceback.print_exc()
+            row["profile_error"] = f"{type(e).__name__}: {e}"
+    row["recompiles"] = int(counters["stats"]["unique_graphs"]) - row["graphs"]
+    row["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
+    row["sparse_lowered"] = int(counters["fxsparse"]["lowered"])
+    row["first_tokens"] = timing.tokens[0, :8].tolist()
+
+
+def run_hf(args, model, plan, prompt, mode, dev, row) -> None:
+    from transformers import CompileConfig
+
+    if plan is not None:
+        cfg = fxsparse.compile_config(plan, mode=mode, compile_on_cpu=dev != "cuda")
+    else:
+        cfg = CompileConfig(fullgraph=False, dynamic=None, backend="inductor", mode=mode)
+        if dev != "cuda":
+            cfg._compile_all_devices = True
+    res = speed.hf_decode(model, prompt, args.new_tokens, cfg, repeats=args.repeats,
+                          profile_steps=args.profile_steps)
+    toks = res.pop("tokens")
+    row.update(res)
+    row["compile_s"] = res["warmup_s"]
+    row["first_tokens"] = toks[0, :8].tolist()
+    log(f"generate: compiled + warmed up in {res['warmup_s']:.1f} s, prefill {res['prefill_ms']:.1f} ms, "
+        f"generate {res['generate_ms']:.1f} ms, streamer median {_fmt(res.get('streamer_ms_per_step'))} "
+        f"ms/step (max {_fmt(res.get('streamer_max_ms'))})" + (f"; profiler failed: {res['profile_error']}"
+                                                              if "profile_error" in res else ""))
 
 
 if __name__ == "__main__":

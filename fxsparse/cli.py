@@ -1,4 +1,5 @@
-"""``fxsparse`` command line: calibrate, evaluate and inspect a causal LM, or run the demo.
+"""``fxsparse`` command line: calibrate, evaluate, inspect, generate and bench a causal LM, or
+run the demo.
 
 Models come from a Hugging Face folder or a ``.gguf`` file (default: the embedded SmolLM2-135M);
 text from a file or the embedded corpora (``lee`` news, ``enwiki`` extract).
@@ -8,6 +9,7 @@ text from a file or the embedded corpora (``lee`` news, ``enwiki`` extract).
     fxsparse evaluate --plan plan.json
     fxsparse inspect --plan plan.json --out inspect/
     fxsparse generate --plan plan.json --prompt "The history of"
+    fxsparse bench --plan plan.json [--device cuda]   # decode ms/token, dense vs sparse_act
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from .attribution import METRICS
 from .methods import METHODS
+from .plan import PREFILL_KINDS
 
 __all__ = ["main"]
 
@@ -57,10 +60,11 @@ def _calibrate(args, model, tok):
     from .scope import IgnoredScope
 
     text = read_text(args.calib_text, default="lee")
-    batches = token_chunks(tok, text, args.seq_len, args.calib_windows)
+    batches = token_chunks(tok, text, args.seq_len, args.calib_windows,
+                           spread=getattr(args, "calib_spread", False))
     ignored = IgnoredScope(names=["lm_head"]) if "lm_head" in dict(model.named_modules()) else None
     plan = calibrate(model, batches, _scopes(args), ignored, method=args.method, progress=True,
-                     **_method_options(args))
+                     prefill=args.prefill, decode_rows=args.decode_rows, **_method_options(args))
     plan.meta["calibration_text"] = str(args.calib_text or "lee")
     return plan
 
@@ -150,6 +154,48 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"--- {label} ({took:.1f} s including compilation) ---\n{args.prompt}{text}")
 
 
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Lean greedy decode loop (static cache, compiled step), dense Inductor vs sparse_act."""
+    from .plan import SparsityPlan
+    from .speed import compare_decode
+
+    # every check that needs no model comes first: loading is the slow part
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    mode = args.mode or ("reduce-overhead" if args.device == "cuda" else "default")
+    if mode in ("reduce-overhead", "max-autotune") and args.device != "cuda":
+        raise ValueError(f"--mode {mode} uses CUDA graphs and needs --device cuda; on {args.device} "
+                         "use --mode default")
+    if min(args.batch, args.prompt_len, args.new_tokens) < 1:
+        raise ValueError("--batch, --prompt-len and --new-tokens must be at least 1")
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda"
+                                                     else torch.float32)
+    plan = SparsityPlan.load(args.plan)
+    model, _ = _load(args)
+    plan.check_model(model)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.prompt_len + args.new_tokens > limit:
+        raise ValueError(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds "
+                         f"the model's {limit} positions")
+    model.to(device=args.device, dtype=dtype)
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=g).to(args.device)
+    print(f"lean decode loop: {args.device}, {dtype}, mode {mode}, batch {args.batch}, "
+          f"{args.new_tokens} new tokens after {args.prompt_len} random prompt tokens", flush=True)
+    rows = compare_decode(model, plan, prompt, args.new_tokens, warmup=args.warmup,
+                          mode=None if mode == "default" else mode,
+                          log=lambda m: print(m, flush=True))
+    lines = ["| variant | ms/token | tok/s | host ms/token | vs dense |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['host_ms_per_step']:.3f} | {r['vs_dense']:.2f}x |")
+    print("\n".join(lines))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Calibrate on news, compile with sparse_act, measure on Wikipedia: the main job."""
     from .data import read_text
@@ -195,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     def targets(sp):
         sp.add_argument("--calib-text", default=None, help="text file, 'lee' (default) or 'enwiki'")
         sp.add_argument("--calib-windows", type=int, default=16)
+        sp.add_argument("--calib-spread", action="store_true",
+                        help="calibration windows evenly spaced over the text (more documents "
+                             "for the same tokens) instead of its first --calib-windows")
         sp.add_argument("--mlp", type=float, default=0.4, help="sparsity of up/gate_proj inputs")
         sp.add_argument("--down", type=float, default=0.5, help="sparsity of down_proj inputs")
         sp.add_argument("--attn", type=float, default=0.0, help="sparsity of q/k/v/o_proj inputs")
@@ -211,6 +260,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="pplp: allowed perplexity rise in %% on the calibration text")
         sp.add_argument("--metric", default="gxo", choices=METRICS, help="attribution metric")
         sp.add_argument("--n-steps", type=int, default=8, help="attribution ig: path steps")
+        sp.add_argument("--prefill", default="threshold", choices=PREFILL_KINDS,
+                        help="calls with more than --decode-rows rows: threshold op (default), dense, "
+                             "or 2:4 on sparse tensor cores above the measured crossover")
+        sp.add_argument("--decode-rows", type=int, default=16,
+                        help="calls with at most this many rows always run the threshold op")
 
     sp = sub.add_parser("demo", help="calibrate, compile and evaluate the embedded default")
     common(sp)
@@ -234,6 +288,22 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("bench", help="decode speed, dense vs sparse_act (lean loop, static cache)")
+    sp.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded)")
+    sp.add_argument("--plan", required=True, help="plan JSON from 'fxsparse calibrate'")
+    sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sp.add_argument("--mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                    help="torch.compile mode (default: reduce-overhead, i.e. CUDA graphs, on CUDA; "
+                         "default on CPU)")
+    sp.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--prompt-len", type=int, default=128, help="random prompt tokens")
+    sp.add_argument("--new-tokens", type=int, default=128, help="timed decode steps")
+    sp.add_argument("--warmup", type=int, default=6, help="untimed steps after compilation")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("inspect", help="graphs before/after each pass and the per-layer table")
     common(sp, plan_needed=True)
