@@ -282,7 +282,9 @@ def main() -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         payload = {"env": info, "rows": rows, "parts_ms": parts_all, "verdict": verdict}
         Path(out, "train24.json").write_text(json.dumps(payload, indent=1))
-        Path(out, "train24.md").write_text(f"{info['gpu']}, bf16\n\n{table}\n\n{verdict}\n")
+        head = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, "
+                f"cuSPARSELt {info['cusparselt']}, bf16")
+        Path(out, "train24.md").write_text(f"{head}\n\n{table}\n\n{verdict}\n")
         print(f"wrote {out}/train24.json and {out}/train24.md")
 
 
