@@ -1,6 +1,8 @@
 """Calibration methods compared on SmolLM2-135M: perplexity at 30/40/50% sparsity, per-layer ratios.
 
-One calibration pass (Lee news, 8 windows x 256 tokens) records the statistics of every method
+One calibration pass (Lee news, 32 windows x 256 tokens spread evenly over the corpus,
+``--calib-windows``; ``--first-windows`` takes the corpus' first windows as before issue 4's
+fix) records the statistics of every method
 (``fxsparse.methods.collect_method_statistics``); every (method, target) plan is then derived
 from those observers without touching the data again and scored on held-out English Wikipedia
 (8 windows x 256 tokens) with eager hooks and exact per-layer probes (``evaluate(...,
@@ -9,10 +11,20 @@ runs once (``dense_cache``). Two scopes: all seven projections of every block ("
 MLP inputs only ("mlp": gate/up/down).
 
 Writes bench/results/methods_table.md, methods.json, sparsity_per_layer.png, ppl_vs_sparsity.png.
-The command that made the committed results (CPU, one thread, ~35 min on a shared 2-core box):
+The commands that made the committed results (CPU, one thread, on a shared 2-core box). The
+base table (~35 min) and the MLP-only refined rows and PPL-p% rows were made before issue 4's
+fix, on the first 8 Lee windows (``--calib-windows 8 --first-windows``):
 
-    OMP_NUM_THREADS=1 nice python bench/methods.py > bench/results/methods_log.txt 2>&1
-    OMP_NUM_THREADS=1 nice python bench/methods.py --refined --pplp-p 1 5 \
+    OMP_NUM_THREADS=1 nice python bench/methods.py --calib-windows 8 --first-windows \
+        > bench/results/methods_log.txt 2>&1
+    OMP_NUM_THREADS=1 nice python bench/methods.py --refined --pplp-p 1 5 --calib-windows 8 \
+        --first-windows >> bench/results/methods_log.txt 2>&1
+
+and the refined rows of the all-projections table were then regenerated with the defaults (32
+Lee windows spread over the corpus; each plan also measured on held-out Lee windows and on 32
+enwiki windows spread over the dump; the table marks such rows with †):
+
+    OMP_NUM_THREADS=1 nice python bench/methods.py --refined --parts all \
         >> bench/results/methods_log.txt 2>&1
 
 ``--tiny`` runs the same code on a random tiny Llama in a few seconds (a smoke test);
@@ -63,7 +75,14 @@ METHODS = [
 ]
 
 
-def _setup(tiny: bool):
+def _setup(tiny: bool, calib_windows: int = 8, spread: bool = False):
+    """(model, calibration windows, enwiki ids, window, eval windows, held-out Lee ids).
+
+    ``spread``: the calibration windows are evenly spaced over the Lee corpus
+    (``token_chunks(spread=True)``) and the held-out Lee text is 8 windows half-way between
+    calibration windows (never overlapping them); else the first ``calib_windows`` windows, and
+    held-out Lee is the corpus' last 8 windows.
+    """
     if tiny:
         sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
         from conftest import tiny_llama, token_batches
@@ -71,13 +90,26 @@ def _setup(tiny: bool):
         model = tiny_llama()
         calib = token_batches(4, batch=1, seq=32, seed=1)
         ids = torch.cat([b.reshape(-1) for b in token_batches(4, batch=1, seq=32, seed=2)])
-        return model, calib, ids, 32, 4
+        held = torch.cat([b.reshape(-1) for b in token_batches(4, batch=1, seq=32, seed=3)])
+        return model, calib, ids, 32, 4, held
     from fxsparse.data import enwiki_text, lee_text, load_model, token_chunks
 
     model, tok = load_model()
-    calib = token_chunks(tok, lee_text(), 256, 8)
+    window = 256
+    text = lee_text()
+    calib = token_chunks(tok, text, window, calib_windows, spread=spread)
+    lee = tok(text, return_tensors="pt").input_ids[0]
+    total = lee.numel() // window
+    if spread:
+        step = total / calib_windows
+        starts = [int(i * total // calib_windows + step / 2)
+                  for i in range(0, calib_windows, max(calib_windows // 8, 1))][:8]
+    else:
+        starts = list(range(total - 8, total))
+        assert calib_windows <= total - 8, "calibration windows would overlap held-out Lee"
+    held = torch.cat([lee[i * window:(i + 1) * window] for i in starts])
     ids = tok(enwiki_text(), return_tensors="pt").input_ids[0]
-    return model, calib, ids, 256, 8
+    return model, calib, ids, window, 8, held
 
 
 def _scopes(model) -> dict[str, list[str]]:
@@ -90,10 +122,10 @@ def _weighted_mean(sp: dict[str, float], sizes: dict[str, tuple[int, int]]) -> f
     return sum(sp[n] * w[n] for n in sp) / sum(w.values())
 
 
-def run(tiny: bool, out: Path) -> dict:
+def run(tiny: bool, out: Path, calib_windows: int = 32, spread: bool = True) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, calib, ids, window, windows = _setup(tiny)
+    model, calib, ids, window, windows, _ = _setup(tiny, calib_windows, spread)
     for p in model.parameters():
         p.requires_grad_(True)
     scopes = _scopes(model)
@@ -115,7 +147,8 @@ def run(tiny: bool, out: Path) -> dict:
 
     dense_cache: dict = {}
     result = {"model": "SmolLM2-135M" if not tiny else "tiny random Llama",
-              "calibration": {"text": "lee", "windows": len(calib), "window": window},
+              "calibration": {"text": "lee", "windows": len(calib), "window": window,
+                              "spread": spread},
               "evaluation": {"text": "enwiki", "windows": windows, "window": window},
               "sparsities": list(SPARSITIES), "runs": []}
     for scope, names in scopes.items():
@@ -135,8 +168,14 @@ def run(tiny: bool, out: Path) -> dict:
 
 
 def _record(result, model, ids, plan, window, windows, dense_cache, sizes, scope, label, method,
-            opts, s, t, out) -> dict:
-    """Score one plan on the held-out text, append it to ``result`` and save the JSON."""
+            opts, s, t, out, extra=None, calibration=None) -> dict:
+    """Score one plan on the held-out text, append it to ``result`` and save the JSON.
+
+    ``extra``: ``{name: (ids, dense cache)}``, more held-out texts on which to measure the
+    per-layer sparsity (held-out Lee separates what a shift of text costs from what calibration
+    misses; enwiki windows spread over the dump average over many articles).
+    ``calibration``: how this run was calibrated, when not as ``result["calibration"]``.
+    """
     r = evaluate(model, ids, plan, window=window, max_windows=windows, progress=False,
                  engine="hooks", dense_cache=dense_cache)
     measured = {n: v["sparsity"] for n, v in r.layers.items()}
@@ -153,37 +192,78 @@ def _record(result, model, ids, plan, window, windows, dense_cache, sizes, scope
             "token_std_mean": sum(v["token_std"] for v in r.layers.values()) / len(r.layers),
             "meta": {k: v for k, v in plan.meta.items() if k != "search"},
             "seconds": time.perf_counter() - t}
+    if calibration is not None:
+        run_["calibration"] = calibration
+    for name, (held, cache) in (extra or {}).items():
+        h = evaluate(model, held, plan, window=window, progress=False, engine="hooks",
+                     dense_cache=cache)
+        hm = {n: v["sparsity"] for n, v in h.layers.items()}
+        hdev = {n: hm[n] - targets[n] for n in hm if targets[n] is not None}
+        hw = max(hdev, key=lambda n: abs(hdev[n])) if hdev else None
+        run_.setdefault("extra_sets", {})[name] = {
+            "per_layer": hm, "worst_layer": hw, "worst_dev": hdev[hw] if hw else None,
+            "windows": held.numel() // window, "ppl": h.sparse_ppl, "dense_ppl": h.dense_ppl}
+        run_["seconds"] = time.perf_counter() - t
     result["runs"] = [x for x in result["runs"] if not (x["scope"] == scope and x["label"] == label
                                                          and x["target"] == s)] + [run_]
     print(f"{scope:3s} {label:26s} s={s:.1f} ppl {r.dense_ppl:7.3f} -> {r.sparse_ppl:8.3f} "
           f"({100 * (r.sparse_ppl / r.dense_ppl - 1):+6.1f}%) mean sp "
-          f"{run_['mean_sparsity']:.3f} worst {worst} {run_['worst_dev'] or 0:+.3f} "
-          f"[{run_['seconds']:.0f} s]", flush=True)
+          f"{run_['mean_sparsity']:.3f} worst {worst} {run_['worst_dev'] or 0:+.3f}"
+          + "".join(f"; {k}: worst {v['worst_layer']} {v['worst_dev'] or 0:+.3f}"
+                    for k, v in run_.get("extra_sets", {}).items())
+          + f" [{run_['seconds']:.0f} s]", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "methods.json").write_text(json.dumps(result, indent=1))
     return run_
 
 
-def run_refined(tiny: bool, out: Path, pplp_p: tuple[float, ...] = ()) -> dict:
+def run_refined(tiny: bool, out: Path, pplp_p: tuple[float, ...] = (),
+                parts: tuple[str, ...] = ("all", "mlp"), calib_windows: int = 32,
+                spread: bool = True) -> dict:
     """quantile and mode-median with one ``refine_plan`` step (sparse-aware recalibration), and
     PPL-p% plans for each ``pplp_p`` (search on the calibration text), merged into an existing
-    methods.json; the PPL-p% plans (per-layer thresholds) are saved next to it."""
+    methods.json; the PPL-p% plans (per-layer thresholds) are saved next to it.
+
+    ``parts``: "all" (refined rows of the all-projections table, also measured on held-out
+    Lee), "mlp" (the MLP-only rows at 20-50%). Each run records its calibration set."""
     t0 = time.perf_counter()
     result = json.loads((out / "methods.json").read_text())
-    model, calib, ids, window, windows = _setup(tiny)
+    model, calib, ids, window, windows, held = _setup(tiny, calib_windows, spread)
+    calibration = {"text": "lee", "windows": len(calib), "window": window, "spread": spread}
     names = _scopes(model)["all"]
     sizes = linear_layers(model)
     torch.compiler.reset()
-    stats = collect_method_statistics(model, calib, names, methods=("quantile",), progress=False)
     dense_cache: dict = {}
-    for label, method, opts in (("quantile (refined)", "quantile", {}),
-                                ("mode-median (refined)", "mode", {"center": "median"})):
-        for s in SPARSITIES:
-            t = time.perf_counter()
-            plan = plan_from_observers(stats, dict.fromkeys(names, s), method, **opts)
-            plan = refine_plan(model, calib, plan, iterations=1, **opts)
-            _record(result, model, ids, plan, window, windows, dense_cache, sizes, "all", label,
-                    method, {**opts, "refine": 1}, s, t, out)
+    if "all" in parts:
+        stats = collect_method_statistics(model, calib, names, methods=("quantile",),
+                                          progress=False)
+        total = ids.numel() // window
+        spread_ids = torch.cat([ids[i * total // 32 * window:(i * total // 32 + 1) * window]
+                                for i in range(32)])
+        extra = {"held-out Lee": (held, {}),
+                 "enwiki, 32 windows spread over the dump": (spread_ids, {})}
+        for label, method, opts in (("quantile (refined)", "quantile", {}),
+                                    ("mode-median (refined)", "mode", {"center": "median"})):
+            for s in SPARSITIES:
+                t = time.perf_counter()
+                plan = plan_from_observers(stats, dict.fromkeys(names, s), method, **opts)
+                plan = refine_plan(model, calib, plan, iterations=1, **opts)
+                _record(result, model, ids, plan, window, windows, dense_cache, sizes, "all",
+                        label, method, {**opts, "refine": 1}, s, t, out, extra=extra,
+                        calibration=calibration)
+    if "mlp" in parts:
+        _refined_mlp(result, model, calib, ids, window, windows, dense_cache, sizes, out,
+                     calibration)
+    if pplp_p:
+        _pplp_rows(result, model, calib, ids, window, windows, dense_cache, sizes, out, names,
+                   pplp_p, calibration)
+    result["seconds_refined"] = time.perf_counter() - t0
+    (out / "methods.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _refined_mlp(result, model, calib, ids, window, windows, dense_cache, sizes, out,
+                 calibration) -> None:
     # Where does the MLP-only curve cross +5%? quantile / norm / refined quantile at low targets.
     mlp = _scopes(model)["mlp"]
     torch.compiler.reset()
@@ -197,27 +277,28 @@ def run_refined(tiny: bool, out: Path, pplp_p: tuple[float, ...] = ()) -> dict:
             if refine:
                 plan = refine_plan(model, calib, plan, iterations=refine, **opts)
             _record(result, model, ids, plan, window, windows, dense_cache, sizes, "mlp", label,
-                    method, {**opts, "refine": refine}, s, t, out)
-    if pplp_p:
-        stats = collect_method_statistics(model, calib, names, methods=("pplp",), progress=False)
-        for p in pplp_p:
-            t = time.perf_counter()
-            plan = plan_from_observers(stats, dict.fromkeys(names, 0.0), "pplp", p=p, model=model,
-                                       data=calib)
-            print(f"pplp p={p}%: CETT {plan.meta['cett']:.4f}, search {plan.meta['search']}; "
-                  "per-layer thresholds on |x|*||W_i||: " + ", ".join(
-                      f"{n.replace('model.layers.', '')}={lp.threshold:.4g}"
-                      for n, lp in plan.layers.items()), flush=True)
-            (out / f"methods_pplp_p{p:g}_thresholds.json").write_text(json.dumps({
-                "p": p, "cett": plan.meta["cett"], "criterion": "|x_i| * ||W[:, i]||_2 < threshold",
-                "search": plan.meta["search"],
-                "layers": {n: {"threshold": lp.threshold, "calibrated_sparsity": lp.calibrated_sparsity}
-                           for n, lp in plan.layers.items()}}, indent=1))
-            _record(result, model, ids, plan, window, windows, dense_cache, sizes, "pplp",
-                    f"pplp p={p:g}%", "pplp", {"p": p}, p / 100.0, t, out)
-    result["seconds_refined"] = time.perf_counter() - t0
-    (out / "methods.json").write_text(json.dumps(result, indent=1))
-    return result
+                    method, {**opts, "refine": refine}, s, t, out, calibration=calibration)
+
+
+def _pplp_rows(result, model, calib, ids, window, windows, dense_cache, sizes, out, names,
+               pplp_p, calibration) -> None:
+    stats = collect_method_statistics(model, calib, names, methods=("pplp",), progress=False)
+    for p in pplp_p:
+        t = time.perf_counter()
+        plan = plan_from_observers(stats, dict.fromkeys(names, 0.0), "pplp", p=p, model=model,
+                                   data=calib)
+        print(f"pplp p={p}%: CETT {plan.meta['cett']:.4f}, search {plan.meta['search']}; "
+              "per-layer thresholds on |x|*||W_i||: " + ", ".join(
+                  f"{n.replace('model.layers.', '')}={lp.threshold:.4g}"
+                  for n, lp in plan.layers.items()), flush=True)
+        (out / f"methods_pplp_p{p:g}_thresholds.json").write_text(json.dumps({
+            "p": p, "cett": plan.meta["cett"], "criterion": "|x_i| * ||W[:, i]||_2 < threshold",
+            "search": plan.meta["search"],
+            "layers": {n: {"threshold": lp.threshold, "calibrated_sparsity": lp.calibrated_sparsity}
+                       for n, lp in plan.layers.items()}}, indent=1))
+        _record(result, model, ids, plan, window, windows, dense_cache, sizes, "pplp",
+                f"pplp p={p:g}%", "pplp", {"p": p}, p / 100.0, t, out,
+                calibration=calibration)
 
 
 def table(result: dict) -> str:
@@ -231,6 +312,15 @@ def table(result: dict) -> str:
              f"**{dense:.3f}**. Cells: perplexity (change vs dense) / sparsity achieved on the "
              "held-out text (mean over layers weighted by weight size, i.e. share of the "
              "multiply-adds skipped).", ""]
+    base = _calib_text(result["calibration"])
+    window = result["evaluation"]["window"]
+    others = sorted({_calib_text(r["calibration"]) for r in runs if "calibration" in r} - {base})
+    marks = {c: "†" * (i + 1) for i, c in enumerate(others)}
+    for c, m in marks.items():
+        which = sorted({f"{r['label']} ({r['scope']})" for r in runs
+                        if r.get("calibration") and _calib_text(r["calibration"]) == c})
+        lines += [f"{m} Rows calibrated on {c} instead, regenerated with `--refined`: "
+                  + ", ".join(which) + ".", ""]
     for scope, title in (("all", "All seven projections of every block"),
                          ("mlp", "MLP inputs only (gate/up/down)")):
         rs = [r for r in runs if r["scope"] == scope]
@@ -250,7 +340,9 @@ def table(result: dict) -> str:
                 cells.append("-" if r is None else
                              f"{r['ppl']:.2f} ({100 * (r['ppl'] / dense - 1):+.0f}%) / "
                              f"{r['weighted_sparsity']:.2f}")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            mark = "".join(sorted({marks.get(_calib_text(r["calibration"]), "") for r in rs
+                                   if r["label"] == label and "calibration" in r}))
+            lines.append(f"| {label}{mark} | " + " | ".join(cells) + " |")
         lines.append("")
         for label in ("quantile", "mode-median", "mode-kde", "quantile (refined)",
                       "mode-median (refined)"):
@@ -261,6 +353,14 @@ def table(result: dict) -> str:
                     f"target {w['target']:.0%}: {w['worst_layer'].replace('model.layers.', '')} "
                     f"{w['target'] + w['worst_dev']:.3f} ({100 * w['worst_dev']:+.1f} points)"
                     for w in worst))
+            sets = dict.fromkeys(k for w in worst for k in w.get("extra_sets", {}))
+            for k in sets:
+                ws = [(w, w["extra_sets"][k]) for w in worst if k in w.get("extra_sets", {})]
+                lines.append(f"- {label}, worst layer on {k} ({ws[0][1]['windows']} x {window}): "
+                             + "; ".join(f"target {w['target']:.0%}: "
+                                         f"{e['worst_layer'].replace('model.layers.', '')} "
+                                         f"{w['target'] + e['worst_dev']:.3f} "
+                                         f"({100 * e['worst_dev']:+.1f} points)" for w, e in ws))
         at40 = [r for r in rs if abs(r["target"] - 0.4) < 1e-9
                 and abs(r["weighted_sparsity"] - 0.4) <= 0.03]
         if at40:
@@ -290,6 +390,11 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calib_text(c: dict) -> str:
+    return (f"{c['windows']} x {c['window']} Lee tokens"
+            + (" spread over the corpus" if c.get("spread") else " (the first windows)"))
+
+
 def plots(result: dict, out: Path) -> None:
     runs = result["runs"]
     per_layer = {r["label"]: r["per_layer"] for r in runs if r["scope"] == "all"
@@ -316,15 +421,23 @@ def main() -> None:
                     help="add quantile/mode with one sparse-aware refinement to methods.json")
     ap.add_argument("--pplp-p", type=float, nargs="*", default=[],
                     help="with --refined: also PPL-p%% plans for these p")
+    ap.add_argument("--parts", nargs="*", default=["all", "mlp"], choices=["all", "mlp"],
+                    help="with --refined: which refined rows to (re)generate")
+    ap.add_argument("--calib-windows", type=int, default=32,
+                    help="calibration windows of 256 Lee tokens")
+    ap.add_argument("--first-windows", action="store_true",
+                    help="calibrate on the first windows of Lee (before issue 4's fix), not on "
+                         "windows spread over the corpus")
     args = ap.parse_args()
     out = args.out or (OUT if not args.tiny else Path("/tmp/fxsparse_methods_tiny"))
     torch.set_num_threads(1)
     if args.replot:
         result = json.loads((out / "methods.json").read_text())
     elif args.refined:
-        result = run_refined(args.tiny, out, tuple(args.pplp_p))
+        result = run_refined(args.tiny, out, tuple(args.pplp_p), tuple(args.parts),
+                             args.calib_windows, not args.first_windows)
     else:
-        result = run(args.tiny, out)
+        result = run(args.tiny, out, args.calib_windows, not args.first_windows)
     (out / "methods_table.md").write_text(table(result))
     plots(result, out)
     print(table(result))

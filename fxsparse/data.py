@@ -130,14 +130,19 @@ def read_text(source: str | os.PathLike | None, default: str = "lee") -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def token_chunks(tokenizer, text: str, seq_len: int, max_chunks: int | None = None
-                 ) -> list[torch.Tensor]:
+def token_chunks(tokenizer, text: str, seq_len: int, max_chunks: int | None = None, *,
+                 spread: bool = False) -> list[torch.Tensor]:
     """Non-overlapping ``[1, seq_len]`` windows of the tokenised text (a fixed shape keeps the
-    compiled graph to one specialisation)."""
+    compiled graph to one specialisation).
+
+    ``max_chunks`` keeps that many windows: the first ones, or with ``spread=True`` windows
+    evenly spaced over the whole text, so that a calibration set of a few windows samples every
+    part of a corpus of many documents instead of only its first few documents.
+    """
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n = ids.numel() // seq_len
-    if max_chunks is not None:
-        n = min(n, max_chunks)
+    total = ids.numel() // seq_len
+    n = total if max_chunks is None else min(total, max_chunks)
     if n == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(n)]
+    starts = [i * total // n for i in range(n)] if spread else range(n)
+    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in starts]

@@ -87,3 +87,34 @@ def test_errors():
                            progress=False)
     with pytest.raises(RuntimeError, match="recorded nothing"):
         fxsparse.calibrate(model, [], {TargetScope(names=["lm_head"]): 0.3}, progress=False)
+
+
+class _Tok:
+    """Tokenizer stand-in: one token per character, its code point."""
+
+    def __call__(self, text, return_tensors=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[ord(c) for c in text]]))
+
+
+def test_token_chunks_spread_samples_the_whole_text():
+    from fxsparse.data import token_chunks
+
+    text = "".join(chr(65 + i // 10) for i in range(100))  # ten 10-token "documents" A..J
+    first = token_chunks(_Tok(), text, 10, 3)
+    spread = token_chunks(_Tok(), text, 10, 3, spread=True)
+    assert [chr(int(w[0, 0])) for w in first] == ["A", "B", "C"]
+    assert [chr(int(w[0, 0])) for w in spread] == ["A", "D", "G"]  # evenly over the text
+    assert all(w.shape == (1, 10) for w in spread)
+    assert len(token_chunks(_Tok(), text, 10, 50, spread=True)) == 10  # never more than there are
+    assert [chr(int(w[0, 0])) for w in token_chunks(_Tok(), text, 10, spread=True)] == list("ABCDEFGHIJ")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_chunks(_Tok(), "abc", 10, spread=True)
+
+
+def test_cli_calib_spread_option():
+    from fxsparse.cli import _parser
+
+    assert _parser().parse_args(["calibrate", "--out", "p.json", "--calib-spread"]).calib_spread
+    assert not _parser().parse_args(["calibrate", "--out", "p.json"]).calib_spread
