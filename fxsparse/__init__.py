@@ -7,12 +7,9 @@
 
 from __future__ import annotations
 
-import functools as _functools
-
 from . import kernels  # noqa: F401  (registers torch.ops.fxsparse.*)
 from .backend import sparse_act
-from .calibration import calibrate as _calibrate_thresholds
-from .calibration import collect_statistics
+from .calibration import calibrate, collect_statistics
 from .generation import compile_config
 from .inspection import Report, explain
 from .logs import _from_env as _logs_from_env
@@ -27,21 +24,6 @@ from .training import Sparse24Config, SquaredReLU24MLP, convert_to_squared_relu_
 
 __version__ = "0.1.0"
 
-
-@_functools.wraps(_calibrate_thresholds)
-def calibrate(*args, prefill: str = "threshold", decode_rows: int | None = None, **kwargs) -> SparsityPlan:
-    plan = _calibrate_thresholds(*args, **kwargs)
-    return plan.set_prefill(prefill, decode_rows)
-
-
-calibrate.__doc__ = (_calibrate_thresholds.__doc__ or "") + """
-    Prefill (set on every calibrated layer; ``SparsityPlan.set_prefill`` changes it per layer):
-        prefill: what calls with more than ``decode_rows`` rows run: ``"threshold"`` (default,
-            the threshold op at every row count), ``"dense"`` (plain linear, TEAL-style dense
-            prefill) or ``"2:4"`` (2:4 activations on sparse tensor cores above the measured
-            row-count crossover, dense below it).
-        decode_rows: calls with at most this many rows always run the threshold op (default 16).
-"""
 
 __all__ = [
     "allocate_sparsity",

@@ -131,6 +131,8 @@ def calibrate(
     max_batches: int | None = None,
     progress: bool = True,
     refine: int = 0,
+    prefill: str = "threshold",
+    decode_rows: int | None = None,
     **options: Any,
 ) -> SparsityPlan:
     """Calibrate per-layer thresholds so each targeted layer drops its target share of inputs.
@@ -154,6 +156,12 @@ def calibrate(
         refine: recalibrate this many times on the inputs layers see while the previous plan
             sparsifies the model (``methods.refine_plan``), so deep layers meet their targets
             in the sparse model, not only in the dense one.
+        prefill: what calls with more than ``decode_rows`` rows run, on every calibrated layer
+            (``SparsityPlan.set_prefill`` changes it per layer): ``"threshold"`` (the threshold
+            op at every row count), ``"dense"`` (plain linear, TEAL-style dense prefill) or
+            ``"2:4"`` (2:4 activations on sparse tensor cores above the measured row-count
+            crossover, dense below it).
+        decode_rows: calls with at most this many rows always run the threshold op (16).
         **options: the method's options (above).
 
     Returns:
@@ -188,4 +196,4 @@ def calibrate(
     if refine:
         plan = refine_plan(model, data, plan, iterations=refine, max_batches=max_batches,
                            **options)
-    return plan
+    return plan.set_prefill(prefill, decode_rows)
