@@ -21,7 +21,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fxsparse.kernels import sparse_gemv as sg  # noqa: E402
-from fxsparse.kernels.threshold_linear import threshold_linear_reference  # noqa: E402
+from fxsparse.kernels.threshold_linear import (  # noqa: E402
+    fill_value,
+    keep_mask_reference,
+    threshold_linear_reference,
+)
 
 INTERPRETED = type(sg._threshold_gemv_kernel).__name__ == "InterpretedFunction"
 HAS_CUDA = torch.cuda.is_available()
@@ -130,6 +134,23 @@ def test_matches_reference_cpu(c: Case) -> None:
     run_case(c, "cpu")
 
 
+def check_masked_input(c: Case, device: str) -> None:
+    """The several-row path's mask kernel equals the reference's masked input, bit for bit."""
+    x, _, _, center, scale, _ = make_inputs(c, device)
+    out = sg.masked_input(x, c.threshold, center, scale)
+    ref = torch.where(keep_mask_reference(x, c.threshold, center, scale), x, fill_value(x, center))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+@cpu_only
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=cases(max_rows=20, max_n=1, max_k=300))
+def test_masked_input_cpu(c: Case) -> None:
+    check_masked_input(c, "cpu")
+
+
 @cpu_only
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -194,6 +215,7 @@ def test_matches_reference_gpu(dtype: torch.dtype, center: str) -> None:
     @given(c=cases(max_rows=16, max_n=3000, max_k=3000, dtype=dtype, center=center))
     def prop(c: Case) -> None:
         run_case(c, "cuda")
+        check_masked_input(c, "cuda")
 
     prop()
 

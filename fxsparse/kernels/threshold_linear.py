@@ -121,7 +121,7 @@ def _(x, weight, bias, threshold, center=None, channel_scale=None, center_bias=N
 
 
 def threshold_linear_cuda(x, weight, bias, threshold, center=None, channel_scale=None, center_bias=None):
-    """The CUDA implementation: the fused sparse GEMV for few rows, mask + cuBLAS above.
+    """The CUDA implementation: the fused sparse GEMV for one row, one mask kernel + cuBLAS above.
 
     Also the decode path of ``fxsparse::prefill_linear`` (called directly, no second dispatch).
     """
@@ -132,6 +132,8 @@ def threshold_linear_cuda(x, weight, bias, threshold, center=None, channel_scale
         return sparse_gemv.threshold_gemv(
             x, weight, bias, threshold, center, channel_scale, center_bias
         )
+    if x.dtype in (torch.bfloat16, torch.float16, torch.float32):  # one mask kernel, then cuBLAS
+        return F.linear(sparse_gemv.masked_input(x, threshold, center, channel_scale), weight, bias)
     return threshold_linear_reference(x, weight, bias, threshold, center, channel_scale)
 
 
