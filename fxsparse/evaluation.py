@@ -125,6 +125,10 @@ def evaluate(
     ``engine="hooks"`` applies the plan with eager hooks instead (same masks, no Dynamo: cheaper
     when one process scores many plans). ``dense_cache`` (a dict, filled on first use) keeps the
     dense model's loss and argmax per window, so a sweep runs the dense model once.
+
+    Every token is scored with the decode-time masks, as TEAL measures perplexity: a layer's
+    ``prefill`` setting (dense or 2:4 for many-row calls) would otherwise make a window's single
+    forward pass dense and hide what the plan costs when generating.
     """
     if engine not in ("compile", "hooks"):
         raise ValueError(f"engine must be 'compile' or 'hooks', got {engine!r}")
@@ -136,6 +140,8 @@ def evaluate(
     hooks = None
     if plan is not None and sparse_model is None:
         plan.check_model(model)
+        if any(lp.prefill != "threshold" for lp in plan.layers.values()):
+            plan = SparsityPlan.from_dict(plan.to_dict()).set_prefill("threshold")
         probes = {name: make_probe(name, lp) for name, lp in plan.layers.items()}
         if engine == "hooks":
             hooks = probes

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxsparse
-from fxsparse import IgnoredScope, TargetScope
+from fxsparse import IgnoredScope, SparsityPlan, TargetScope
 from fxsparse.evaluation import evaluate, sliding_windows
 
 from conftest import tiny_llama, token_batches
@@ -67,6 +67,17 @@ def test_evaluate_dense_vs_sparse(model_plan):
     assert dense_only.sparse_ppl is None
     assert dense_only.dense_ppl == pytest.approx(res.dense_ppl, rel=0.05)
     assert "perplexity dense" in res.table(plan)
+
+
+def test_evaluate_scores_with_decode_masks_whatever_the_prefill(model_plan):
+    """A dense-prefill plan costs what its decode masks cost: evaluate must not score it dense."""
+    model, plan = model_plan
+    ids = token_batches(1, batch=1, seq=70, seed=5)[0][0]
+    threshold = evaluate(model, ids, plan, window=32, progress=False, engine="hooks")
+    dense_prefill = SparsityPlan.from_dict(plan.to_dict()).set_prefill("dense")
+    res = evaluate(model, ids, dense_prefill, window=32, progress=False, engine="hooks")
+    assert res.sparse_ppl == pytest.approx(threshold.sparse_ppl) and res.sparse_ppl != res.dense_ppl
+    assert all(lp.prefill == "dense" for lp in dense_prefill.layers.values())  # not mutated
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
