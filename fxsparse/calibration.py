@@ -131,7 +131,7 @@ def calibrate(
     max_batches: int | None = None,
     progress: bool = True,
     refine: int = 0,
-    prefill: str = "threshold",
+    prefill: str | Mapping[TargetScope, str] = "threshold",
     decode_rows: int | None = None,
     **options: Any,
 ) -> SparsityPlan:
@@ -156,11 +156,11 @@ def calibrate(
         refine: recalibrate this many times on the inputs layers see while the previous plan
             sparsifies the model (``methods.refine_plan``), so deep layers meet their targets
             in the sparse model, not only in the dense one.
-        prefill: what calls with more than ``decode_rows`` rows run, on every calibrated layer
-            (``SparsityPlan.set_prefill`` changes it per layer): ``"threshold"`` (the threshold
-            op at every row count), ``"dense"`` (plain linear, TEAL-style dense prefill) or
-            ``"2:4"`` (2:4 activations on sparse tensor cores above the measured row-count
-            crossover, dense below it).
+        prefill: what calls with more than ``decode_rows`` rows run: ``"threshold"`` (the
+            threshold op at every row count), ``"dense"`` (plain linear, TEAL-style dense
+            prefill) or ``"2:4"`` (2:4 activations on sparse tensor cores above the measured
+            row-count crossover, dense below it); one kind for every calibrated layer, or
+            ``{TargetScope: kind}`` per scope (other layers keep ``"threshold"``).
         decode_rows: calls with at most this many rows always run the threshold op (16).
         **options: the method's options (above).
 
@@ -196,4 +196,11 @@ def calibrate(
     if refine:
         plan = refine_plan(model, data, plan, iterations=refine, max_batches=max_batches,
                            **options)
-    return plan.set_prefill(prefill, decode_rows)
+    if isinstance(prefill, str):
+        return plan.set_prefill(prefill, decode_rows)
+    for scope, kind in prefill.items():
+        names = scope.select(plan.layers)
+        if not names:
+            raise ValueError(f"prefill scope {scope!r} matches no calibrated layer")
+        plan.set_prefill(kind, decode_rows, names=names)
+    return plan

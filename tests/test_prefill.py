@@ -189,6 +189,18 @@ def model_and_plan():
     return model, plan
 
 
+def test_calibrate_prefill_per_scope():
+    model = tiny_llama()
+    plan = fxsparse.calibrate(model, token_batches(1), MLP, IgnoredScope(names=["lm_head"]), progress=False,
+                              prefill={TargetScope(patterns=[r".*down_proj"]): "2:4"}, decode_rows=4)
+    kinds = {name: (lp.prefill, lp.decode_rows) for name, lp in plan.layers.items()}
+    assert all(v == ("2:4", 4) for n, v in kinds.items() if n.endswith("down_proj"))
+    assert all(v == ("threshold", 16) for n, v in kinds.items() if not n.endswith("down_proj"))
+    with pytest.raises(ValueError, match="matches no calibrated layer"):
+        fxsparse.calibrate(model, token_batches(1), MLP, IgnoredScope(names=["lm_head"]), progress=False,
+                           prefill={TargetScope(names=["lm_head"]): "dense"})
+
+
 def _logits(fn, x):
     with torch.no_grad():
         return fn(x, use_cache=False).logits
