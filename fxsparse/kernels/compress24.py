@@ -17,9 +17,12 @@ cuSPARSELt 0.8, and checked byte for byte against them in ``tests/test_compress2
   tile's 8, the code sits in nibble ``16*(8*b + r) + 4*gl + 2*gh + h`` (low nibble first);
   padding rows hold code ``0b1110``, as torch writes them.
 
-So every (64-row, 32-column) tile of ``x`` maps to a 64 x 16 block of values and 256 bytes of
-metadata; a program handles 64 rows x ``BLOCK_K`` columns and packs each row pair (r, r + 8)
-of a k-tile into one 64-bit word (32 words per tile, stored contiguously).
+The buffer has torch's shape, ``[M, ceil(numel / M)]`` with the data in its flat prefix
+(cuSPARSELt reads M off dim 0). Every (64-row, 32-column) tile of ``x`` maps to a 64 x 16
+block of values and 256 bytes of metadata. A program handles 64 rows x ``BLOCK_K`` columns: it
+reads each group of 4 entries as one int64 word, ranks and selects on the raw 16-bit patterns
+with integer arithmetic (all in one thread), and packs each row pair (r, r + 8) of a k-tile
+into 8 bytes of metadata.
 
 Pruning rule = ``prune24``'s (``fxsparse/kernels/prune24.py``): keep the 2 entries of each
 group with the largest ``|x - center|`` (float32; NaN ranks as +inf; ties: lower index wins).

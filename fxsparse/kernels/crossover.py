@@ -1,9 +1,12 @@
 """Row-count crossover of the 2:4 prefill path: from how many rows ``sparse24_linear`` beats dense.
 
-``crossover_rows(n, k, dtype, device)`` measures once per (GPU name, N, K, dtype, epilogue, torch,
-Triton and cuSPARSELt versions, ``sparse24.SPARSE24_IMPL``): dense ``F.linear`` against
-``sparse24_linear`` (prune + compress + sparse matmul) at M in ``MEASURE_ROWS``, medians of a few
-CUDA-event timings each. The crossover is the smallest measured M from which the 2:4 path is at
+``crossover_rows(n, k, dtype, device, graphs=...)`` measures once per (GPU name, N, K, dtype,
+epilogue, execution mode, torch, Triton and cuSPARSELt versions, ``sparse24.SPARSE24_IMPL``):
+dense ``F.linear`` against ``sparse24_linear`` (prune + compress + sparse matmul) at M in
+``MEASURE_ROWS``, medians of a few CUDA-event timings each, of CUDA-graph replays when the model
+runs under CUDA graphs (GPU time only) and of eager calls otherwise (host work included: torch's
+cuSPARSELt call sets up its plan on every call, so eagerly 2:4 rarely pays).
+The crossover is the smallest measured M from which the 2:4 path is at
 least ``MARGIN`` (2%) faster at every larger measured M; ``NEVER`` (a huge int) when there is
 none. Rows between two measured points follow the larger one's verdict (the crossover is the
 first point of a winning tail), rows above the largest follow it.
