@@ -50,8 +50,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .kernels.compress24 import compress24
+from .kernels import sparse24
 from .kernels.prune24 import METHODS, prune24_tokens_t, relu2_grad24, sparsify24
+from .kernels.sparse24 import compress24, cslt_mm
 
 __all__ = [
     "Sparse24Config",
@@ -130,47 +131,16 @@ def unpermute_tokens(x: Tensor, inv: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _cslt_available() -> bool:
-    try:
-        return bool(torch.backends.cusparselt.is_available())
-    except Exception:  # noqa: BLE001 - older builds lack the module
-        return False
-
-
 def cslt_supported(a: Tensor, b: Tensor) -> bool:
     """True when ``a @ b`` with a 2:4 ``a`` can run on cuSPARSELt here."""
-    if not (a.is_cuda and b.is_cuda and _cslt_available()):
+    if not (a.is_cuda and b.is_cuda and sparse24.available(a.device)):
         return False
     if a.dtype not in (torch.float16, torch.bfloat16) or b.dtype != a.dtype:
-        return False
-    if torch.cuda.get_device_capability(a.device) < (8, 0):
         return False
     m, k = a.shape
     n = b.shape[1]
     # multiples of 64 satisfy every cuSPARSELt bf16/fp16 alignment rule with room to spare
     return m % 64 == 0 and k % 64 == 0 and n % 64 == 0
-
-
-# Best cuSPARSELt algorithm per problem, found once by ``_cslt_sparse_mm_search`` (like
-# cuBLAS heuristics: a per-process tuning cache, never a user-visible registry).
-_CSLT_ALG: dict[tuple, int] = {}
-
-
-def cslt_mm(packed: Tensor, m: int, b: Tensor, transpose_result: bool = False) -> Tensor:
-    """``A @ b`` (or its ``[n, m]`` transpose) for ``packed`` = ``A`` compressed (``compress24``)."""
-    key = (m, tuple(b.shape), b.is_contiguous(), transpose_result, b.dtype, b.device)
-    alg = _CSLT_ALG.get(key)
-    if alg is None:
-        try:
-            alg = int(torch._cslt_sparse_mm_search(packed, b, transpose_result=transpose_result))
-        except Exception:  # noqa: BLE001 - search is an optimisation; alg 0 always works
-            alg = 0
-        _CSLT_ALG[key] = alg
-    out = torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg)
-    if transpose_result and tuple(out.shape) != (b.shape[1], m):
-        out = out.t()
-    return out
 
 
 def mm24(a: Tensor, b: Tensor, transpose_result: bool = False) -> Tensor:

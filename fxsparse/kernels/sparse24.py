@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .compress24 import compress24  # one pass into cuSPARSELt's layout (re-exported)
 
-__all__ = ["SPARSE24_IMPL", "available", "compress24", "sparse24_linear", "sparse_mm24",
+__all__ = ["SPARSE24_IMPL", "available", "compress24", "cslt_mm", "sparse24_linear", "sparse_mm24",
            "unsupported_reason", "SPARSE_ROW_ALIGN", "SPARSE_K_ALIGN"]
 
 log = logging.getLogger("fxsparse")
@@ -110,8 +110,8 @@ def _search_enabled() -> bool:
     return os.environ.get("FXSPARSE_CSLT_SEARCH", "1") != "0"
 
 
-def _algorithm(packed: Tensor, m: int, b: Tensor) -> int:
-    key = (m, b.shape[1], b.shape[0], b.dtype, b.is_contiguous(), b.device.index)
+def _algorithm(packed: Tensor, m: int, b: Tensor, transpose_result: bool) -> int:
+    key = (m, b.shape[1], b.shape[0], b.dtype, b.is_contiguous(), transpose_result, b.device.index)
     alg = _ALG.get(key)
     if alg is not None:
         return alg
@@ -120,7 +120,7 @@ def _algorithm(packed: Tensor, m: int, b: Tensor) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecated in newer torch; still the 2.11 API
-            alg = int(torch._cslt_sparse_mm_search(packed, b))
+            alg = int(torch._cslt_sparse_mm_search(packed, b, transpose_result=transpose_result))
     except Exception as e:  # noqa: BLE001 - the search is an optimisation; algorithm 0 works
         log_once(f"fxsparse: cuSPARSELt algorithm search failed ({e}); using algorithm 0")
         alg = 0
@@ -128,12 +128,25 @@ def _algorithm(packed: Tensor, m: int, b: Tensor) -> int:
     return alg
 
 
+def cslt_mm(packed: Tensor, m: int, b: Tensor, transpose_result: bool = False) -> Tensor:
+    """``A @ b`` (or its ``[n, m]`` transpose) for ``packed`` = ``compress24`` of an ``[m, K]`` A.
+
+    ``b`` [K, n] must be row- or column-major. The cuSPARSELt algorithm is searched once per
+    problem (see the module docstring).
+    """
+    alg = _algorithm(packed, m, b, transpose_result)
+    out = torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg)
+    if transpose_result and tuple(out.shape) != (b.shape[1], m):
+        out = out.t()
+    return out
+
+
 def sparse_mm24(packed: Tensor, m: int, weight: Tensor) -> Tensor:
     """``A @ weight.t()`` (``[m, N]``) for ``packed = compress24(...)`` of an ``[m, K]`` A."""
     b = weight.t()
     if not (b.is_contiguous() or b.t().is_contiguous()):
         b = b.contiguous()
-    return torch._cslt_sparse_mm(packed, b, alg_id=_algorithm(packed, m, b))
+    return cslt_mm(packed, m, b)
 
 
 def sparse24_linear(
