@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .prune24 import _rank4, prune24_reference, prune24_triton
+from .prune24 import keep24_reference, prune24_reference, prune24_triton
 from .threshold_linear import (
-    _as,
     check_linear_args,
     keep_mask_reference,
     masked_linear_backward,
@@ -130,24 +129,13 @@ def _(x, weight, bias, threshold, center, channel_scale, center_bias, decode_row
 # -- autograd: the mask of the branch taken is a constant of the forward ----------------------
 
 
-def _keep24(x: Tensor, center: Tensor | None) -> Tensor:
-    """``prune24.keep24_reference`` without ``.float()`` on its inputs (an op's setup may not
-    produce aliases of them)."""
-    d = _as(x, torch.float32)
-    if center is not None:
-        d = d - _as(_as(center, x.dtype), torch.float32)
-    d = d.abs()
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
-    return _rank4(d.reshape(*x.shape[:-1], x.shape[-1] // 4, 4)).reshape(x.shape) < 2
-
-
 def _setup_context(ctx, inputs, output):
     x, weight, bias, threshold, center, channel_scale, _, decode_rows, min_rows_24 = inputs
     which = branch(_rows(x), decode_rows, min_rows_24)
     if which == "threshold":
         keep = keep_mask_reference(x, threshold, center, channel_scale)
     elif which == "2:4":
-        keep = _keep24(x, center)
+        keep = keep24_reference(x, center)
     else:
         keep = torch.ones_like(x, dtype=torch.bool)
     ctx.save_for_backward(x, weight, keep, center)

@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .threshold_linear import _as
+
 __all__ = [
     "METHODS",
     "prune24",
@@ -84,7 +86,7 @@ def _rank4(d: Tensor) -> Tensor:
 
 
 def _magnitude(v: Tensor) -> Tensor:
-    d = v.float().abs()
+    d = _as(v, torch.float32).abs()
     return torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
 
 
@@ -102,9 +104,11 @@ def prune24_reference(x: Tensor, center: Tensor | float | None = None) -> Tensor
 def keep24_reference(x: Tensor, center: Tensor | float | None = None) -> Tensor:
     """Boolean mask of the entries :func:`prune24_reference` keeps."""
     c = x.shape[-1]
-    d = x.float()
+    # no ``.float()`` / ``.to()`` that may return an input itself: ops call this in autograd setup
+    d = _as(x, torch.float32)
     if center is not None:
-        d = d - torch.as_tensor(center, device=x.device).to(x.dtype).float()
+        ct = center if isinstance(center, Tensor) else torch.as_tensor(center, device=x.device)
+        d = d - _as(_as(ct, x.dtype), torch.float32)
     d = _magnitude(d)
     return _rank4(d.reshape(*x.shape[:-1], c // 4, 4)).reshape(x.shape) < 2
 
