@@ -132,7 +132,7 @@ def threshold_linear_cuda(x, weight, bias, threshold, center=None, channel_scale
         return sparse_gemv.threshold_gemv(
             x, weight, bias, threshold, center, channel_scale, center_bias
         )
-    if x.dtype in (torch.bfloat16, torch.float16, torch.float32):  # one mask kernel, then cuBLAS
+    if x.dtype in sparse_gemv._DTYPES:  # one mask kernel, then cuBLAS
         return F.linear(sparse_gemv.masked_input(x, threshold, center, channel_scale), weight, bias)
     return threshold_linear_reference(x, weight, bias, threshold, center, channel_scale)
 
