@@ -49,20 +49,9 @@ L2_BYTES = 50e6
 
 
 def env() -> dict:
-    import triton
-
     from fxsparse.kernels import sparse24 as S
 
-    props = torch.cuda.get_device_properties(0)
-    info = {
-        "gpu": props.name,
-        "capability": f"sm{props.major}{props.minor}",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cusparselt": S.cusparselt_version(),
-        "sparse24_impl": S.SPARSE24_IMPL,
-    }
+    info = {**timing.gpu_environment(0), "sparse24_impl": S.SPARSE24_IMPL}
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     return info
 

@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from fxsparse import training as T
 from fxsparse.kernels import prune24 as P
 from fxsparse.kernels.compress24 import compress24
+from fxsparse.kernels.timing import gpu_environment
 
 TOKENS = (4096, 16384)
 SHAPES = ((2048, 8192), (4096, 16384))
@@ -45,19 +45,7 @@ T0 = time.perf_counter()
 
 
 def env() -> dict:
-    props = torch.cuda.get_device_properties(0)
-    try:
-        cslt = torch.backends.cusparselt.version()
-    except Exception:  # noqa: BLE001
-        cslt = None
-    info = {
-        "gpu": props.name,
-        "capability": f"sm{props.major}{props.minor}",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cusparselt": cslt,
-    }
+    info = gpu_environment(0)
     print(" | ".join(f"{k} {v}" for k, v in info.items()))
     return info
 

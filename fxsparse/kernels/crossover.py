@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import sparse24
-from .timing import time_calls
+from .timing import gpu_environment, time_calls
 
 __all__ = ["NEVER", "MEASURE_ROWS", "MARGIN", "crossover_rows", "crossover_from_times",
            "resolve_min_rows_24", "cache_path", "environment"]
@@ -57,17 +57,7 @@ def cache_path() -> Path:
 
 def environment(device: torch.device) -> dict:
     """What a measurement depends on besides the shape (part of the cache key)."""
-    import triton
-
-    props = torch.cuda.get_device_properties(device)
-    return {
-        "gpu": props.name,
-        "capability": f"sm{props.major}{props.minor}",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cusparselt": sparse24.cusparselt_version(),
-        "impl": sparse24.SPARSE24_IMPL,
-    }
+    return {**gpu_environment(device), "impl": sparse24.SPARSE24_IMPL}
 
 
 def _key(env: Mapping, n: int, k: int, dtype: torch.dtype, epilogue: bool, graphs: bool) -> str:

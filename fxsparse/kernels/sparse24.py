@@ -62,13 +62,6 @@ def _cusparselt_available() -> bool:
         return False
 
 
-def cusparselt_version() -> int | None:
-    try:
-        return int(torch.backends.cusparselt.version()) if _cusparselt_available() else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def available(device: torch.device | str) -> bool:
     """True when cuSPARSELt 2:4 matmuls can run on ``device`` (CUDA, sm80+, cuSPARSELt built)."""
     device = torch.device(device)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["copy_bandwidth", "time_calls"]
+__all__ = ["copy_bandwidth", "gpu_environment", "time_calls"]
 
 
 def _rounds(run: Callable[[], None], trials: int, min_ms: float) -> list[float]:
@@ -68,3 +68,22 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
     b = torch.empty_like(a)
     us, _ = time_calls([lambda: b.copy_(a)], min_ms=30)
     return 2 * nbytes / (us * 1e-6) / 1e12
+
+
+def gpu_environment(device: torch.device | int | None = None) -> dict:
+    """GPU and library versions a measurement depends on (reported with every figure)."""
+    import triton
+
+    props = torch.cuda.get_device_properties(device)
+    try:
+        cusparselt = torch.backends.cusparselt.version()
+    except Exception:  # noqa: BLE001 - builds without cuSPARSELt
+        cusparselt = None
+    return {
+        "gpu": props.name,
+        "capability": f"sm{props.major}{props.minor}",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cusparselt": cusparselt,
+    }
