@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from fxsparse.kernels import sparse_gemv as sg
-from fxsparse.kernels import threshold_linear as ref_mod
+from fxsparse.kernels.threshold_linear import threshold_linear_reference
 from fxsparse.kernels.timing import copy_bandwidth, time_calls
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
@@ -45,6 +46,17 @@ TOUCH_BYTES = 1.5e9  # weight copies per shape: a 90%-sparse pass over them stil
 def time_graph(calls, trials: int = 5, min_ms: float = 10.0) -> tuple[float, float]:
     """Median µs per call of the calls replayed in one CUDA graph, and the trials' spread."""
     return time_calls(calls, trials, min_ms, graphs=True)
+
+
+@triton.jit
+def _empty_kernel(out_ptr):
+    tl.store(out_ptr + tl.program_id(0), 0.0)
+
+
+def time_empty(programs: int) -> float:
+    """A grid of programs that each store one float: the launch + scheduling floor (µs)."""
+    bufs = [torch.empty(programs, device="cuda") for _ in range(16)]
+    return time_graph([lambda b=b: _empty_kernel[(programs,)](b) for b in bufs])[0]
 
 
 # -- correctness --------------------------------------------------------------------------------
@@ -80,7 +92,7 @@ def correctness_check(sweep: bool = False) -> None:
                     sc = torch.rand(k, device="cuda") + 0.5
                     cb = None if c is None else w.float() @ c.to(dtype).float().expand(k)
                     up = lambda t: None if t is None else t.double()
-                    ref = ref_mod.threshold_linear_reference(up(x), up(w), up(b), 0.7, up(c), up(sc))
+                    ref = threshold_linear_reference(up(x), up(w), up(b), 0.7, up(c), up(sc))
                     nsm = torch.cuda.get_device_properties(0).multi_processor_count
                     cfgs = {"default": None}
                     if sweep and dtype == torch.bfloat16 and rows in (1, 4) and center != "scalar":
@@ -137,7 +149,10 @@ def sparse_inputs(st: Setup, rows: int, s: float):
     out = []
     for _ in st.w_cm:
         x = torch.randn(rows, st.k, device="cuda", dtype=DT)
-        thr = float(torch.quantile(x.float().abs().flatten(), s)) if s > 0 else 0.0
+        if s >= 1:  # τ = ∞: nothing kept, the kernel's fixed cost alone
+            thr = math.inf
+        else:
+            thr = float(torch.quantile(x.float().abs().flatten(), s)) if s > 0 else 0.0
         keep = ~(x.float().abs() < thr)
         out.append((x, thr, 1 - keep.float().mean().item(), 1 - keep.any(0).float().mean().item()))
     return out
@@ -162,25 +177,15 @@ def time_sparse(st: Setup, rows: int, inputs, config=None, check: bool = True):
 
 def variants(rows: int, n: int, k: int, nsm: int):
     """Configurations tried by --sweep around the default heuristic (one factor at a time)."""
-    base = dict(programs_per_sm=8, block_n=128, chunk_k=128)
     out = {}
 
-    def add(name, sub_k=None, num_warps=4, num_stages=1, **kw):
-        cfg = sg._pick_config(rows, n, k, 2, nsm, **{**base, **kw})
-        if sub_k is not None:
-            cfg = dataclasses.replace(cfg, sub_k=sub_k)
-        out[name] = dataclasses.replace(cfg, num_warps=num_warps, num_stages=num_stages)
+    def add(name, **kw):
+        out[name] = sg._pick_config(rows, n, k, 2, nsm, **kw)
 
-    add("base")
-    add("sk32", sub_k=32)
-    add("bn64", block_n=64)
-    add("bn256", block_n=256)
-    add("pps4", programs_per_sm=4)
-    add("pps16", programs_per_sm=16)
-    if rows == 1:
-        add("ck64", chunk_k=64)
-        add("ck256", chunk_k=256)
-        add("stages3", num_stages=3)
+    add("default")
+    if rows == 1:  # Triton's pipeliner on the weight loop: stages - 1 tiles in flight per program
+        for stages in (3, 4, 6):
+            out[f"pipe{stages}"] = dataclasses.replace(out["default"], pipelined=stages)
     return out
 
 
@@ -226,7 +231,36 @@ def main() -> None:
                 flush=True,
             )
             if args.sweep:
-                for s in (0.0, 0.5, 0.9):
+                cfg0 = sg._pick_config(rows, n, k, 2, nsm)
+                progs = triton.cdiv(n, cfg0.block_n) * cfg0.split_k
+                empty_us = time_empty(progs)
+                sweep.append(
+                    dict(
+                        n=n,
+                        k=k,
+                        rows=rows,
+                        s=1.0,
+                        variant="empty grid",
+                        us=empty_us,
+                        speedup=dense_us / empty_us,
+                    )
+                )
+                print(f"  empty kernel, {progs} programs: {empty_us:.1f} us", flush=True)
+                if rows > 1:  # the op's path above max_rows: mask kernel + cuBLAS
+                    for s in (0.0, 0.9):
+                        inputs = sparse_inputs(st, rows, s)
+                        pairs = cycle(list(zip(inputs, st.w_cm, strict=True)))
+                        calls = [lambda i=i, w=w: F.linear(sg.masked_input(i[0], i[1]), w) for i, w in pairs]
+                        us = time_graph(calls)[0]
+                        sweep.append(
+                            dict(
+                                n=n, k=k, rows=rows, s=s, variant="mask+cublas", us=us, speedup=dense_us / us
+                            )
+                        )
+                        print(
+                            f"  sweep s={s:.1f} mask+cublas {us:8.1f} us  x{dense_us / us:5.2f}", flush=True
+                        )
+                for s in (0.0, 0.5, 0.9, 1.0) if rows == 1 else (0.0, 0.5, 0.9):
                     inputs = sparse_inputs(st, rows, s)
                     su = statistics.mean(i[3] for i in inputs)
                     for name, cfg in variants(rows, n, k, nsm).items():
