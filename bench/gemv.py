@@ -183,9 +183,11 @@ def variants(rows: int, n: int, k: int, nsm: int):
         out[name] = sg._pick_config(rows, n, k, 2, nsm, **kw)
 
     add("default")
-    if rows == 1:  # Triton's pipeliner on the weight loop: stages - 1 tiles in flight per program
-        for stages in (3, 4, 6):
-            out[f"pipe{stages}"] = dataclasses.replace(out["default"], pipelined=stages)
+    add("pps6", programs_per_sm=6)
+    add("bn64", block_n=64)
+    if rows == 1:
+        add("ck128", chunk_k=128)
+        add("ck512", chunk_k=512)
     return out
 
 

@@ -129,8 +129,6 @@ def _threshold_gemv_kernel(
     USE_DOT: tl.constexpr,  # tensor-core product for several rows; FMA for one
     DOT_FP32: tl.constexpr,
     SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
-    PIPELINED: tl.constexpr = False,  # one row: Triton-pipelined weight loop (experiment)
-    NUM_STAGES: tl.constexpr = 3,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -177,56 +175,43 @@ def _threshold_gemv_kernel(
         acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     else:  # one row: per-slot FMAs in the weight tile's own layout, reduced once at the end
         acc = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
-    if PIPELINED:  # one row: Triton's pipeliner keeps NUM_STAGES - 1 weight tiles in flight
-        for t in tl.range(0, tl.cdiv(n_kept, SUB_K), num_stages=NUM_STAGES):
-            slot = t * SUB_K + offs_s
-            s_ok = slot < n_kept
-            k = tl.load(scr_ids + slot, mask=s_ok, other=0.0).to(tl.int32)
-            v = tl.load(scr_val + slot[None, :], mask=s_ok[None, :], other=0.0)
-            w = tl.load(
-                w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=s_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc += tl.sum(v, axis=0)[:, None] * w.to(tl.float32)
-    else:
-        # software pipeline: the ids of tile t+2 and the weights of tile t+1 are in flight while
-        # tile t is accumulated, so no load waits on another inside an iteration
-        s_ok = offs_s < n_kept
-        k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
+    # software pipeline: the ids of tile t+2 and the weights of tile t+1 are in flight while
+    # tile t is accumulated, so no load waits on another inside an iteration
+    s_ok = offs_s < n_kept
+    k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
+    w_next = tl.load(
+        w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+        mask=s_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )  # [SUB_K, BLOCK_N]
+    v_next = tl.load(scr_val + offs_s[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0.0)
+    k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
+    for t in range(0, tl.cdiv(n_kept, SUB_K)):
+        w = w_next
+        v = v_next  # [BLOCK_R, SUB_K] float32, each row's own mask applied
+        slot = (t + 1) * SUB_K + offs_s
+        s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
+        k = k_next.to(tl.int32)
         w_next = tl.load(
             w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
             mask=s_ok[:, None] & n_ok[None, :],
             other=0.0,
-        )  # [SUB_K, BLOCK_N]
-        v_next = tl.load(scr_val + offs_s[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0.0)
-        k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
-        for t in range(0, tl.cdiv(n_kept, SUB_K)):
-            w = w_next
-            v = v_next  # [BLOCK_R, SUB_K] float32, each row's own mask applied
-            slot = (t + 1) * SUB_K + offs_s
-            s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
-            k = k_next.to(tl.int32)
-            w_next = tl.load(
-                w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=s_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            v_next = tl.load(scr_val + slot[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0.0)
-            k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
-            # accumulate in float32
-            if USE_DOT:
-                if DOT_FP32:  # fp32 weights (exact FMA products), or the CPU interpreter
-                    acc = tl.dot(v, w.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    v_hi = v.to(w.dtype)
-                    acc = tl.dot(v_hi, w, acc)
-                    if CENTER_MODE > 0:  # x - c is not exact in 16 bits: add the rounding error
-                        v_lo = v - v_hi.to(tl.float32)
-                        v_lo = tl.where(v_lo == v_lo, v_lo, 0.0)  # inf - inf: hi carries the inf
-                        acc = tl.dot(v_lo.to(w.dtype), w, acc)
+        )
+        v_next = tl.load(scr_val + slot[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0.0)
+        k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
+        # accumulate in float32
+        if USE_DOT:
+            if DOT_FP32:  # fp32 weights (exact FMA products), or the CPU interpreter
+                acc = tl.dot(v, w.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc += tl.sum(v, axis=0)[:, None] * w.to(tl.float32)
+                v_hi = v.to(w.dtype)
+                acc = tl.dot(v_hi, w, acc)
+                if CENTER_MODE > 0:  # x - c is not exact in 16 bits: add the rounding error
+                    v_lo = v - v_hi.to(tl.float32)
+                    v_lo = tl.where(v_lo == v_lo, v_lo, 0.0)  # inf - inf: hi carries the inf
+                    acc = tl.dot(v_lo.to(w.dtype), w, acc)
+        else:
+            acc += tl.sum(v, axis=0)[:, None] * w.to(tl.float32)
 
     if USE_DOT:
         part = acc
@@ -382,7 +367,6 @@ class GemvConfig:
     chunks_per_split: int
     num_warps: int = 4
     num_stages: int = 1
-    pipelined: int = 0  # > 0: one-row weight loop through Triton's pipeliner with this many stages
 
 
 def _next_pow2(n: int) -> int:
@@ -574,7 +558,5 @@ def threshold_gemv(
         SPLIT_GROUP=split_group,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        PIPELINED=config.pipelined > 0,
-        NUM_STAGES=max(config.pipelined, 1),
     )
     return out.reshape(*x.shape[:-1], n)
