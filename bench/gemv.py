@@ -191,6 +191,48 @@ def variants(rows: int, n: int, k: int, nsm: int):
     return out
 
 
+def sweep_shape(st: Setup, rows: int, dense_us: float, nsm: int) -> list[dict]:
+    """Every variant at s = 0 / 0.5 / 0.9 (and τ = ∞ for one row: the kernel without weight
+    traffic), the launch floor of the default grid, and the op's mask + cuBLAS path for rows > 1."""
+    n, k = st.n, st.k
+    base = dict(n=n, k=k, rows=rows)
+    out = []
+
+    def record(s: float, name: str, us: float, **extra) -> None:
+        out.append(dict(base, s=s, variant=name, us=us, speedup=dense_us / us, **extra))
+        print(f"  sweep s={s:.1f} {name:18s} {us:8.1f} us  x{dense_us / us:5.2f}", flush=True)
+
+    cfg0 = sg._pick_config(rows, n, k, 2, nsm)
+    record(1.0, "empty grid", time_empty(triton.cdiv(n, cfg0.block_n) * cfg0.split_k))
+    if rows > 1:  # the op's path above max_rows: mask kernel + cuBLAS
+        for s in (0.0, 0.9):
+            pairs = cycle(list(zip(sparse_inputs(st, rows, s), st.w_cm, strict=True)))
+            calls = [lambda i=i, w=w: F.linear(sg.masked_input(i[0], i[1]), w) for i, w in pairs]
+            record(s, "mask+cublas", time_graph(calls)[0])
+    for s in (0.0, 0.5, 0.9, 1.0) if rows == 1 else (0.0, 0.5, 0.9):
+        inputs = sparse_inputs(st, rows, s)
+        su = statistics.mean(i[3] for i in inputs)
+        for name, cfg in variants(rows, n, k, nsm).items():
+            if name in BAD_VARIANTS:
+                continue
+            try:
+                us, spread = time_sparse(st, rows, inputs, cfg)
+            except Exception as e:  # noqa: BLE001  (a variant that fails to compile)
+                print(f"  sweep {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                BAD_VARIANTS.add(name)
+                continue
+            record(
+                s,
+                name,
+                us,
+                s_union=su,
+                config=dataclasses.asdict(cfg),
+                spread=spread,
+                frac_ideal=dense_us / us * (1 - su),
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
@@ -233,68 +275,7 @@ def main() -> None:
                 flush=True,
             )
             if args.sweep:
-                cfg0 = sg._pick_config(rows, n, k, 2, nsm)
-                progs = triton.cdiv(n, cfg0.block_n) * cfg0.split_k
-                empty_us = time_empty(progs)
-                sweep.append(
-                    dict(
-                        n=n,
-                        k=k,
-                        rows=rows,
-                        s=1.0,
-                        variant="empty grid",
-                        us=empty_us,
-                        speedup=dense_us / empty_us,
-                    )
-                )
-                print(f"  empty kernel, {progs} programs: {empty_us:.1f} us", flush=True)
-                if rows > 1:  # the op's path above max_rows: mask kernel + cuBLAS
-                    for s in (0.0, 0.9):
-                        inputs = sparse_inputs(st, rows, s)
-                        pairs = cycle(list(zip(inputs, st.w_cm, strict=True)))
-                        calls = [lambda i=i, w=w: F.linear(sg.masked_input(i[0], i[1]), w) for i, w in pairs]
-                        us = time_graph(calls)[0]
-                        sweep.append(
-                            dict(
-                                n=n, k=k, rows=rows, s=s, variant="mask+cublas", us=us, speedup=dense_us / us
-                            )
-                        )
-                        print(
-                            f"  sweep s={s:.1f} mask+cublas {us:8.1f} us  x{dense_us / us:5.2f}", flush=True
-                        )
-                for s in (0.0, 0.5, 0.9, 1.0) if rows == 1 else (0.0, 0.5, 0.9):
-                    inputs = sparse_inputs(st, rows, s)
-                    su = statistics.mean(i[3] for i in inputs)
-                    for name, cfg in variants(rows, n, k, nsm).items():
-                        if name in BAD_VARIANTS:
-                            continue
-                        try:
-                            us, spread = time_sparse(st, rows, inputs, cfg)
-                        except Exception as e:  # noqa: BLE001  (a variant that fails to compile)
-                            print(f"  sweep {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                            BAD_VARIANTS.add(name)
-                            continue
-                        sweep.append(
-                            dict(
-                                n=n,
-                                k=k,
-                                rows=rows,
-                                s=s,
-                                s_union=su,
-                                variant=name,
-                                config=dataclasses.asdict(cfg),
-                                us=us,
-                                spread=spread,
-                                speedup=dense_us / us,
-                                frac_ideal=dense_us / us * (1 - su),
-                            )
-                        )
-                        print(
-                            f"  sweep s={s:.1f} {name:18s} {us:8.1f} us  x{dense_us / us:5.2f}"
-                            f"  ideal-frac {dense_us / us * (1 - su):.2f}  (spread "
-                            f"{spread:.1%})",
-                            flush=True,
-                        )
+                sweep += sweep_shape(st, rows, dense_us, nsm)
             for s in [] if args.no_table else SPARSITIES:
                 inputs = sparse_inputs(st, rows, s)
                 sr = statistics.mean(i[2] for i in inputs)
