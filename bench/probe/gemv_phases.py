@@ -69,10 +69,13 @@ def traced_kernel():
             out.append(f"{indent}_mark(trace_ptr, pid_n, pid_k, tl.num_programs(0), arrived, 3)")
     out.append("    _mark(trace_ptr, pid_n, pid_k, tl.num_programs(0), pid_n, 4)")
     assert sum("_mark(" in ln for ln in out) == 5, "the kernel's phase markers moved: update this probe"
-    helpers = ", ".join(n for n in ("_kept_value", "_round_to", "_store_out") if hasattr(sg, n))
     module = (
         "import triton\nimport triton.language as tl\n"
-        f"from fxsparse.kernels.sparse_gemv import {helpers}\n" + MARK + "\n\n" + "\n".join(out) + "\n"
+        "from fxsparse.kernels.sparse_gemv import _kept_value, _store_out\n"
+        + MARK
+        + "\n\n"
+        + "\n".join(out)
+        + "\n"
     )
     path = Path(tempfile.mkdtemp()) / "traced_gemv.py"
     path.write_text(module)
