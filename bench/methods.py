@@ -51,7 +51,7 @@ from fxsparse.methods import (  # noqa: E402
     plan_from_observers,
     refine_plan,
 )
-from fxsparse.plan import linear_layers  # noqa: E402
+from fxsparse.plan import linear_layers, size_weighted_mean  # noqa: E402
 from fxsparse.plots import plot_activation_ratio, plot_ppl_vs_sparsity  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -115,11 +115,6 @@ def _setup(tiny: bool, calib_windows: int = 8, spread: bool = False):
 def _scopes(model) -> dict[str, list[str]]:
     names = [n for n in linear_layers(model) if n.endswith("_proj")]
     return {"all": names, "mlp": [n for n in names if ".mlp." in n]}
-
-
-def _weighted_mean(sp: dict[str, float], sizes: dict[str, tuple[int, int]]) -> float:
-    w = {n: sizes[n][0] * sizes[n][1] for n in sp}
-    return sum(sp[n] * w[n] for n in sp) / sum(w.values())
 
 
 def run(tiny: bool, out: Path, calib_windows: int = 32, spread: bool = True) -> dict:
@@ -186,7 +181,7 @@ def _record(result, model, ids, plan, window, windows, dense_cache, sizes, scope
             "target": s, "dense_ppl": r.dense_ppl, "ppl": r.sparse_ppl,
             "agreement": r.agreement, "tokens": r.tokens,
             "mean_sparsity": sum(measured.values()) / len(measured),
-            "weighted_sparsity": _weighted_mean(measured, sizes),
+            "weighted_sparsity": size_weighted_mean(measured, sizes),
             "worst_layer": worst, "worst_dev": dev[worst] if worst else None,
             "per_layer": measured, "per_layer_target": targets,
             "token_std_mean": sum(v["token_std"] for v in r.layers.values()) / len(r.layers),

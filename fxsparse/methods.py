@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .observers import LOG2_MIN, ActivationObserver, _magnitude_edges
-from .plan import LayerPlan, SparsityPlan
+from .plan import LayerPlan, SparsityPlan, size_weighted_mean
 
 __all__ = [
     "METHODS",
@@ -498,8 +498,7 @@ def plan_from_observers(
         elif cett is not None:
             c = float(cett)
         else:
-            c = _solve_common(sp, names, w, sum(w[n] * targets[n] for n in names) / sum(w.values()),
-                              0.0, 1.0)
+            c = _solve_common(sp, names, w, size_weighted_mean(targets, stats.linears), 0.0, 1.0)
         meta["cett"] = c
         for n in names:
             o = stats.groups[n]["norm"]

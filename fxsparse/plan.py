@@ -75,6 +75,13 @@ def linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
             if (shape := linear_shape(m)) is not None}
 
 
+def size_weighted_mean(values: Mapping[str, float], shapes: Mapping[str, tuple[int, int]]) -> float:
+    """Mean of per-layer ``values`` weighted by each layer's weight size (out x in features from
+    ``shapes``, e.g. :func:`linear_layers`): for sparsities, the share of multiply-adds skipped."""
+    w = {n: shapes[n][0] * shapes[n][1] for n in values}
+    return sum(w[n] * values[n] for n in values) / sum(w.values())
+
+
 def _vector_or_scalar(value: Any, in_features: int, what: str, layer: str, *, positive: bool,
                       allow_none: bool) -> None:
     if value is None:

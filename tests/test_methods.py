@@ -18,7 +18,7 @@ from fxsparse.methods import (
     plan_from_observers,
     plan_perplexity,
 )
-from fxsparse.plan import linear_layers
+from fxsparse.plan import linear_layers, size_weighted_mean
 from fxsparse.reference import plan_hooks
 
 from conftest import tiny_llama, token_batches
@@ -109,10 +109,8 @@ def test_norm_and_pplp_use_column_norms(setup):
         assert lo.layers[n].calibrated_sparsity <= hi.layers[n].calibrated_sparsity
         assert lo.layers[n].channel_scale == plan.layers[n].channel_scale
     matched = plan_from_observers(stats, dict.fromkeys(names, 0.4), "pplp")
-    sizes = linear_layers(model)
-    w = {n: sizes[n][0] * sizes[n][1] for n in names}
-    mean = sum(w[n] * matched.layers[n].calibrated_sparsity for n in names) / sum(w.values())
-    assert mean == pytest.approx(0.4, abs=0.005)
+    achieved = {n: matched.layers[n].calibrated_sparsity for n in names}
+    assert size_weighted_mean(achieved, linear_layers(model)) == pytest.approx(0.4, abs=0.005)
 
 
 def test_pplp_search_meets_perplexity_budget(setup):
@@ -131,10 +129,8 @@ def test_fat_uses_one_epsilon(setup):
     assert all(lp.target_sparsity is None for lp in plan.layers.values())
     matched = plan_from_observers(stats, dict.fromkeys(names, 0.4), "fat")
     assert len({lp.threshold for lp in matched.layers.values()}) == 1
-    sizes = linear_layers(model)
-    w = {n: sizes[n][0] * sizes[n][1] for n in names}
-    mean = sum(w[n] * matched.layers[n].calibrated_sparsity for n in names) / sum(w.values())
-    assert mean == pytest.approx(0.4, abs=0.005)
+    achieved = {n: matched.layers[n].calibrated_sparsity for n in names}
+    assert size_weighted_mean(achieved, linear_layers(model)) == pytest.approx(0.4, abs=0.005)
 
 
 def test_topk_plan_drops_exact_share_per_token(setup):
@@ -169,10 +165,7 @@ def test_attribution_scores_properties(setup):
 def test_allocation_meets_budget_and_spares_sensitive_layers(setup):
     model, names, stats = setup
     targets = allocate_sparsity(model, CALIB, names, 0.4, max_tokens=64)
-    sizes = linear_layers(model)
-    w = {n: sizes[n][0] * sizes[n][1] for n in names}
-    mean = sum(w[n] * targets[n] for n in names) / sum(w.values())
-    assert 0.4 <= mean <= 0.45
+    assert 0.4 <= size_weighted_mean(targets, linear_layers(model)) <= 0.45
     assert len(set(targets.values())) > 1  # not uniform
     plan = plan_from_observers(stats, targets, "quantile")
     assert {n: lp.target_sparsity for n, lp in plan.layers.items()} == targets
