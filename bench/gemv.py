@@ -183,11 +183,12 @@ def variants(rows: int, n: int, k: int, nsm: int):
         out[name] = sg._pick_config(rows, n, k, 2, nsm, **kw)
 
     add("default")
-    add("pps6", programs_per_sm=6)
-    add("bn64", block_n=64)
     if rows == 1:
-        add("ck128", chunk_k=128)
-        add("ck512", chunk_k=512)
+        add("session3", one_step_max=0, scratch_group=1 << 20)  # one scratch per split, 256 steps
+        add("multistep", one_step_max=0)
+    add("private", scratch_group=1)
+    add("group4", scratch_group=4)
+    add("group16", scratch_group=16)
     return out
 
 

@@ -158,10 +158,25 @@ def test_masked_input_cpu(c: Case) -> None:
     num_sms=st.sampled_from([1, 4, 132]),
     block_n=st.sampled_from([16, 32, 128]),
     chunk_k=st.sampled_from([16, 32, 64]),
+    one_step_max=st.sampled_from([0, 64, 512]),
+    scratch_group=st.sampled_from([1, 3, 8, 10**6]),
 )
-def test_block_sizes_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int) -> None:
-    """Every split (1 … many) and tile shape the heuristic may pick gives the same function."""
-    cfg = sg._pick_config(c.rows, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k)
+def test_block_sizes_cpu(
+    c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int, scratch_group: int
+) -> None:
+    """Every split (1 … many), masking step, scratch sharing and tile shape the heuristic may
+    pick gives the same function."""
+    cfg = sg._pick_config(
+        c.rows,
+        c.n,
+        c.k,
+        c.dtype.itemsize,
+        num_sms,
+        block_n=block_n,
+        chunk_k=chunk_k,
+        one_step_max=one_step_max,
+        scratch_group=scratch_group,
+    )
     run_case(c, "cpu", cfg)
 
 

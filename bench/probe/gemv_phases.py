@@ -71,7 +71,7 @@ def traced_kernel():
     assert sum("_mark(" in ln for ln in out) == 5, "the kernel's phase markers moved: update this probe"
     module = (
         "import triton\nimport triton.language as tl\n"
-        "from fxsparse.kernels.sparse_gemv import _kept_value, _store_out\n"
+        "from fxsparse.kernels.sparse_gemv import _compact, _kept_value, _store_out\n"
         + MARK
         + "\n\n"
         + "\n".join(out)
@@ -126,21 +126,26 @@ def analyse(traces: list[torch.Tensor], split_k: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", default="4096x4096,14336x4096,28672x8192")
+    ap.add_argument("--sparsities", default="0,0.5,0.9,1")
+    ap.add_argument("--config", nargs="*", default=[], help="_pick_config overrides, e.g. step_k=512")
     args = ap.parse_args()
+    overrides = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.config}
     env = gpu_environment()
     print(env, flush=True)
     traced = traced_kernel()
     real = sg._threshold_gemv_kernel
     rows = []
-    for n, k in [(4096, 4096), (14336, 4096), (28672, 8192)]:
+    for n, k in (tuple(map(int, sh.split("x"))) for sh in args.shapes.split(",")):
         copies = max(4, math.ceil(1.5e9 / (n * k * 2)))
         ws = [(torch.randn(k, n, device="cuda", dtype=torch.bfloat16) * k**-0.5).t() for _ in range(copies)]
-        cfg = sg._pick_config(1, n, k, 2, torch.cuda.get_device_properties(0).multi_processor_count)
-        for s in (0.0, 0.5, 0.9, 1.0):
+        nsm = torch.cuda.get_device_properties(0).multi_processor_count
+        cfg = sg._pick_config(1, n, k, 2, nsm, **overrides)
+        for s in map(float, args.sparsities.split(",")):
             xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
             thr = [math.inf if s >= 1 else float(torch.quantile(x.float().abs(), s)) for x in xs]
             calls = [
-                lambda x=x, w=w, t=t: sg.threshold_gemv(x, w, None, t)
+                lambda x=x, w=w, t=t, c=cfg: sg.threshold_gemv(x, w, None, t, config=c)
                 for x, w, t in zip(xs, ws, thr, strict=True)
             ]
             graph_us = time_calls(calls, 5, 10.0, graphs=True)[0]

@@ -96,6 +96,18 @@ def _kept_value(
 
 
 @triton.jit
+def _compact(xc, kc, kc_ok, r_ok, n_kept, center_ptr, scale_ptr, thr, scr_ids, scr_val,
+             CENTER_MODE: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """Append the channels of ``kc`` that any row keeps to the scratch list; the new length."""
+    keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
+    any_keep = tl.max((keep & r_ok[:, None] & kc_ok[None, :]).to(tl.int32), axis=0)  # [CHUNK_K]
+    slot = n_kept + tl.cumsum(any_keep, axis=0) - 1  # stream compaction
+    tl.store(scr_ids + slot, kc.to(tl.float32), mask=any_keep != 0)
+    tl.store(scr_val + slot[None, :], v, mask=r_ok[:, None] & (any_keep != 0)[None, :])
+    return n_kept + tl.sum(any_keep, axis=0)
+
+
+@triton.jit
 def _threshold_gemv_kernel(
     x_ptr,  # [R, K] activations, strides (stride_xr, stride_xk)
     w_ptr,  # [N, K] weight, strides (stride_wn, stride_wk); fast when column-major (1, N)
@@ -116,7 +128,9 @@ def _threshold_gemv_kernel(
     stride_wk,
     threshold,
     split_k,
-    chunks_per_split,
+    split_len,  # channels per K-split
+    chunks_per_split,  # masking steps per split: cdiv(split_len, CHUNK_K)
+    scr_group,  # N-blocks per scratch copy
     CENTER_MODE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -129,6 +143,7 @@ def _threshold_gemv_kernel(
     USE_DOT: tl.constexpr,  # tensor-core product for several rows; FMA for one
     DOT_FP32: tl.constexpr,
     SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
+    ONE_STEP: tl.constexpr,  # the split is masked in one step (CHUNK_K >= split_len)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -144,30 +159,35 @@ def _threshold_gemv_kernel(
     # ---- phase 1: keep mask of this split's channels, compacted into the scratch -------------
     # Every N-block of a split computes the same list and writes the same values to the same
     # slots (a benign race), so the scratch is per split, not per program, and stays in L2.
-    split_len = chunks_per_split * CHUNK_K
     k_first = pid_k * split_len
     k_end = tl.minimum(K, k_first + split_len)
-    scr_ids = scr_ptr + pid_k.to(tl.int64) * (1 + R) * split_len  # [split_len] channel ids
+    # N-blocks share a scratch copy in groups of scr_group: every member writes the same values
+    # to the same slots (a benign race); one copy per split had ~100-200 SMs storing to the
+    # same lines, which serialised in L2 (bench/NOTES.md)
+    scr_row = pid_k.to(tl.int64) * tl.cdiv(tl.cdiv(N, BLOCK_N), scr_group) + pid_n // scr_group
+    scr_ids = scr_ptr + scr_row * (1 + R) * split_len  # [split_len] channel ids
     scr_val = scr_ids + (1 + offs_r[:, None]) * split_len  # [BLOCK_R, 1] rows of values
     x_rows = x_ptr + offs_r[:, None] * stride_xr
-    n_kept = 0
-    xc_next = tl.load(
-        x_rows + (k_first + offs_c)[None, :] * stride_xk,
-        mask=r_ok[:, None] & (k_first + offs_c < k_end)[None, :],
-    )
-    for ci in range(0, chunks_per_split):
-        kc = k_first + ci * CHUNK_K + offs_c
+    if ONE_STEP:  # the whole split at once: one load latency, no prefetch registers
+        kc = k_first + offs_c
         kc_ok = kc < k_end
-        xc_ok = r_ok[:, None] & kc_ok[None, :]
-        xc = xc_next
-        kn = kc + CHUNK_K  # prefetch the next chunk: its latency hides behind this one
-        xc_next = tl.load(x_rows + kn[None, :] * stride_xk, mask=r_ok[:, None] & (kn < k_end)[None, :])
-        keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
-        any_keep = tl.max((keep & xc_ok).to(tl.int32), axis=0)  # [CHUNK_K] kept by any row
-        slot = n_kept + tl.cumsum(any_keep, axis=0) - 1  # [CHUNK_K] stream compaction
-        tl.store(scr_ids + slot, kc.to(tl.float32), mask=any_keep != 0)
-        tl.store(scr_val + slot[None, :], v, mask=r_ok[:, None] & (any_keep != 0)[None, :])
-        n_kept += tl.sum(any_keep, axis=0)
+        xc = tl.load(x_rows + kc[None, :] * stride_xk, mask=r_ok[:, None] & kc_ok[None, :])
+        n_kept = _compact(xc, kc, kc_ok, r_ok, 0, center_ptr, scale_ptr, thr, scr_ids, scr_val,
+                          CENTER_MODE, HAS_SCALE)
+    else:
+        n_kept = 0
+        xc_next = tl.load(
+            x_rows + (k_first + offs_c)[None, :] * stride_xk,
+            mask=r_ok[:, None] & (k_first + offs_c < k_end)[None, :],
+        )
+        for ci in range(0, chunks_per_split):
+            kc = k_first + ci * CHUNK_K + offs_c
+            kc_ok = kc < k_end
+            xc = xc_next
+            kn = kc + CHUNK_K  # prefetch the next chunk: its latency hides behind this one
+            xc_next = tl.load(x_rows + kn[None, :] * stride_xk, mask=r_ok[:, None] & (kn < k_end)[None, :])
+            n_kept = _compact(xc, kc, kc_ok, r_ok, n_kept, center_ptr, scale_ptr, thr, scr_ids, scr_val,
+                              CENTER_MODE, HAS_SCALE)
     tl.debug_barrier()  # the scratch is read back by other threads of this program
 
     # ---- phase 2: read only the kept rows of Wᵀ, one tile ahead (no barriers in this loop) ----
@@ -359,14 +379,19 @@ class GemvConfig:
     """Block sizes of one launch (a fixed function of shape and dtype; see ``_pick_config``)."""
 
     block_n: int
-    chunk_k: int
+    chunk_k: int  # channels masked and compacted per step (a power of two)
     sub_k: int
     block_r: int
     use_dot: bool
     split_k: int
-    chunks_per_split: int
+    split_len: int  # channels per K-split
     num_warps: int = 4
     num_stages: int = 1
+    scratch_group: int = 8  # N-blocks that share one copy of a split's compaction scratch
+
+    @property
+    def chunks_per_split(self) -> int:
+        return triton.cdiv(self.split_len, self.chunk_k)
 
 
 def _next_pow2(n: int) -> int:
@@ -383,6 +408,8 @@ def _pick_config(
     programs_per_sm: int = 8,
     block_n: int | None = None,
     chunk_k: int = 256,
+    one_step_max: int = 512,
+    scratch_group: int = 8,
 ) -> GemvConfig:
     """Deterministic block sizes from shape and dtype (no autotuning at call time).
 
@@ -392,6 +419,9 @@ def _pick_config(
       on 3 of 5), 256 channels per masking step (vs 128: 4096² s=0.9 12.3 -> 9.4 µs,
       28672x8192 s=0 222 -> 179 µs; within 2% elsewhere except 14336x4096 s=0.9, +18%);
     * several rows (tensor cores): BLOCK_N = 256 was the fastest tile on all five shapes.
+
+    ``chunk_k`` is the split granularity and the masking step, except that a split of at most
+    ``one_step_max`` channels is masked in one step (more costs registers, hence occupancy).
     """
     use_dot = rows > 1
     if block_n is None:
@@ -407,7 +437,9 @@ def _pick_config(
         split = 1
     chunks_per_split = triton.cdiv(n_chunks, split)
     split = triton.cdiv(n_chunks, chunks_per_split)  # no empty splits
-    return GemvConfig(block_n, chunk_k, sub_k, block_r, use_dot, split, chunks_per_split)
+    split_len = chunks_per_split * chunk_k
+    step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
+    return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group)
 
 
 @functools.lru_cache(maxsize=16)
@@ -512,8 +544,9 @@ def threshold_gemv(
         config.split_k == 1 or n_blocks <= _COUNTER_CAPACITY,
         lambda: "threshold_gemv: too many N-blocks for split-K",
     )
-    split_len = config.chunks_per_split * config.chunk_k
-    scr = torch.empty((config.split_k, 1 + rows, split_len), dtype=torch.float32, device=x.device)
+    split_len = config.split_len
+    n_scr = config.split_k * triton.cdiv(n_blocks, config.scratch_group)
+    scr = torch.empty((n_scr, 1 + rows, split_len), dtype=torch.float32, device=x.device)
     if config.split_k > 1:
         ws = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device)
@@ -543,7 +576,9 @@ def threshold_gemv(
         weight.stride(1),
         float(threshold),
         config.split_k,
+        split_len,
         config.chunks_per_split,
+        config.scratch_group,
         CENTER_MODE=center_mode,
         HAS_SCALE=channel_scale is not None,
         HAS_BIAS=bias is not None,
@@ -556,6 +591,7 @@ def threshold_gemv(
         USE_DOT=config.use_dot,
         DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
         SPLIT_GROUP=split_group,
+        ONE_STEP=config.chunks_per_split == 1,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
