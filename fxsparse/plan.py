@@ -148,6 +148,15 @@ class LayerPlan:
             raise PlanError(f"layer {name!r}: prefill='2:4' needs in_features divisible by 4, "
                             f"got {self.in_features}")
 
+    @property
+    def drops_nothing(self) -> bool:
+        """A threshold entry that keeps every input (|x - c| * s >= tau for all x, NaN included),
+        i.e. the dense layer exactly (e.g. a 0% target). Not top-k or 2:4-prefill entries, which
+        prune regardless of the threshold."""
+        if self.method == "topk" or self.prefill == "2:4" or self.threshold > 0:
+            return False
+        return self.channel_scale is None or min(self.channel_scale) >= 0
+
     def center_tensor(self) -> torch.Tensor | None:
         """The center as a float32 tensor (0-d or [in_features]); None when it is exactly zero."""
         if isinstance(self.center, list):

@@ -27,12 +27,15 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
                     ) -> list[str]:
     """Make each planned linear's weight column-major in place; return the names converted.
 
-    Only weights on ``device_types`` are converted (the CPU path gains nothing from it).
+    Only weights on ``device_types`` are converted (the CPU path gains nothing from it), and not
+    those of entries that drop nothing (they lower to the dense layer, cuBLAS's usual layout).
     """
     plan.check_model(model)
     modules = dict(model.named_modules())
     done = []
     for name in plan.layers:
+        if plan.layers[name].drops_nothing:
+            continue
         if not isinstance(modules[name], nn.Linear):
             continue  # GPT-2's Conv1D already stores W [in, out]: the kernel's layout
         w = modules[name].weight

@@ -1,5 +1,6 @@
 """sparse_act end to end on a tiny random Llama: numerics, graph shape, shapes and caches."""
 
+import math
 import os
 import subprocess
 import sys
@@ -139,6 +140,27 @@ def test_symbolic_trace_graph():
     torch.testing.assert_close(gm(x), want)
     assert sum(n.target == torch.ops.fxsparse.threshold_linear.default
                for n in gm.graph.nodes) == 1
+
+
+def test_zero_threshold_lowers_to_dense_linear():
+    """τ <= 0 keeps every input (NaN too): the entry lowers to the exact dense layer, with the
+    reason recorded; a negative channel scale can drop inputs, so that entry stays sparse."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).eval()
+    plan = SparsityPlan(layers={
+        "0": fxsparse.LayerPlan(threshold=0.0, in_features=8, out_features=16, center=0.3),
+        "1": fxsparse.LayerPlan(threshold=0.0, in_features=16, out_features=4, channel_scale=[-1.0] * 16),
+    })
+    gm = lower_linears(match_linears(torch.fx.symbolic_trace(m)), plan)
+    ops = {d["name"]: (d["op"], d["reason"]) for d in gm.meta["fxsparse_decisions"]}
+    assert ops["0"] == ("linear", "threshold <= 0 drops nothing: dense is exact")
+    assert ops["1"][0] == "fxsparse.threshold_linear"
+    assert fxsparse.prepare_weights(m, plan, device_types=("cpu",)) == ["1"]  # "0" stays row-major
+    x = torch.randn(5, 8)
+    x[0, 3] = math.nan
+    with torch.no_grad(), plan_hooks(m, plan):
+        want = m(x)
+    torch.testing.assert_close(gm(x), want, equal_nan=True)
 
 
 def test_center_bias_is_folded_once():

@@ -410,6 +410,7 @@ def _pick_config(
     chunk_k: int = 256,
     one_step_max: int = 512,
     scratch_group: int = 8,
+    sub_k: int = 16,
 ) -> GemvConfig:
     """Deterministic block sizes from shape and dtype (no autotuning at call time).
 
@@ -428,7 +429,6 @@ def _pick_config(
         block_n = (512 if use_dot else 256) // elem_size
     block_n = max(16, min(block_n, _next_pow2(n)))
     block_r = max(16, _next_pow2(rows)) if use_dot else 1
-    sub_k = 16
     n_blocks = triton.cdiv(n, block_n)
     n_chunks = max(1, triton.cdiv(k, chunk_k))
     split = max(1, round(programs_per_sm * num_sms / n_blocks))

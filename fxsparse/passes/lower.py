@@ -11,10 +11,12 @@ min_rows_24)`` (threshold op up to ``decode_rows`` rows, 2:4 from ``min_rows_24`
 between; ``min_rows_24`` is resolved here: the ``crossover_rows`` argument, else the measured
 crossover on CUDA, else never). When the row count of the call is static, or its symbolic range
 lies within one branch, the branch's op is emitted directly instead (``threshold_linear``, a
-plain ``linear``, or ``prefill_linear`` for 2:4); otherwise the op decides per call.
-Center, scale and the folded ``center_bias = W @ center`` are
-buffers of ``gm`` (``get_attr``), computed once here rather than per call. Other linears are
-untouched. The replacement keeps the old node's ``meta`` (shape, stack trace, module stack).
+plain ``linear``, or ``prefill_linear`` for 2:4); otherwise the op decides per call. A
+threshold entry that keeps every input (``threshold <= 0``, no negative scale: e.g. a 0% target)
+is the dense layer exactly and becomes a plain ``linear``. Center, scale and the folded
+``center_bias = W @ center`` are buffers of ``gm`` (``get_attr``), computed once here rather than
+per call. Other linears are untouched. The replacement keeps the old node's ``meta`` (shape,
+stack trace, module stack).
 ``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why, for inspection;
 ``torch._dynamo.utils.counters["fxsparse"]`` counts lowered and dense sites.
 
@@ -169,7 +171,9 @@ def lower_linears(
         # -- prefill dispatch: which rows run what, decided here when the row count allows --
         what = "threshold"  # the branch emitted: threshold | dense | 2:4 | per-call
         min_rows_24 = None
-        if lp.prefill != "threshold":
+        if lp.drops_nothing:
+            what = "dense"
+        elif lp.prefill != "threshold":
             min_rows_24 = NEVER
             if lp.prefill == "2:4":
                 dtype = w_val.dtype if w_val is not None else torch.float32
@@ -211,10 +215,11 @@ def lower_linears(
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         op_name = "linear" if what == "dense" else "fxsparse." + op._schema.name.split("::")[1]
+        reason = "threshold <= 0 drops nothing: dense is exact" if lp.drops_nothing else "planned"
         decisions.append({"name": site.name, "plan_key": key, "node": new.name, "op": op_name,
-                          "reason": "planned", "prefill": lp.prefill, "decode_rows": lp.decode_rows,
+                          "reason": reason, "prefill": lp.prefill, "decode_rows": lp.decode_rows,
                           "min_rows_24": min_rows_24, "branch": what})
-        counters["fxsparse"]["lowered"] += 1
+        counters["fxsparse"]["dense" if what == "dense" else "lowered"] += 1
 
     gm.meta["fxsparse_decisions"] = decisions
     graph.lint()
