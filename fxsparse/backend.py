@@ -20,6 +20,11 @@ Options (``torch.compile(..., options={...})``):
 ``crossover_rows``  int: the row count from which layers with ``prefill="2:4"`` run 2:4 (prune +
                sparse tensor cores) instead of dense. Default: measured once per GPU, shape and
                dtype and cached on disk (``fxsparse.kernels.crossover``); never on CPU.
+``dense_when_faster``  default ``True``: on CUDA, a threshold layer whose one-row sparse GEMV
+               measures slower than dense at its target sparsity (small weights: the kernel's
+               fixed cost exceeds what skipping saves) runs dense, with the reason recorded;
+               measured and cached like ``crossover_rows``. ``False`` keeps every planned layer
+               sparse (e.g. to match the eager reference exactly).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ __all__ = ["sparse_act", "BackendOptions"]
 
 log = logging.getLogger("fxsparse")
 
-_KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record", "crossover_rows"}
+_KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record", "crossover_rows",
+          "dense_when_faster"}
 _graph_counter = 0
 
 
@@ -76,6 +82,10 @@ class BackendOptions:
         r = self.crossover_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"sparse_act: option 'crossover_rows' must be an integer >= 0, got {r!r}")
+        self.dense_when_faster = options.get("dense_when_faster", True)
+        if not isinstance(self.dense_when_faster, bool):
+            raise ValueError("sparse_act: option 'dense_when_faster' must be True or False, "
+                             f"got {self.dense_when_faster!r}")
 
 
 def _code(gm: fx.GraphModule) -> str:
@@ -105,7 +115,8 @@ def sparse_act(
         stages["observe"] = _code(gm)
     if opts.plan is not None:
         gm = lower_linears(gm, opts.plan, example_inputs, crossover_rows=opts.crossover_rows,
-                           cudagraphs=opts.mode == "reduce-overhead")
+                           cudagraphs=opts.mode == "reduce-overhead",
+                           dense_when_faster=opts.dense_when_faster)
         stages["lower"] = _code(gm)
     elif opts.observers is None and not _warned_no_plan:
         _warned_no_plan = True

@@ -17,18 +17,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from .kernels.crossover import gemv_pays
 from .plan import SparsityPlan
 
 __all__ = ["prepare_weights", "compile"]
 
 
 @torch.no_grad()
-def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple[str, ...] = ("cuda",)
-                    ) -> list[str]:
+def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple[str, ...] = ("cuda",),
+                    dense_when_faster: bool = True) -> list[str]:
     """Make each planned linear's weight column-major in place; return the names converted.
 
     Only weights on ``device_types`` are converted (the CPU path gains nothing from it), and not
-    those of entries that drop nothing (they lower to the dense layer, cuBLAS's usual layout).
+    those of layers that will run dense (cuBLAS's usual layout): entries that drop nothing and,
+    with ``dense_when_faster`` (the backend option of the same name), threshold layers whose
+    sparse GEMV measures slower than dense on CUDA (``crossover.gemv_pays``).
     """
     plan.check_model(model)
     modules = dict(model.named_modules())
@@ -40,6 +43,10 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
             continue  # GPT-2's Conv1D already stores W [in, out]: the kernel's layout
         w = modules[name].weight
         if w.device.type not in device_types or (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
+            continue
+        lp = plan.layers[name]
+        if dense_when_faster and lp.prefill == "threshold" and lp.method != "topk" and not gemv_pays(
+                w.shape[0], w.shape[1], w.dtype, w.device, lp.target_sparsity)[0]:
             continue
         w.data = w.data.t().contiguous().t()
         done.append(name)
@@ -62,7 +69,7 @@ def compile(  # noqa: A001  (torch.compile's twin, on purpose)
     """
     plan = SparsityPlan.coerce(plan)
     plan.check_model(model)
-    prepare_weights(model, plan)
+    prepare_weights(model, plan, dense_when_faster=options.get("dense_when_faster", True))
     opts = {"plan": plan, **options}
     if mode is not None:
         opts["mode"] = mode

@@ -163,6 +163,49 @@ def test_zero_threshold_lowers_to_dense_linear():
     torch.testing.assert_close(gm(x), want, equal_nan=True)
 
 
+def test_dense_when_faster_lowers_losing_layers_dense(monkeypatch):
+    """A layer whose sparse GEMV measures slower than dense (faked here: CPU) runs dense, keeps its
+    row-major weight and says why; ``dense_when_faster=False`` keeps every planned layer sparse."""
+    import fxsparse.prepare
+    from fxsparse.passes import lower
+
+    asked = []
+
+    def fake_pays(n, k, dtype, device, sparsity):
+        asked.append((n, k, sparsity))
+        return (False, (5.0, 8.0)) if n == 4 else (True, (5.0, 3.0))
+
+    monkeypatch.setattr(lower, "gemv_pays", fake_pays)
+    monkeypatch.setattr(fxsparse.prepare, "gemv_pays", fake_pays)
+
+    def model_and_plan():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).eval()
+        plan = SparsityPlan(layers={
+            "0": fxsparse.LayerPlan(threshold=0.3, in_features=8, out_features=16, target_sparsity=0.5),
+            "1": fxsparse.LayerPlan(threshold=0.3, in_features=16, out_features=4, target_sparsity=0.5),
+        })
+        return m, plan
+
+    m, plan = model_and_plan()
+    gm = lower_linears(match_linears(torch.fx.symbolic_trace(m)), plan)
+    ops = {d["name"]: (d["op"], d["reason"]) for d in gm.meta["fxsparse_decisions"]}
+    assert ops["0"] == ("fxsparse.threshold_linear", "planned")
+    assert ops["1"] == ("linear", "sparse GEMV slower than dense here: 8.0 vs 5.0 us at sparsity 0.50 "
+                                  "(dense_when_faster)")
+    assert asked == [(16, 8, 0.5), (4, 16, 0.5)]
+    x = torch.randn(3, 8)
+    with torch.no_grad(), plan_hooks(m, SparsityPlan(layers={"0": plan.layers["0"]})):
+        want = m(x)  # layer 0 thresholded, layer 1 dense
+    torch.testing.assert_close(gm(x), want)
+    assert fxsparse.prepare_weights(m, plan, device_types=("cpu",)) == ["0"]
+
+    m, plan = model_and_plan()
+    gm = lower_linears(match_linears(torch.fx.symbolic_trace(m)), plan, dense_when_faster=False)
+    assert [d["op"] for d in gm.meta["fxsparse_decisions"]] == ["fxsparse.threshold_linear"] * 2
+    assert fxsparse.prepare_weights(m, plan, device_types=("cpu",), dense_when_faster=False) == ["0", "1"]
+
+
 def test_center_bias_is_folded_once():
     torch.manual_seed(0)
     lin = nn.Linear(10, 4)
@@ -195,6 +238,9 @@ def test_bad_options():
     with pytest.raises(Exception, match="no plan file"):
         torch.compile(m, backend="sparse_act", options={"plan": "/nonexistent/plan.json"})(
             torch.randn(2, 16))
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="'dense_when_faster' must be True or False"):
+        torch.compile(m, backend="sparse_act", options={"dense_when_faster": "yes"})(torch.randn(2, 16))
 
 
 def test_no_plan_compiles_dense_and_debug_dir(tmp_path):

@@ -342,6 +342,33 @@ def test_corrupt_cache_is_measured_again(fake_gpu, tmp_path, caplog, content):
     assert data["format"] == "fxsparse.crossover" and len(data["entries"]) == 1
 
 
+def test_gemv_pays_is_measured_once_with_a_margin(monkeypatch, tmp_path):
+    calls = []
+
+    def measure(n, k, dtype, device, sparsity):
+        calls.append((n, k, sparsity))
+        return (10.0, 9.0) if n > 100 else (10.0, 9.9)  # the small one wins by 1% only
+
+    monkeypatch.setenv("FXSPARSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(X, "environment", lambda device: {"gpu": "FakeGPU", "torch": "x"})
+    monkeypatch.setattr(X, "_measure_gemv", measure)
+    monkeypatch.setattr(X, "_memo", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert X.gemv_pays(4096, 4096, torch.bfloat16, "cuda:0", 0.5) == (True, (10.0, 9.0))
+    assert X.gemv_pays(64, 4096, torch.bfloat16, "cuda:0", 0.5) == (False, (10.0, 9.9))
+    assert X.gemv_pays(4096, 4096, torch.bfloat16, "cuda:0", 0.5)[0] and len(calls) == 2
+    monkeypatch.setattr(X, "_memo", {})  # a new process: from the file, nothing measured
+    assert X.gemv_pays(64, 4096, torch.bfloat16, "cuda:0", 0.5)[0] is False and len(calls) == 2
+    assert X.gemv_pays(64, 4096, torch.bfloat16, "cuda:0", 0.4)[0] is False and len(calls) == 3
+    entries = json.loads((tmp_path / "crossover.json").read_text())["entries"]
+    assert sorted(e["times_us"][1] for e in entries.values()) == [9.0, 9.9, 9.9]
+    # nothing measured off CUDA, without a target sparsity, or for a dtype the kernel lacks
+    assert X.gemv_pays(64, 4096, torch.bfloat16, "cpu", 0.5) == (True, None)
+    assert X.gemv_pays(64, 4096, torch.bfloat16, "cuda:0", None) == (True, None)
+    assert X.gemv_pays(64, 4096, torch.int8, "cuda:0", 0.5) == (True, None)
+    assert len(calls) == 3
+
+
 def test_never_is_stored_as_null(fake_gpu, monkeypatch, tmp_path):
     monkeypatch.setattr(X, "_measure", lambda *a, **k: {256: (1.0, 2.0)})
     assert X.crossover_rows(64, 64, torch.bfloat16, "cpu") == NEVER

@@ -1,4 +1,5 @@
-"""Row-count crossover of the 2:4 prefill path: from how many rows ``sparse24_linear`` beats dense.
+"""Measured crossovers: from how many rows the 2:4 prefill path beats dense, and whether the
+one-row sparse GEMV beats dense at all for a layer's shape and target sparsity.
 
 ``crossover_rows(n, k, dtype, device, graphs=...)`` measures once per (GPU name, N, K, dtype,
 epilogue, execution mode, torch, Triton and cuSPARSELt versions, ``sparse24.SPARSE24_IMPL``):
@@ -16,6 +17,15 @@ The result is cached in memory and in ``$FXSPARSE_CACHE_DIR/crossover.json`` (de
 is reported and measured again. On CPU, without cuSPARSELt, and for shapes or dtypes it cannot
 take, the answer is ``NEVER`` with nothing measured (the reason is logged once).
 
+``gemv_pays(n, k, dtype, device, sparsity)`` times one row of ``sparse_gemv.threshold_gemv``
+(column-major weight, threshold at the sparsity's quantile) against ``F.linear`` on the usual
+row-major weight, both under CUDA graphs with the weights rotated out of L2, and says whether the
+kernel is at least ``MARGIN`` faster. Small weights lose: the kernel's fixed cost (~6 µs on an
+H100) exceeds what skipping saves, so such layers are better dense (``lower_linears`` and
+``prepare_weights`` ask this). Same cache file and rules, one entry per (environment, N, K,
+dtype, sparsity to 0.01); on CPU, during CUDA-graph capture and for what the kernel cannot take,
+the answer is "pays" with nothing measured (the op decides per call there).
+
 Kernels never import passes: this module sees shapes, dtypes and devices only.
 """
 
@@ -32,21 +42,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import sparse24
+from . import sparse24, sparse_gemv
 from .timing import gpu_environment, time_calls
 
 __all__ = ["NEVER", "MEASURE_ROWS", "MARGIN", "crossover_rows", "crossover_from_times",
-           "resolve_min_rows_24", "cache_path", "environment"]
+           "resolve_min_rows_24", "cache_path", "environment", "gemv_pays"]
 
 log = logging.getLogger("fxsparse")
 
 NEVER = 1 << 62
 MEASURE_ROWS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 MARGIN = 0.02
+GEMV_REVISION = 1  # part of the GEMV cache key: bump when sparse_gemv's speed changes
 CACHE_FORMAT = "fxsparse.crossover"
 CACHE_VERSION = 1
 
-_memo: dict[str, int] = {}
+_memo: dict[str, object] = {}
 
 
 def cache_path() -> Path:
@@ -215,3 +226,61 @@ def resolve_min_rows_24(n: int, k: int, dtype: torch.dtype, device: torch.device
     if torch.device(device).type != "cuda":
         return NEVER
     return crossover_rows(n, k, dtype, device, epilogue, graphs)
+
+
+# -- the one-row sparse GEMV against dense ------------------------------------------------------
+
+
+def _measure_gemv(n: int, k: int, dtype: torch.dtype, device: torch.device, sparsity: float
+                  ) -> tuple[float, float]:
+    """(dense µs, sparse GEMV µs) for one row, CUDA-graph medians, weights rotated out of L2."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad(), torch.cuda.device(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        copies = max(2, min(64, -(-3 * l2 // (n * k * dtype.itemsize))))
+        w_rm = [(torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(dtype)
+                for _ in range(copies)]
+        w_cm = [w.t().contiguous().t() for w in w_rm]
+        xs = [torch.randn(1, k, device=device, generator=gen).to(dtype) for _ in range(copies)]
+        thr = [float(torch.quantile(x.float().abs(), sparsity)) if sparsity > 0 else 0.0 for x in xs]
+        dense, _ = time_calls([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, w_rm, strict=True)],
+                              min_ms=2.0, graphs=True)
+        sparse, _ = time_calls([lambda x=x, w=w, t=t: sparse_gemv.threshold_gemv(x, w, None, t)
+                                for x, w, t in zip(xs, w_cm, thr, strict=True)], min_ms=2.0, graphs=True)
+    return dense, sparse
+
+
+def gemv_pays(n: int, k: int, dtype: torch.dtype, device: torch.device | str,
+              sparsity: float | None) -> tuple[bool, tuple[float, float] | None]:
+    """Whether the sparse GEMV beats dense for an ``[n, k]`` weight at ``sparsity`` (one row),
+    and the measured ``(dense µs, sparse µs)``; ``(True, None)`` when nothing was measured."""
+    device = torch.device(device)
+    if device.type != "cuda" or sparsity is None or dtype not in sparse_gemv._DTYPES:
+        return True, None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if torch.cuda.is_current_stream_capturing():
+        return True, None
+    key = f"gemv{GEMV_REVISION}|" + _key(environment(device), n, k, dtype, False, True) + f"|s={sparsity:.2f}"
+    if key in _memo:
+        return _memo[key]
+    path = cache_path()
+    entry = _read_cache(path).get(key)
+    times = entry.get("times_us") if isinstance(entry, dict) else None
+    if not (isinstance(times, list) and len(times) == 2 and all(isinstance(t, float) for t in times)):
+        t0 = time.perf_counter()
+        try:
+            times = list(_measure_gemv(n, k, dtype, device, round(sparsity, 2)))
+        except torch.cuda.OutOfMemoryError:
+            log.warning("fxsparse: no memory to time the sparse GEMV for %dx%d: keeping it", n, k)
+            return True, None
+        log.info("fxsparse: sparse GEMV %dx%d %s at s=%.2f: %.1f us vs dense %.1f us (%.1f s)", n, k,
+                 dtype, sparsity, times[1], times[0], time.perf_counter() - t0)
+        _write_entry(path, key, {"times_us": [round(t, 3) for t in times],
+                                 "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    dense, sparse = times
+    result = (bool(sparse <= (1.0 - MARGIN) * dense), (dense, sparse))
+    _memo[key] = result
+    return result

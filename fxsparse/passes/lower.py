@@ -13,7 +13,9 @@ crossover on CUDA, else never). When the row count of the call is static, or its
 lies within one branch, the branch's op is emitted directly instead (``threshold_linear``, a
 plain ``linear``, or ``prefill_linear`` for 2:4); otherwise the op decides per call. A
 threshold entry that keeps every input (``threshold <= 0``, no negative scale: e.g. a 0% target)
-is the dense layer exactly and becomes a plain ``linear``. Center, scale and the folded
+is the dense layer exactly and becomes a plain ``linear``; so does, on CUDA with
+``dense_when_faster``, a threshold entry whose one-row sparse GEMV measures slower than dense at
+its target sparsity (``crossover.gemv_pays``: small weights). Center, scale and the folded
 ``center_bias = W @ center`` are buffers of ``gm`` (``get_attr``), computed once here rather than
 per call. Other linears are untouched. The replacement keeps the old node's ``meta`` (shape,
 stack trace, module stack).
@@ -35,7 +37,7 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 from ..kernels import prefill_linear, sparse_gemv, threshold_linear  # noqa: F401  (registers the ops)
-from ..kernels.crossover import NEVER, resolve_min_rows_24
+from ..kernels.crossover import NEVER, gemv_pays, resolve_min_rows_24
 from ..kernels.prefill_linear import branch
 from ..kernels.topk_linear import topk_keep_count
 from ..plan import SparsityPlan
@@ -124,12 +126,14 @@ def lower_linears(
     example_inputs: Sequence[object] | None = None,
     crossover_rows: int | None = None,
     cudagraphs: bool = False,
+    dense_when_faster: bool = True,
 ) -> fx.GraphModule:
     """Replace planned linears by the sparse ops (see module docstring).
 
     ``crossover_rows``: the row count from which ``prefill="2:4"`` layers run 2:4 (overrides
     the measured crossover; the backend option of the same name). ``cudagraphs``: the graph
     runs under CUDA graphs, so the crossover is measured on GPU time alone.
+    ``dense_when_faster``: lower threshold layers whose sparse GEMV loses to dense as dense.
     """
     graph = gm.graph
     decisions = []
@@ -171,8 +175,16 @@ def lower_linears(
         # -- prefill dispatch: which rows run what, decided here when the row count allows --
         what = "threshold"  # the branch emitted: threshold | dense | 2:4 | per-call
         min_rows_24 = None
+        reason = "planned"
         if lp.drops_nothing:
-            what = "dense"
+            what, reason = "dense", "threshold <= 0 drops nothing: dense is exact"
+        elif dense_when_faster and lp.prefill == "threshold" and lp.method != "topk" and w_val is not None:
+            pays, times = gemv_pays(lp.out_features, lp.in_features, w_val.dtype, device,
+                                    lp.target_sparsity)
+            if not pays:
+                what = "dense"
+                reason = (f"sparse GEMV slower than dense here: {times[1]:.1f} vs {times[0]:.1f} us "
+                          f"at sparsity {lp.target_sparsity:.2f} (dense_when_faster)")
         elif lp.prefill != "threshold":
             min_rows_24 = NEVER
             if lp.prefill == "2:4":
@@ -215,7 +227,6 @@ def lower_linears(
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         op_name = "linear" if what == "dense" else "fxsparse." + op._schema.name.split("::")[1]
-        reason = "threshold <= 0 drops nothing: dense is exact" if lp.drops_nothing else "planned"
         decisions.append({"name": site.name, "plan_key": key, "node": new.name, "op": op_name,
                           "reason": reason, "prefill": lp.prefill, "decode_rows": lp.decode_rows,
                           "min_rows_24": min_rows_24, "branch": what})
