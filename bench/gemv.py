@@ -185,10 +185,10 @@ def variants(rows: int, n: int, k: int, nsm: int):
     add("default")
     if rows == 1:
         add("session3", one_step_max=0, scratch_group=1 << 20)  # one scratch per split, 256 steps
-        add("sub32", sub_k=32)
-        add("pps6", programs_per_sm=6)
-        add("pps10", programs_per_sm=10)
-        add("sub32-pps6", sub_k=32, programs_per_sm=6)
+        add("multistep", one_step_max=0)
+    add("private", scratch_group=1)
+    add("group4", scratch_group=4)
+    add("group16", scratch_group=16)
     return out
 
 

@@ -11,10 +11,11 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
 * **Mask in the kernel, then compaction.** Phase 1: each program loads its split of ``x`` for
   all rows, computes ``keep = not(|x - center| * scale < threshold)`` in float32 (NaN is kept),
   and stream-compacts the channels that any row keeps (prefix sum + scatter) into a small
-  per-split scratch: channel ids and each row's kept value ``x - fill`` (0 where that row
-  drops it, so every row keeps its exact mask). Phase 2 walks that list in ``SUB_K``-row tiles
-  and loads only those rows of ``Wᵀ``, software-pipelined (ids two tiles ahead, weights one),
-  so loads, conversions and FMAs scale with the kept count, not with ``K``.
+  scratch, one copy per split and group of ``scratch_group`` N-blocks: channel ids and each
+  row's kept value ``x - fill`` (0 where that row drops it, so every row keeps its exact mask).
+  Phase 2 walks that list in ``SUB_K``-row tiles and loads only those rows of ``Wᵀ``,
+  software-pipelined (ids two tiles ahead, weights one), so loads, conversions and FMAs scale
+  with the kept count, not with ``K``.
 * **Center as bias.** Dropped entries snap to the center ``c``; with ``c`` folded out,
   ``out = Σ_kept W[:, i] (x_i - c_i) + (b + W c)``. ``W c`` (``center_bias``) is computed once
   by the caller when preparing the model; without it the wrapper computes it (slow, correct).
@@ -157,13 +158,12 @@ def _threshold_gemv_kernel(
     offs_s = tl.arange(0, SUB_K)
 
     # ---- phase 1: keep mask of this split's channels, compacted into the scratch -------------
-    # Every N-block of a split computes the same list and writes the same values to the same
-    # slots (a benign race), so the scratch is per split, not per program, and stays in L2.
+    # Every N-block of a split computes the same list. Groups of scr_group N-blocks share a
+    # scratch copy, all members writing the same values to the same slots (a benign race):
+    # one copy per split had 100-200 SMs storing to the same lines, which L2 serialised, and
+    # one per program costs the L2 write-back of megabytes of scratch (bench/NOTES.md).
     k_first = pid_k * split_len
     k_end = tl.minimum(K, k_first + split_len)
-    # N-blocks share a scratch copy in groups of scr_group: every member writes the same values
-    # to the same slots (a benign race); one copy per split had ~100-200 SMs storing to the
-    # same lines, which serialised in L2 (bench/NOTES.md)
     scr_row = pid_k.to(tl.int64) * tl.cdiv(tl.cdiv(N, BLOCK_N), scr_group) + pid_n // scr_group
     scr_ids = scr_ptr + scr_row * (1 + R) * split_len  # [split_len] channel ids
     scr_val = scr_ids + (1 + offs_r[:, None]) * split_len  # [BLOCK_R, 1] rows of values
@@ -423,6 +423,9 @@ def _pick_config(
 
     ``chunk_k`` is the split granularity and the masking step, except that a split of at most
     ``one_step_max`` channels is masked in one step (more costs registers, hence occupancy).
+    ``scratch_group``: N-blocks per compaction scratch copy (session 4 sweep: 4, 8 and 16
+    within 1-4%; one copy per split 1.15-1.3x slower at s = 0.9, one per program up to 7%
+    slower at s = 0). ``sub_k`` stays 16: 32-row tiles take 96 registers, two waves.
     """
     use_dot = rows > 1
     if block_n is None:
