@@ -12,15 +12,21 @@ from conftest import tiny_llama, token_batches
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("mode", ["reduce-overhead", None])  # graphs first: lazy state bugs
-def test_decode_step_on_gpu_matches_eager_hooks(mode):
-    from fxsparse.kernels import sparse_gemv
-
+def small_model_and_plan():
+    """A tiny Llama on the GPU with every projection calibrated to 50%."""
     model = tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                        num_key_value_heads=2).cuda()
     plan = fxsparse.calibrate(model, [b.cuda() for b in token_batches(4, seq=32, vocab=96)],
                               {TargetScope(patterns=[r".*_proj"]): 0.5},
                               IgnoredScope(names=["lm_head"]), progress=False)
+    return model, plan
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", None])  # graphs first: lazy state bugs
+def test_decode_step_on_gpu_matches_eager_hooks(mode):
+    from fxsparse.kernels import sparse_gemv
+
+    model, plan = small_model_and_plan()
     calls = []
     real = sparse_gemv.threshold_gemv
 
@@ -53,11 +59,7 @@ def test_small_layers_run_dense_when_the_kernel_loses(monkeypatch, tmp_path):
 
     monkeypatch.setenv("FXSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(crossover, "_memo", {})
-    model = tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                       num_key_value_heads=2).cuda()
-    plan = fxsparse.calibrate(model, [b.cuda() for b in token_batches(4, seq=32, vocab=96)],
-                              {TargetScope(patterns=[r".*_proj"]): 0.5},
-                              IgnoredScope(names=["lm_head"]), progress=False)
+    model, plan = small_model_and_plan()
     record = []
     fast = fxsparse.compile(model, plan, mode="reduce-overhead", record=record)
     x = token_batches(1, batch=1, seq=1, seed=3)[0].cuda()
