@@ -368,6 +368,13 @@ def test_gemv_pays_is_measured_once_with_a_margin(monkeypatch, tmp_path):
     assert X.gemv_pays(64, 4096, torch.int8, "cuda:0", 0.5) == (True, None)
     assert len(calls) == 3
 
+    def failing(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(X, "_measure_gemv", failing)  # a failed timing keeps the kernel, uncached
+    assert X.gemv_pays(8192, 8192, torch.bfloat16, "cuda:0", 0.5) == (True, None)
+    assert len(json.loads((tmp_path / "crossover.json").read_text())["entries"]) == 3
+
 
 def test_never_is_stored_as_null(fake_gpu, monkeypatch, tmp_path):
     monkeypatch.setattr(X, "_measure", lambda *a, **k: {256: (1.0, 2.0)})
