@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kernels.crossover import gemv_pays
+from .passes.lower import dense_reason
 from .plan import SparsityPlan
 
 __all__ = ["prepare_weights", "compile"]
@@ -29,25 +29,20 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
     """Make each planned linear's weight column-major in place; return the names converted.
 
     Only weights on ``device_types`` are converted (the CPU path gains nothing from it), and not
-    those of layers that will run dense (cuBLAS's usual layout): entries that drop nothing and,
-    with ``dense_when_faster`` (the backend option of the same name), threshold layers whose
-    sparse GEMV measures slower than dense on CUDA (``crossover.gemv_pays``).
+    those of layers the lower pass will run dense (cuBLAS's usual layout; ``dense_reason``, with
+    ``dense_when_faster`` as the backend option of the same name).
     """
     plan.check_model(model)
     modules = dict(model.named_modules())
     done = []
-    for name in plan.layers:
-        if plan.layers[name].drops_nothing:
-            continue
+    for name, lp in plan.layers.items():
         if not isinstance(modules[name], nn.Linear):
             continue  # GPT-2's Conv1D already stores W [in, out]: the kernel's layout
         w = modules[name].weight
         if w.device.type not in device_types or (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
             continue
-        lp = plan.layers[name]
-        if dense_when_faster and lp.prefill == "threshold" and lp.method != "topk" and not gemv_pays(
-                w.shape[0], w.shape[1], w.dtype, w.device, lp.target_sparsity)[0]:
-            continue
+        if dense_reason(lp, w.dtype, w.device, dense_when_faster) is not None:
+            continue  # lowered dense: cuBLAS's usual layout
         w.data = w.data.t().contiguous().t()
         done.append(name)
     return done

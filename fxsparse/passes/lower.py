@@ -40,7 +40,7 @@ from ..kernels import prefill_linear, sparse_gemv, threshold_linear  # noqa: F40
 from ..kernels.crossover import NEVER, gemv_pays, resolve_min_rows_24
 from ..kernels.prefill_linear import branch
 from ..kernels.topk_linear import topk_keep_count
-from ..plan import SparsityPlan
+from ..plan import LayerPlan, SparsityPlan
 from .match import linear_args, linear_sites
 
 __all__ = ["lower_linears"]
@@ -120,6 +120,23 @@ def _static_branch(rows: tuple[int, float] | None, decode_rows: int, min_rows_24
     return first if branch(int(hi), decode_rows, min_rows_24) == first else None
 
 
+def dense_reason(lp: LayerPlan, dtype: torch.dtype | None, device: torch.device,
+                 dense_when_faster: bool = True) -> str | None:
+    """Why a plan entry runs dense at every row count, or None. One rule for this pass and
+    ``prepare_weights``, so a layer lowered dense keeps its row-major weight: an entry that drops
+    nothing, or (``dense_when_faster``, weight dtype known) a threshold entry whose one-row sparse
+    GEMV measures slower than dense at its target sparsity (``crossover.gemv_pays``)."""
+    if lp.drops_nothing:
+        return "threshold <= 0 drops nothing: dense is exact"
+    if not dense_when_faster or dtype is None or lp.prefill != "threshold" or lp.method == "topk":
+        return None
+    pays, times = gemv_pays(lp.out_features, lp.in_features, dtype, device, lp.target_sparsity)
+    if pays:
+        return None
+    return (f"sparse GEMV slower than dense here: {times[1]:.1f} vs {times[0]:.1f} us "
+            f"at sparsity {lp.target_sparsity:.2f} (dense_when_faster)")
+
+
 def lower_linears(
     gm: fx.GraphModule,
     plan: SparsityPlan,
@@ -175,16 +192,9 @@ def lower_linears(
         # -- prefill dispatch: which rows run what, decided here when the row count allows --
         what = "threshold"  # the branch emitted: threshold | dense | 2:4 | per-call
         min_rows_24 = None
-        reason = "planned"
-        if lp.drops_nothing:
-            what, reason = "dense", "threshold <= 0 drops nothing: dense is exact"
-        elif dense_when_faster and lp.prefill == "threshold" and lp.method != "topk" and w_val is not None:
-            pays, times = gemv_pays(lp.out_features, lp.in_features, w_val.dtype, device,
-                                    lp.target_sparsity)
-            if not pays:
-                what = "dense"
-                reason = (f"sparse GEMV slower than dense here: {times[1]:.1f} vs {times[0]:.1f} us "
-                          f"at sparsity {lp.target_sparsity:.2f} (dense_when_faster)")
+        reason = dense_reason(lp, None if w_val is None else w_val.dtype, device, dense_when_faster)
+        if reason is not None:
+            what = "dense"
         elif lp.prefill != "threshold":
             min_rows_24 = NEVER
             if lp.prefill == "2:4":
@@ -193,6 +203,7 @@ def lower_linears(
                 min_rows_24 = resolve_min_rows_24(lp.out_features, lp.in_features, dtype, device,
                                                   crossover_rows, epilogue, cudagraphs)
             what = _static_branch(_row_range(x), lp.decode_rows, min_rows_24) or "per-call"
+        reason = reason or "planned"
 
         # -- constants, computed once ----------------------------------------------------------
         center = lp.center_tensor()
