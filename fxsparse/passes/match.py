@@ -39,8 +39,11 @@ class LinearSite:
 
 
 def module_path(source: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
-    s = re.sub(r"^(?:[A-Za-z_]\w*)\[['\"][^'\"]*['\"]\]", "", source)  # the root: L['self']
+    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``.
+
+    The root is the compiled module: ``L['self']`` up to torch 2.12, ``L['args'][0]`` from 2.13
+    (Dynamo traces the module's ``__call__``, whose first argument it is)."""
+    s = re.sub(r"^(?:[A-Za-z_]\w*)\[['\"][^'\"]*['\"]\](?:\[\d+\])?", "", source)  # the root
     s = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]*)['\"]\]", r".\1", s)
     s = re.sub(r"\[['\"]([^'\"]*)['\"]\]", r".\1", s)
     s = re.sub(r"\[(\d+)\]", r".\1", s)
