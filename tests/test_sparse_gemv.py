@@ -124,6 +124,21 @@ def run_case(c: Case, device: str, config=None) -> None:
     check(out, x, weight, bias, c.threshold, center, scale, c.dtype)
 
 
+def run_group_case(c: Case, ns: list[int], device: str, config=None) -> None:
+    """1-3 weights sharing x and the mask (q/k/v), one launch: each output as if alone."""
+    x, _, _, center, scale, _ = make_inputs(c, device)
+    members = [make_inputs(dataclasses.replace(c, n=n, seed=c.seed + 1 + i), device)
+               for i, n in enumerate(ns)]
+    weights = [m[1] for m in members]
+    biases = [m[2] for m in members]
+    cbs = [None if center is None or not c.center_bias else w.float() @ center.to(c.dtype).float().expand(c.k)
+           for w in weights]
+    outs = sg.threshold_gemv_group(x, weights, biases, c.threshold, center, scale, cbs, config=config)
+    assert len(outs) == len(ns)
+    for out, w, b in zip(outs, weights, biases, strict=True):
+        check(out, x, w, b, c.threshold, center, scale, c.dtype)
+
+
 # -- CPU, through the interpreter ---------------------------------------------------------------
 
 
@@ -160,12 +175,15 @@ def test_masked_input_cpu(c: Case) -> None:
     chunk_k=st.sampled_from([16, 32, 64]),
     one_step_max=st.sampled_from([0, 64, 512]),
     scratch_group=st.sampled_from([1, 3, 8, 10**6]),
+    sub_k=st.sampled_from([8, 16]),
+    row_kernel=st.booleans(),
 )
 def test_block_sizes_cpu(
-    c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int, scratch_group: int
+    c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int, scratch_group: int, sub_k: int,
+    row_kernel: bool,
 ) -> None:
-    """Every split (1 … many), masking step, scratch sharing and tile shape the heuristic may
-    pick gives the same function."""
+    """Every split (1 … many), masking step, scratch sharing, tile shape and kernel (one-row or
+    row-generic) the heuristic may pick gives the same function."""
     cfg = sg._pick_config(
         c.rows,
         c.n,
@@ -176,8 +194,57 @@ def test_block_sizes_cpu(
         chunk_k=chunk_k,
         one_step_max=one_step_max,
         scratch_group=scratch_group,
+        sub_k=sub_k,
+        row_kernel=row_kernel,
+        num_warps=1 if row_kernel else 4,
     )
     run_case(c, "cpu", cfg)
+
+
+@cpu_only
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c=cases(max_rows=1, max_n=100, max_k=300),
+    num_sms=st.sampled_from([1, 4, 132]),
+    block_n=st.sampled_from([16, 64]),
+    chunk_k=st.sampled_from([16, 64]),
+    one_step_max=st.sampled_from([0, 512]),
+    sub_k=st.sampled_from([8, 16]),
+    acc_tile=st.booleans(),
+)
+def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
+                        sub_k: int, acc_tile: bool) -> None:
+    """The one-row kernel over its block sizes, splits, masking steps and accumulators."""
+    cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
+                          one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
+                          acc_tile=acc_tile)
+    assert cfg.row_kernel
+    run_case(c, "cpu", cfg)
+
+
+@cpu_only
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c=cases(max_rows=4, max_n=1, max_k=150),
+    ns=st.lists(st.integers(1, 90), min_size=1, max_size=3),
+    num_sms=st.sampled_from([1, 4]),
+    block_n=st.sampled_from([16, 32]),
+    row_kernel=st.booleans(),
+)
+def test_group_matches_reference_cpu(c: Case, ns: list[int], num_sms: int, block_n: int,
+                                     row_kernel: bool) -> None:
+    cfg = sg._pick_config(c.rows, sum(ns), c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=32,
+                          row_kernel=row_kernel)
+    run_group_case(c, ns, "cpu", cfg)
+
+
+def test_group_rejects_bad_members() -> None:
+    x = torch.randn(1, 8)
+    w = torch.randn(8, 4).t()
+    with pytest.raises(RuntimeError, match="1-3 weights"):
+        sg.threshold_gemv_group(x, [w] * 4, [None] * 4, 0.5)
+    with pytest.raises(RuntimeError, match="all present or all absent"):
+        sg.threshold_gemv_group(x, [w, w], [torch.zeros(4), None], 0.5)
 
 
 @cpu_only
@@ -233,6 +300,23 @@ def test_matches_reference_gpu(dtype: torch.dtype, center: str) -> None:
         check_masked_input(c, "cuda")
 
     prop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("center", ["none", "channel"])
+def test_group_matches_reference_gpu(center: str) -> None:
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(c=cases(max_rows=1, max_n=1, max_k=3000, center=center),
+           ns=st.lists(st.integers(1, 3000), min_size=1, max_size=3))
+    def prop(c: Case, ns: list[int]) -> None:
+        run_group_case(c, ns, "cuda")
+
+    prop()
+    # the decode shapes: q/k/v of Llama-3-8B, gate/up
+    for ns, k in [([4096, 1024, 1024], 4096), ([14336, 14336], 4096)]:
+        c = Case(1, 1, k, torch.bfloat16, 0.7, center, False, False, True, "contiguous", 0, k)
+        run_group_case(c, ns, "cuda")
 
 
 @pytest.mark.gpu

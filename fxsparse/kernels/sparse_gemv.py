@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +47,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["GemvConfig", "masked_input", "max_rows", "reserve", "supports", "threshold_gemv"]
+__all__ = ["MAX_MEMBERS", "GemvConfig", "masked_input", "max_rows", "reserve", "supports", "threshold_gemv",
+           "threshold_gemv_group"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at BLOCK_N = 128)
 _MAX_SPLIT_K = 64
+MAX_MEMBERS = 3  # weights one launch serves (q/k/v)
 # Triton 3.9's interpreter mis-multiplies bf16 in tl.dot: it gets float32 operands instead.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -68,7 +71,7 @@ def _round_to(v, DTYPE: tl.constexpr):
 
 @triton.jit
 def _kept_value(
-    xv,  # [BLOCK_R, KB] raw x values (x dtype); out-of-range entries must be masked by the caller
+    xv,  # [KB] or [BLOCK_R, KB] raw x values (x dtype); out-of-range entries masked by the caller
     k,  # [KB] input-channel indices
     k_ok,  # [KB] k < K
     center_ptr,  # [] or [K] (any float dtype)
@@ -86,12 +89,12 @@ def _kept_value(
         if CENTER_MODE == 1:
             c = tl.load(center_ptr)
         else:
-            c = tl.load(center_ptr + k, mask=k_ok, other=0.0)[None, :]
+            c = tl.load(center_ptr + k, mask=k_ok, other=0.0)  # [KB]: broadcasts over rows
         # the mask uses the center in float32, the dropped value is the center in x's dtype
         d = tl.abs(xf - c.to(tl.float32))
         v = xf - _round_to(c.to(tl.float32), xv.dtype)
     if HAS_SCALE:
-        d = d * tl.load(scale_ptr + k, mask=k_ok, other=1.0).to(tl.float32)[None, :]
+        d = d * tl.load(scale_ptr + k, mask=k_ok, other=1.0).to(tl.float32)
     keep = ~(d < thr)  # NaN is never below the threshold, so it is kept and propagates
     return keep, tl.where(keep, v, 0.0)
 
@@ -109,29 +112,56 @@ def _compact(xc, kc, kc_ok, r_ok, n_kept, center_ptr, scale_ptr, thr, scr_ids, s
 
 
 @triton.jit
+def _member(pid_n, w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
+            w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
+            w2_ptr, out2_ptr, bias2_ptr, cb2_ptr, N2, stride_wn2, stride_wk2,
+            NUM_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The member (weight, output, biases, N, strides) and N-block of grid column ``pid_n``:
+    scalar selects, so one launch serves q/k/v or gate/up together."""
+    w_ptr, out_ptr, bias_ptr, cb_ptr = w0_ptr, out0_ptr, bias0_ptr, cb0_ptr
+    N, stride_wn, stride_wk, blk = N0, stride_wn0, stride_wk0, pid_n
+    if NUM_W > 1:
+        nb0 = tl.cdiv(N0, BLOCK_N)
+        m1 = pid_n >= nb0
+        w_ptr, out_ptr = tl.where(m1, w1_ptr, w_ptr), tl.where(m1, out1_ptr, out_ptr)
+        bias_ptr, cb_ptr = tl.where(m1, bias1_ptr, bias_ptr), tl.where(m1, cb1_ptr, cb_ptr)
+        N, stride_wn = tl.where(m1, N1, N), tl.where(m1, stride_wn1, stride_wn)
+        stride_wk, blk = tl.where(m1, stride_wk1, stride_wk), tl.where(m1, pid_n - nb0, blk)
+        if NUM_W > 2:
+            nb01 = nb0 + tl.cdiv(N1, BLOCK_N)
+            m2 = pid_n >= nb01
+            w_ptr, out_ptr = tl.where(m2, w2_ptr, w_ptr), tl.where(m2, out2_ptr, out_ptr)
+            bias_ptr, cb_ptr = tl.where(m2, bias2_ptr, bias_ptr), tl.where(m2, cb2_ptr, cb_ptr)
+            N, stride_wn = tl.where(m2, N2, N), tl.where(m2, stride_wn2, stride_wn)
+            stride_wk, blk = tl.where(m2, stride_wk2, stride_wk), tl.where(m2, pid_n - nb01, blk)
+    return w_ptr, out_ptr, bias_ptr, cb_ptr, N, stride_wn, stride_wk, blk
+
+
+@triton.jit
 def _threshold_gemv_kernel(
     x_ptr,  # [R, K] activations, strides (stride_xr, stride_xk)
-    w_ptr,  # [N, K] weight, strides (stride_wn, stride_wk); fast when column-major (1, N)
-    bias_ptr,  # [N] bias (read when HAS_BIAS)
-    cb_ptr,  # [N] center_bias = W @ center (read when HAS_CB)
+    # NUM_W members (weights sharing x and the mask), each: weight [N_i, K] with strides
+    # (stride_wn_i, stride_wk_i), fast when column-major (1, N_i); output [R, N_i] (row stride
+    # N_i); bias and center_bias (= W_i @ center) [N_i], read when HAS_BIAS / HAS_CB
+    w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
+    w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
+    w2_ptr, out2_ptr, bias2_ptr, cb2_ptr, N2, stride_wn2, stride_wk2,
     center_ptr,  # [] or [K] center (read when CENTER_MODE > 0)
     scale_ptr,  # [K] channel scale (read when HAS_SCALE)
-    out_ptr,  # [R, N] output, row stride N
-    ws_ptr,  # [split_k, R, N] float32 partial sums (when split_k > 1)
+    ws_ptr,  # [split_k, R, ws_n] float32 partial sums (when split_k > 1)
     cnt_ptr,  # [n_blocks] int32 arrival counters, zero between launches (when split_k > 1)
     scr_ptr,  # [split_k, 1 + R, split_len] float32 compacted channel ids (row 0) and values
     R,
-    N,
     K,
+    ws_n,  # workspace row length: BLOCK_N x all members' N-blocks
     stride_xr,
     stride_xk,
-    stride_wn,
-    stride_wk,
     threshold,
     split_k,
     split_len,  # channels per K-split
     chunks_per_split,  # masking steps per split: cdiv(split_len, CHUNK_K)
     scr_group,  # N-blocks per scratch copy
+    NUM_W: tl.constexpr,  # members: 1, 2 or 3 (grid axis 0 runs over all their N-blocks)
     CENTER_MODE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -146,13 +176,18 @@ def _threshold_gemv_kernel(
     SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
     ONE_STEP: tl.constexpr,  # the split is masked in one step (CHUNK_K >= split_len)
 ):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0)  # N-block over all members
     pid_k = tl.program_id(1)
     thr = tl.cast(threshold, tl.float32)  # Inductor passes Python floats as fp64: compare in fp32
 
+    w_ptr, out_ptr, bias_ptr, cb_ptr, N, stride_wn, stride_wk, blk = _member(
+        pid_n, w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
+        w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
+        w2_ptr, out2_ptr, bias2_ptr, cb2_ptr, N2, stride_wn2, stride_wk2, NUM_W, BLOCK_N)
+
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_c = tl.arange(0, CHUNK_K)
     offs_s = tl.arange(0, SUB_K)
@@ -164,7 +199,7 @@ def _threshold_gemv_kernel(
     # one per program costs the L2 write-back of megabytes of scratch (bench/NOTES.md).
     k_first = pid_k * split_len
     k_end = tl.minimum(K, k_first + split_len)
-    scr_row = pid_k.to(tl.int64) * tl.cdiv(tl.cdiv(N, BLOCK_N), scr_group) + pid_n // scr_group
+    scr_row = pid_k.to(tl.int64) * tl.cdiv(ws_n // BLOCK_N, scr_group) + pid_n // scr_group
     scr_ids = scr_ptr + scr_row * (1 + R) * split_len  # [split_len] channel ids
     scr_val = scr_ids + (1 + offs_r[:, None]) * split_len  # [BLOCK_R, 1] rows of values
     x_rows = x_ptr + offs_r[:, None] * stride_xr
@@ -240,20 +275,21 @@ def _threshold_gemv_kernel(
 
     # ---- epilogue: add biases and store, combining K-splits in the last-arriving program -----
     if split_k > 1:
-        ws_tile = (offs_r[:, None] * N + offs_n[None, :]).to(tl.int64)
-        tl.store(ws_ptr + pid_k.to(tl.int64) * R * N + ws_tile, part, mask=r_ok[:, None] & n_ok[None, :])
+        offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # this tile's workspace columns
+        ws_tile = (offs_r[:, None] * ws_n + offs_w[None, :]).to(tl.int64)
+        tl.store(ws_ptr + pid_k.to(tl.int64) * R * ws_n + ws_tile, part, mask=r_ok[:, None] & n_ok[None, :])
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == split_k - 1:
             offs_e = tl.arange(0, EPI_R)
             e_ok = (offs_e < R)[:, None] & n_ok[None, :]
-            e_tile = (offs_e[:, None] * N + offs_n[None, :]).to(tl.int64)
+            e_tile = (offs_e[:, None] * ws_n + offs_w[None, :]).to(tl.int64)
             offs_g = tl.arange(0, SPLIT_GROUP)
             total = tl.zeros((EPI_R, BLOCK_N), dtype=tl.float32)
             for g0 in range(0, split_k, SPLIT_GROUP):
                 sp = g0 + offs_g
                 parts = tl.load(
-                    ws_ptr + sp.to(tl.int64)[:, None, None] * R * N + e_tile[None, :, :],
+                    ws_ptr + sp.to(tl.int64)[:, None, None] * R * ws_n + e_tile[None, :, :],
                     mask=(sp < split_k)[:, None, None] & e_ok[None, :, :],
                     other=0.0,
                     cache_modifier=".cg",  # written by other SMs: read from L2, not a stale L1
@@ -299,6 +335,136 @@ def _store_out(
         part += tl.load(cb_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out, part.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit(do_not_specialize=["stride_xk"])  # keeps x's loads scalar: no layout conversion
+def _row_gemv_kernel(
+    x_ptr,  # [K] activations (one row), stride stride_xk
+    # members as in _threshold_gemv_kernel (weights sharing x and the mask)
+    w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
+    w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
+    w2_ptr, out2_ptr, bias2_ptr, cb2_ptr, N2, stride_wn2, stride_wk2,
+    center_ptr,  # [] or [K] center (read when CENTER_MODE > 0)
+    scale_ptr,  # [K] channel scale (read when HAS_SCALE)
+    ws_ptr,  # [split_k, ws_n] float32 partial sums (when split_k > 1)
+    cnt_ptr,  # [n_blocks] int32 arrival counters, zero between launches (when split_k > 1)
+    scr_ptr,  # [split_k x groups, 2, split_len] float32 compacted channel ids and kept values
+    K,
+    ws_n,  # workspace row length: BLOCK_N x all members' N-blocks
+    stride_xk,
+    threshold,
+    split_k,
+    split_len,  # channels per K-split
+    steps,  # masking steps per split: cdiv(split_len, CHUNK_K)
+    scr_group,  # N-blocks per scratch copy
+    NUM_W: tl.constexpr,
+    CENTER_MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_CB: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # output columns per program
+    CHUNK_K: tl.constexpr,  # channels masked and compacted per step
+    SUB_K: tl.constexpr,  # kept channels per weight tile
+    SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
+    ACC_TILE: tl.constexpr,  # accumulate [SUB_K, BLOCK_N] (else reduce each tile to [BLOCK_N])
+):
+    """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
+    (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
+    one- or two-warp programs, whose scans and reductions stay inside a warp."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    thr = tl.cast(threshold, tl.float32)
+    w_ptr, out_ptr, bias_ptr, cb_ptr, N, stride_wn, stride_wk, blk = _member(
+        pid_n, w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
+        w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
+        w2_ptr, out2_ptr, bias2_ptr, cb2_ptr, N2, stride_wn2, stride_wk2, NUM_W, BLOCK_N)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_c = tl.arange(0, CHUNK_K)
+    offs_s = tl.arange(0, SUB_K)
+
+    # ---- phase 1: compact this split's kept channels (ids, x - fill) into the scratch -------
+    k_first = pid_k * split_len
+    k_end = tl.minimum(K, k_first + split_len)
+    scr_row = pid_k.to(tl.int64) * tl.cdiv(ws_n // BLOCK_N, scr_group) + pid_n // scr_group
+    scr_ids = scr_ptr + scr_row * 2 * split_len
+    scr_val = scr_ids + split_len
+    n_kept = 0
+    kc = k_first + offs_c
+    xc_next = tl.load(x_ptr + kc * stride_xk, mask=kc < k_end)
+    for _ in range(0, steps):
+        kc_ok = kc < k_end
+        xc = xc_next
+        kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
+        xc_next = tl.load(x_ptr + kn * stride_xk, mask=kn < k_end)
+        keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
+        keep = keep & kc_ok
+        kept = keep.to(tl.int32)
+        slot = n_kept + tl.cumsum(kept, axis=0) - 1
+        tl.store(scr_ids + slot, kc.to(tl.float32), mask=keep)
+        tl.store(scr_val + slot, v, mask=keep)
+        n_kept += tl.sum(kept, axis=0)
+        kc = kn
+    tl.debug_barrier()  # the scratch is read back by other threads of this program
+
+    # ---- phase 2: the kept rows of Wᵀ; ids two tiles ahead, weights one --------------------
+    if ACC_TILE:  # per-slot partial sums, reduced once at the end
+        acc = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
+    else:  # reduced every tile (fewer registers: larger tiles fit one warp)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s_ok = offs_s < n_kept
+    k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
+    v_next = tl.load(scr_val + offs_s, mask=s_ok, other=0.0)
+    w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                     mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+    k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
+    for t in range(0, tl.cdiv(n_kept, SUB_K)):
+        w = w_next
+        v = v_next
+        slot = (t + 1) * SUB_K + offs_s
+        s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
+        k = k_next.to(tl.int32)
+        v_next = tl.load(scr_val + slot, mask=s_ok, other=0.0)
+        w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                         mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+        k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
+        if ACC_TILE:
+            acc += v[:, None] * w.to(tl.float32)
+        else:
+            acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+    if ACC_TILE:
+        part = tl.sum(acc, axis=0)  # [BLOCK_N]
+    else:
+        part = acc
+
+    # ---- epilogue: the last-arriving split sums the partials in order, adds biases, stores ---
+    if split_k > 1:
+        offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(ws_ptr + pid_k.to(tl.int64) * ws_n + offs_w, part, mask=n_ok)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            offs_g = tl.arange(0, SPLIT_GROUP)
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for g0 in range(0, split_k, SPLIT_GROUP):
+                sp = g0 + offs_g
+                parts = tl.load(ws_ptr + sp.to(tl.int64)[:, None] * ws_n + offs_w[None, :],
+                                mask=(sp < split_k)[:, None] & n_ok[None, :], other=0.0,
+                                cache_modifier=".cg")  # written by other SMs: from L2
+                total += tl.sum(parts, axis=0)
+            _store_row(total, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")  # ready for the next launch
+    else:
+        _store_row(part, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+
+
+@triton.jit
+def _store_row(part, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+    if HAS_BIAS:
+        part += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_CB:
+        part += tl.load(cb_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, part.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -388,6 +554,8 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     scratch_group: int = 8  # N-blocks that share one copy of a split's compaction scratch
+    row_kernel: bool = False  # one row: _row_gemv_kernel (1-D phases) instead of the row-generic one
+    acc_tile: bool = True  # row kernel: [SUB_K, BLOCK_N] accumulator (else reduced every tile)
 
     @property
     def chunks_per_split(self) -> int:
@@ -398,8 +566,37 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+_LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes, where one-warp programs won
+
+
+def _row_defaults(n: int, k: int, elem_size: int) -> dict:
+    """One-row kernel block sizes by weight size (H200 sweep of session 5, bench/NOTES.md).
+
+    Programs of one or two warps keep scans and reductions inside a warp: the fixed cost
+    (τ = ∞) fell from 6.5-16.7 µs (four warps) to 4.3-8.0 µs. Streaming at low sparsity needs
+    enough bytes in flight per SM, which is what separates the two rules: two-warp programs
+    with 128-byte runs and 8-row tiles won every 4096- and 14336-wide shape at s = 0/0.5/0.9
+    (4096²: 0.76/1.07/1.77x cuBLAS; 14336x4096: 0.86/1.38/2.84x), one-warp programs with
+    256-byte runs and 16-row tiles reduced per tile won the 70B shapes (28672x8192:
+    0.93/1.69/5.34x).
+    """
+    if n * k >= _LARGE_WEIGHT:
+        return dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False)
+    return dict(num_warps=2, block_n=128 // elem_size, sub_k=8, acc_tile=True)
+
+
+def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, **overrides) -> GemvConfig:
+    """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
+    overrides of ``_block_config``'s parameters are for tests and benchmarks."""
+    if rows == 1 and overrides.get("row_kernel", True):
+        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256,
+                    **_row_defaults(n, k, elem_size))
+        return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
+    return _block_config(rows, n, k, elem_size, num_sms, **{**overrides, "row_kernel": False})
+
+
 @functools.lru_cache(maxsize=1024)
-def _pick_config(
+def _block_config(
     rows: int,
     n: int,
     k: int,
@@ -411,10 +608,12 @@ def _pick_config(
     one_step_max: int = 512,
     scratch_group: int = 8,
     sub_k: int = 16,
+    row_kernel: bool = False,
+    num_warps: int = 4,
+    acc_tile: bool = True,
 ) -> GemvConfig:
-    """Deterministic block sizes from shape and dtype (no autotuning at call time).
-
-    Chosen by the H100 sweep in bench/NOTES.md (run 2, bf16, s = 0 / 0.5 / 0.9):
+    """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
+    chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
     * one row: 256-byte Wᵀ runs (BLOCK_N = 128 bf16), 16-row tiles (32-row tiles cost
       registers and occupancy: slower on 4 of 5 shapes), ~8 programs per SM (4 or 16: slower
       on 3 of 5), 256 channels per masking step (vs 128: 4096² s=0.9 12.3 -> 9.4 µs,
@@ -425,7 +624,8 @@ def _pick_config(
     ``one_step_max`` channels is masked in one step (more costs registers, hence occupancy).
     ``scratch_group``: N-blocks per compaction scratch copy (session 4 sweep: 4, 8 and 16
     within 1-4%; one copy per split 1.15-1.3x slower at s = 0.9, one per program up to 7%
-    slower at s = 0). ``sub_k`` stays 16: 32-row tiles take 96 registers, two waves.
+    slower at s = 0). ``row_kernel``: one row through ``_row_gemv_kernel`` (``num_warps``,
+    ``acc_tile``).
     """
     use_dot = rows > 1
     if block_n is None:
@@ -442,7 +642,8 @@ def _pick_config(
     split = triton.cdiv(n_chunks, chunks_per_split)  # no empty splits
     split_len = chunks_per_split * chunk_k
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
-    return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group)
+    return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
+                      row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile)
 
 
 @functools.lru_cache(maxsize=16)
@@ -519,73 +720,137 @@ def threshold_gemv(
     Any weight strides are correct; column-major ones are fast. ``config`` overrides the block
     sizes (tests and benchmarks only).
     """
+    (out,) = threshold_gemv_group(x, [weight], [bias], threshold, center, channel_scale,
+                                  [center_bias], config=config)
+    return out
+
+
+def threshold_gemv_group(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    threshold: float,
+    center: Tensor | None = None,
+    channel_scale: Tensor | None = None,
+    center_biases: Sequence[Tensor | None] | None = None,
+    *,
+    config: GemvConfig | None = None,
+) -> list[Tensor]:
+    """``threshold_gemv`` of 1-3 weights that share ``x`` and its mask, in one launch.
+
+    Sibling projections (q/k/v, gate/up) then pay the kernel's fixed cost (launch, masking,
+    split-K epilogue: 6-16 µs on the H100, bench/NOTES.md) once instead of once each, and the
+    small ones (k/v) ride along with a large one. Biases must be all present or all absent, and
+    so must center biases.
+    """
     k = x.shape[-1]
-    n = weight.shape[0]
-    torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: "threshold_gemv: bad weight")
-    torch._check(weight.dtype == x.dtype, lambda: "threshold_gemv: weight and x dtypes differ")
+    members = len(weights)
+    torch._check(1 <= members <= MAX_MEMBERS,
+                 lambda: f"threshold_gemv: 1-{MAX_MEMBERS} weights, got {members}")
+    center_biases = list(center_biases) if center_biases is not None else [None] * members
+    torch._check(len(biases) == members and len(center_biases) == members,
+                 lambda: "threshold_gemv: one bias and one center_bias per weight")
+    for w in weights:
+        torch._check(w.dim() == 2 and w.shape[1] == k, lambda: "threshold_gemv: bad weight")
+        torch._check(w.dtype == x.dtype, lambda: "threshold_gemv: weight and x dtypes differ")
     torch._check(x.dtype in _DTYPES, lambda: f"threshold_gemv: unsupported dtype {x.dtype}")
+    has_bias = biases[0] is not None
+    torch._check(all((b is not None) == has_bias for b in biases),
+                 lambda: "threshold_gemv: biases must be all present or all absent")
     x2 = x.reshape(-1, k)  # a view for any usual layout; a tiny copy otherwise
     rows = x2.shape[0]
-    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    if rows == 0 or n == 0:
-        return out.reshape(*x.shape[:-1], n)
+    ns = [w.shape[0] for w in weights]
+    outs = [torch.empty((rows, n), dtype=x.dtype, device=x.device) for n in ns]
+    shaped = [o.reshape(*x.shape[:-1], n) for o, n in zip(outs, ns, strict=True)]
+    if rows == 0 or sum(ns) == 0:
+        return shaped
     if k == 0:
-        out.copy_(torch.zeros_like(out) if bias is None else bias.expand(rows, n))
-        return out.reshape(*x.shape[:-1], n)
+        for o, b in zip(outs, biases, strict=True):
+            o.copy_(torch.zeros_like(o) if b is None else b.expand_as(o))
+        return shaped
 
     center_mode = 0
     if center is not None:
         center_mode = 1 if center.dim() == 0 else 2
-        if center_bias is None:  # slow path: W @ fill, fill = the center in x's dtype
-            fill = center.to(x.dtype).float().expand(k)
-            center_bias = torch.mv(weight.float(), fill)
+        fill = center.to(x.dtype).float().expand(k)
+        # slow path without a prepared W @ fill: computed here (correct, one GEMV per call)
+        center_biases = [torch.mv(w.float(), fill) if cb is None else cb
+                         for w, cb in zip(weights, center_biases, strict=True)]
+    else:
+        torch._check(all(cb is None for cb in center_biases),
+                     lambda: "threshold_gemv: center_bias without a center")
 
     if config is None:
-        config = _pick_config(rows, n, k, x.element_size(), _num_sms(x.device))
-    n_blocks = triton.cdiv(n, config.block_n)
+        config = _pick_config(rows, sum(ns), k, x.element_size(), _num_sms(x.device))
+    n_blocks = sum(triton.cdiv(n, config.block_n) for n in ns)
     torch._check(
         config.split_k == 1 or n_blocks <= _COUNTER_CAPACITY,
         lambda: "threshold_gemv: too many N-blocks for split-K",
     )
+    ws_n = n_blocks * config.block_n
     split_len = config.split_len
     n_scr = config.split_k * triton.cdiv(n_blocks, config.scratch_group)
     scr = torch.empty((n_scr, 1 + rows, split_len), dtype=torch.float32, device=x.device)
     if config.split_k > 1:
-        ws = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
+        ws = torch.empty((config.split_k, rows, ws_n), dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device)
     else:
-        ws = cnt = out
+        ws = cnt = outs[0]
     epi_r = _next_pow2(rows)
-    split_group = max(1, min(_next_pow2(config.split_k), 4096 // (epi_r * config.block_n)))
+    # partial tiles summed per load by the last split: ~16 float32 per thread
+    budget = 512 * config.num_warps if config.row_kernel else 4096
+    split_group = max(1, min(_next_pow2(config.split_k), budget // (epi_r * config.block_n)))
     dummy = x2
+    member_args = []
+    for i in range(MAX_MEMBERS):
+        j = min(i, members - 1)  # unused slots repeat the last member (never selected)
+        w, b, cb = weights[j], biases[j], center_biases[j]
+        member_args += [w, outs[j], b if b is not None else dummy, cb if cb is not None else dummy,
+                        ns[j], w.stride(0), w.stride(1)]
     grid = (n_blocks, config.split_k)
+    if config.row_kernel:
+        _row_gemv_kernel[grid](
+            x2, *member_args,
+            center if center is not None else dummy,
+            channel_scale if channel_scale is not None else dummy,
+            ws, cnt, scr, k, ws_n, x2.stride(1), float(threshold), config.split_k, split_len,
+            config.chunks_per_split, config.scratch_group,
+            NUM_W=members,
+            CENTER_MODE=center_mode,
+            HAS_SCALE=channel_scale is not None,
+            HAS_BIAS=has_bias,
+            HAS_CB=center_biases[0] is not None,
+            BLOCK_N=config.block_n,
+            CHUNK_K=config.chunk_k,
+            SUB_K=config.sub_k,
+            SPLIT_GROUP=split_group,
+            ACC_TILE=config.acc_tile,
+            num_warps=config.num_warps,
+        )
+        return shaped
     _threshold_gemv_kernel[grid](
         x2,
-        weight,
-        bias if bias is not None else dummy,
-        center_bias if center_bias is not None else dummy,
+        *member_args,
         center if center is not None else dummy,
         channel_scale if channel_scale is not None else dummy,
-        out,
         ws,
         cnt,
         scr,
         rows,
-        n,
         k,
+        ws_n,
         x2.stride(0),
         x2.stride(1),
-        weight.stride(0),
-        weight.stride(1),
         float(threshold),
         config.split_k,
         split_len,
         config.chunks_per_split,
         config.scratch_group,
+        NUM_W=members,
         CENTER_MODE=center_mode,
         HAS_SCALE=channel_scale is not None,
-        HAS_BIAS=bias is not None,
-        HAS_CB=center_bias is not None,
+        HAS_BIAS=has_bias,
+        HAS_CB=center_biases[0] is not None,
         BLOCK_R=config.block_r,
         EPI_R=epi_r,
         BLOCK_N=config.block_n,
@@ -598,4 +863,4 @@ def threshold_gemv(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out.reshape(*x.shape[:-1], n)
+    return shaped

@@ -12,6 +12,10 @@ that product computed once when the model is prepared; implementations that read
 columns of ``W`` need it (the reference does not). NaN propagates as in the dense layer instead
 of being silently replaced by the center.
 
+``fxsparse::threshold_linear_group`` is the same op for several weights that share ``x`` and
+every mask argument (sibling projections such as q/k/v or gate/up): one output per weight, one
+mask, and on CUDA one kernel launch for all of them.
+
 Implementations: a plain-torch reference (CPU, and any device as a named fallback), a fake
 (meta) impl for tracing, and on CUDA the fused Triton threshold-mask + sparse GEMV kernel for
 few rows (``sparse_gemv.py``), with the reference composition (mask, then cuBLAS) above that.
@@ -23,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["threshold_linear", "threshold_linear_cuda", "threshold_linear_reference", "keep_mask_reference"]
+__all__ = ["threshold_linear", "threshold_linear_cuda", "threshold_linear_group",
+           "threshold_linear_reference", "keep_mask_reference"]
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -167,3 +172,96 @@ def _backward(ctx, grad):
 
 
 threshold_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- siblings: several weights, one input, one mask ----------------------------------------------
+
+
+def _check_group_args(x, weights, biases, center, channel_scale, center_biases) -> None:
+    m = len(weights)
+    torch._check(m >= 1, lambda: "threshold_linear_group: no weights")
+    for what, ts in (("biases", biases), ("center_biases", center_biases)):
+        torch._check(len(ts) in (0, m),
+                     lambda what=what, ts=ts: f"threshold_linear_group: {what} must be empty or one per "
+                     f"weight ({m}), got {len(ts)}")
+    for i, w in enumerate(weights):
+        _check_args(x, w, biases[i] if biases else None, center, channel_scale,
+                    center_biases[i] if center_biases else None)
+
+
+def threshold_linear_group_reference(x, weights, biases, threshold, center=None, channel_scale=None):
+    """One masked input, then one dense linear per weight (``biases``: empty or one per weight)."""
+    xm = torch.where(keep_mask_reference(x, threshold, center, channel_scale), x, fill_value(x, center))
+    return [F.linear(xm, w, biases[i] if biases else None) for i, w in enumerate(weights)]
+
+
+@torch.library.custom_op("fxsparse::threshold_linear_group", mutates_args=())
+def threshold_linear_group(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    threshold: float,
+    center: Tensor | None,
+    channel_scale: Tensor | None,
+    center_biases: list[Tensor],
+) -> list[Tensor]:
+    """``[threshold_linear(x, W_i, b_i, threshold, center, channel_scale, cb_i) for each i]``.
+
+    ``biases`` and ``center_biases`` are each empty (none) or one per weight.
+    """
+    _check_group_args(x, weights, biases, center, channel_scale, center_biases)
+    return threshold_linear_group_reference(x, weights, biases, threshold, center, channel_scale)
+
+
+@threshold_linear_group.register_fake
+def _(x, weights, biases, threshold, center, channel_scale, center_biases):
+    _check_group_args(x, weights, biases, center, channel_scale, center_biases)
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+
+def _threshold_linear_group_cuda(x, weights, biases, threshold, center, channel_scale, center_biases):
+    """One fused GEMV launch for all weights when the kernel takes each; else one mask, then cuBLAS."""
+    _check_group_args(x, weights, biases, center, channel_scale, center_biases)
+    from . import sparse_gemv
+
+    m = len(weights)
+    if m <= sparse_gemv.MAX_MEMBERS and all(sparse_gemv.supports(x, w) for w in weights):
+        return sparse_gemv.threshold_gemv_group(x, weights, list(biases) or [None] * m, threshold, center,
+                                                channel_scale, list(center_biases) or [None] * m)
+    if x.dtype in sparse_gemv._DTYPES:
+        xm = sparse_gemv.masked_input(x, threshold, center, channel_scale)
+        return [F.linear(xm, w, biases[i] if biases else None) for i, w in enumerate(weights)]
+    return threshold_linear_group_reference(x, weights, biases, threshold, center, channel_scale)
+
+
+threshold_linear_group.register_kernel("cuda")(_threshold_linear_group_cuda)
+
+
+def _group_setup_context(ctx, inputs, output):
+    x, weights, biases, threshold, center, channel_scale, center_biases = inputs
+    keep = keep_mask_reference(x, threshold, center, channel_scale)
+    ctx.save_for_backward(x, keep, center, *weights)
+    ctx.has_bias = bool(biases)
+    ctx.n_cb = len(center_biases)
+
+
+def _group_backward(ctx, grads):
+    """Each member's ``masked_linear_backward``; the input gradients add up."""
+    x, keep, center, *weights = ctx.saved_tensors
+    xm = torch.where(keep, x, fill_value(x, center))
+    xm2 = xm.reshape(-1, xm.shape[-1])
+    grad_x = None
+    grad_ws, grad_bs = [], []
+    for w, g in zip(weights, grads, strict=True):
+        gx = g @ _as(w, g.dtype)
+        grad_x = gx if grad_x is None else grad_x + gx
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_ws.append(_as(g2.t() @ _as(xm2, g.dtype), w.dtype))
+        grad_bs.append(g2.sum(0))
+    grad_x = torch.where(keep, grad_x, torch.zeros((), dtype=grad_x.dtype))
+    # (the structure must mirror the inputs: a list per list argument; center_biases are constants)
+    return (_as(grad_x, x.dtype), grad_ws, grad_bs if ctx.has_bias else [], None, None, None,
+            [None] * ctx.n_cb)
+
+
+threshold_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)
