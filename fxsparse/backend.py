@@ -25,6 +25,9 @@ Options (``torch.compile(..., options={...})``):
                fixed cost exceeds what skipping saves) runs dense, with the reason recorded;
                measured and cached like ``crossover_rows``. ``False`` keeps every planned layer
                sparse (e.g. to match the eager reference exactly).
+``group_siblings``  default ``True``: planned siblings that read the same input with the same
+               mask (q/k/v, gate/up) run as one ``threshold_linear_group`` call, one launch on
+               CUDA (``passes/group.py``); ``dense_when_faster`` then judges the set's total width.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any
 
 from torch import fx
 
-from .passes import insert_observers, lower_linears, match_linears
+from .passes import group_siblings, insert_observers, lower_linears, match_linears
 from .plan import SparsityPlan
 
 __all__ = ["sparse_act", "BackendOptions"]
@@ -45,7 +48,7 @@ __all__ = ["sparse_act", "BackendOptions"]
 log = logging.getLogger("fxsparse")
 
 _KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record", "crossover_rows",
-          "dense_when_faster"}
+          "dense_when_faster", "group_siblings"}
 _graph_counter = 0
 
 
@@ -82,10 +85,11 @@ class BackendOptions:
         r = self.crossover_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"sparse_act: option 'crossover_rows' must be an integer >= 0, got {r!r}")
-        self.dense_when_faster = options.get("dense_when_faster", True)
-        if not isinstance(self.dense_when_faster, bool):
-            raise ValueError("sparse_act: option 'dense_when_faster' must be True or False, "
-                             f"got {self.dense_when_faster!r}")
+        for flag in ("dense_when_faster", "group_siblings"):
+            value = options.get(flag, True)
+            if not isinstance(value, bool):
+                raise ValueError(f"sparse_act: option {flag!r} must be True or False, got {value!r}")
+            setattr(self, flag, value)
 
 
 def _code(gm: fx.GraphModule) -> str:
@@ -116,8 +120,11 @@ def sparse_act(
     if opts.plan is not None:
         gm = lower_linears(gm, opts.plan, example_inputs, crossover_rows=opts.crossover_rows,
                            cudagraphs=opts.mode == "reduce-overhead",
-                           dense_when_faster=opts.dense_when_faster)
+                           dense_when_faster=opts.dense_when_faster, grouped=opts.group_siblings)
         stages["lower"] = _code(gm)
+        if opts.group_siblings:
+            gm = group_siblings(gm, opts.plan)
+            stages["group"] = _code(gm)
     elif opts.observers is None and not _warned_no_plan:
         _warned_no_plan = True
         log.warning("sparse_act: no 'plan' option given; no linear layer is sparsified")

@@ -3,7 +3,8 @@
 It compiles the model with ``sparse_act`` (without Inductor, so graphs stay readable), with an
 exact probe on every planned layer, runs the given input once, and reports:
 
-* each graph Dynamo produced, as code, after every pass (``input``, ``observe``, ``lower``);
+* each graph Dynamo produced, as code, after every pass (``input``, ``observe``, ``lower``,
+  ``group``);
 * a per-layer table: name, target, threshold, center, sparsity measured on this input, the op
   chosen, weight bytes a batch-1 decode step reads dense vs expected sparse, and for every linear
   left dense the reason (ignored scope, not targeted, not in the plan, not called).
@@ -48,14 +49,14 @@ class Report:
     rows: list[LayerRow] = field(default_factory=list)
 
     def table(self) -> str:
-        head = (f"{'layer':44s} {'op':26s} {'target':>6s} {'thresh':>9s} {'center':>8s} "
+        head = (f"{'layer':44s} {'op':31s} {'target':>6s} {'thresh':>9s} {'center':>8s} "
                 f"{'sparsity':>8s} {'±tok':>6s} {'MB dense':>8s} {'MB sparse':>9s}  kernel / note")
         lines = [head, "-" * len(head)]
         fmt = lambda v, f: "-" if v is None else format(v, f)
         for r in self.rows:
             center = r.center if isinstance(r.center, str) else fmt(r.center, ".3g")
             lines.append(
-                f"{r.name:44s} {r.op:26s} {fmt(r.target, '.2f'):>6s} {fmt(r.threshold, '.3g'):>9s} "
+                f"{r.name:44s} {r.op:31s} {fmt(r.target, '.2f'):>6s} {fmt(r.threshold, '.3g'):>9s} "
                 f"{center:>8s} {fmt(r.sparsity, '.3f'):>8s} {fmt(r.token_std, '.3f'):>6s} "
                 f"{r.dense_bytes / 1e6:8.2f} "
                 f"{fmt(None if r.sparse_bytes is None else r.sparse_bytes / 1e6, '9.2f'):>9s}  "
@@ -96,13 +97,15 @@ def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_
     op = d["op"]
     if d.get("prefill", "threshold") != "threshold":
         return _prefill_ranges(d, device)
-    if op != "fxsparse.threshold_linear":
+    if op not in ("fxsparse.threshold_linear", "fxsparse.threshold_linear_group"):
         return "torch composition"
+    others = [n.rpartition(".")[2] for n in d.get("group", []) if n != d["name"]]
+    shared = f"; one mask and launch with {', '.join(others)}" if others else ""
     if device.type != "cuda":
-        return "torch reference (mask, then matmul)"
+        return "torch reference (mask, then matmul)" + shared
     from .kernels.sparse_gemv import max_rows
 
-    return f"Triton sparse GEMV <= {max_rows(out_f, in_f, dtype)} row(s), mask + cuBLAS above"
+    return f"Triton sparse GEMV <= {max_rows(out_f, in_f, dtype)} row(s), mask + cuBLAS above" + shared
 
 
 def _prefill_ranges(d: dict[str, Any], device: torch.device) -> str:

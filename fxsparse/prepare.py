@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .passes.lower import dense_reason
+from .passes.lower import dense_reason, group_width, sibling_sets
 from .plan import SparsityPlan
 
 __all__ = ["prepare_weights", "compile"]
@@ -25,15 +25,16 @@ __all__ = ["prepare_weights", "compile"]
 
 @torch.no_grad()
 def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple[str, ...] = ("cuda",),
-                    dense_when_faster: bool = True) -> list[str]:
+                    dense_when_faster: bool = True, group_siblings: bool = True) -> list[str]:
     """Make each planned linear's weight column-major in place; return the names converted.
 
     Only weights on ``device_types`` are converted (the CPU path gains nothing from it), and not
     those of layers the lower pass will run dense (cuBLAS's usual layout; ``dense_reason``, with
-    ``dense_when_faster`` as the backend option of the same name).
+    ``dense_when_faster`` and ``group_siblings`` as the backend options of the same names).
     """
     plan.check_model(model)
     modules = dict(model.named_modules())
+    sets = sibling_sets(plan)
     done = []
     for name, lp in plan.layers.items():
         if not isinstance(modules[name], nn.Linear):
@@ -41,7 +42,8 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
         w = modules[name].weight
         if w.device.type not in device_types or (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
             continue
-        if dense_reason(lp, w.dtype, w.device, dense_when_faster) is not None:
+        width = group_width(plan, name, sets, group_siblings)
+        if dense_reason(lp, w.dtype, w.device, dense_when_faster, width) is not None:
             continue  # lowered dense: cuBLAS's usual layout
         w.data = w.data.t().contiguous().t()
         done.append(name)
@@ -64,7 +66,8 @@ def compile(  # noqa: A001  (torch.compile's twin, on purpose)
     """
     plan = SparsityPlan.coerce(plan)
     plan.check_model(model)
-    prepare_weights(model, plan, dense_when_faster=options.get("dense_when_faster", True))
+    prepare_weights(model, plan, dense_when_faster=options.get("dense_when_faster", True),
+                    group_siblings=options.get("group_siblings", True))
     opts = {"plan": plan, **options}
     if mode is not None:
         opts["mode"] = mode

@@ -3,10 +3,13 @@
 - ``match``: find linear layers and name them (``node.meta["fxsparse_site"]``)
 - ``observe``: insert observer modules before the input of named linears (calibration)
 - ``lower``: rewrite planned linears into ``fxsparse::threshold_linear``
+- ``group``: fuse sibling ``threshold_linear`` calls on one input into ``threshold_linear_group``
 """
 
+from .group import group_siblings
 from .lower import lower_linears
 from .match import LinearSite, linear_sites, match_linears
 from .observe import insert_observers
 
-__all__ = ["LinearSite", "insert_observers", "linear_sites", "lower_linears", "match_linears"]
+__all__ = ["LinearSite", "group_siblings", "insert_observers", "linear_sites", "lower_linears",
+           "match_linears"]

@@ -120,21 +120,58 @@ def _static_branch(rows: tuple[int, float] | None, decode_rows: int, min_rows_24
     return first if branch(int(hi), decode_rows, min_rows_24) == first else None
 
 
+def _mask_key(name: str, lp: LayerPlan) -> tuple | None:
+    """What must match for two plan entries to share one mask and one launch: the parent
+    module, the input width and every mask argument (None: never grouped)."""
+    if lp.method == "topk" or lp.prefill != "threshold" or lp.drops_nothing:
+        return None
+    center = tuple(lp.center) if isinstance(lp.center, list) else float(lp.center)
+    scale = None if lp.channel_scale is None else tuple(lp.channel_scale)
+    return name.rpartition(".")[0], lp.in_features, float(lp.threshold), center, scale
+
+
+def sibling_sets(plan: SparsityPlan) -> dict[str, tuple[str, ...]]:
+    """For every plan entry, the entries it may be grouped with (itself included): sibling
+    projections of one module calibrated on the same input to the same mask, such as q/k/v
+    or gate/up. Decided on the plan alone, so ``prepare_weights`` and this pass agree."""
+    by_key: dict[tuple, list[str]] = {}
+    out: dict[str, tuple[str, ...]] = {}
+    for name, lp in plan.layers.items():
+        key = _mask_key(name, lp)
+        if key is None:
+            out[name] = (name,)
+        else:
+            by_key.setdefault(key, []).append(name)
+    for names in by_key.values():
+        out.update(dict.fromkeys(names, tuple(names)))
+    return out
+
+
 def dense_reason(lp: LayerPlan, dtype: torch.dtype | None, device: torch.device,
-                 dense_when_faster: bool = True) -> str | None:
+                 dense_when_faster: bool = True, out_features: int | None = None) -> str | None:
     """Why a plan entry runs dense at every row count, or None. One rule for this pass and
     ``prepare_weights``, so a layer lowered dense keeps its row-major weight: an entry that drops
     nothing, or (``dense_when_faster``, weight dtype known) a threshold entry whose one-row sparse
-    GEMV measures slower than dense at its target sparsity (``crossover.gemv_pays``)."""
+    GEMV measures slower than dense at its target sparsity (``crossover.gemv_pays``).
+    ``out_features``: the width the kernel runs at, the sibling set's total when the entry is
+    grouped (k/v_proj alone lose to cuBLAS, but ride along with q_proj in one launch)."""
     if lp.drops_nothing:
         return "threshold <= 0 drops nothing: dense is exact"
     if not dense_when_faster or dtype is None or lp.prefill != "threshold" or lp.method == "topk":
         return None
-    pays, times = gemv_pays(lp.out_features, lp.in_features, dtype, device, lp.target_sparsity)
+    n = out_features or lp.out_features
+    pays, times = gemv_pays(n, lp.in_features, dtype, device, lp.target_sparsity)
     if pays:
         return None
     return (f"sparse GEMV slower than dense here: {times[1]:.1f} vs {times[0]:.1f} us "
-            f"at sparsity {lp.target_sparsity:.2f} (dense_when_faster)")
+            f"at sparsity {lp.target_sparsity:.2f}, N = {n} (dense_when_faster)")
+
+
+def group_width(plan: SparsityPlan, name: str, sets: dict[str, tuple[str, ...]] | None = None,
+                grouped: bool = True) -> int:
+    """Output features the kernel runs at for entry ``name``: its sibling set's total."""
+    members = (sets or sibling_sets(plan))[name] if grouped else (name,)
+    return sum(plan.layers[m].out_features for m in members)
 
 
 def lower_linears(
@@ -144,6 +181,7 @@ def lower_linears(
     crossover_rows: int | None = None,
     cudagraphs: bool = False,
     dense_when_faster: bool = True,
+    grouped: bool = True,
 ) -> fx.GraphModule:
     """Replace planned linears by the sparse ops (see module docstring).
 
@@ -151,9 +189,11 @@ def lower_linears(
     the measured crossover; the backend option of the same name). ``cudagraphs``: the graph
     runs under CUDA graphs, so the crossover is measured on GPU time alone.
     ``dense_when_faster``: lower threshold layers whose sparse GEMV loses to dense as dense.
+    ``grouped``: judge that at the sibling set's width (``group_siblings`` runs next).
     """
     graph = gm.graph
     decisions = []
+    sets = sibling_sets(plan)
     for node, site in linear_sites(gm):
         key = plan.resolve(site.name)
         if key is None:
@@ -192,7 +232,8 @@ def lower_linears(
         # -- prefill dispatch: which rows run what, decided here when the row count allows --
         what = "threshold"  # the branch emitted: threshold | dense | 2:4 | per-call
         min_rows_24 = None
-        reason = dense_reason(lp, None if w_val is None else w_val.dtype, device, dense_when_faster)
+        reason = dense_reason(lp, None if w_val is None else w_val.dtype, device, dense_when_faster,
+                              group_width(plan, key, sets, grouped))
         if reason is not None:
             what = "dense"
         elif lp.prefill != "threshold":

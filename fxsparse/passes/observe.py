@@ -3,7 +3,7 @@
 Pre: ``match_linears`` has run (linear nodes carry ``LinearSite``s).
 Post: for every site whose name is in ``observers``, the linear's input goes through a
 ``call_module`` node ``fxsparse_observer_<n>`` (visible in the graph and its code) that returns
-its input unchanged. Observers are shared objects: a layer called twice, or seen by several
+its input unchanged (``meta["fxsparse_observer"]`` is set on it). Observers are shared objects: a layer called twice, or seen by several
 graphs after graph breaks, feeds one observer. Sites without an observer are left alone.
 """
 
@@ -50,6 +50,7 @@ def insert_observers(
         with gm.graph.inserting_before(node):
             obs_node = gm.graph.call_module(attr_of[id(obs)], (x,))
         obs_node.meta.update({k: v for k, v in x.meta.items() if k in ("val", "tensor_meta")})
+        obs_node.meta["fxsparse_observer"] = True
         if isinstance(slot, str):
             node.update_kwarg(slot, obs_node)
         else:
