@@ -47,7 +47,9 @@ so a slow machine loses variants, never a whole call:
 
 The first: Llama-3-8B lean loop, batch 1 at dense/0/40/50% and batch 4 at dense/50%; the
 second: HF generate at batch 1, dense/0/50%, and SmolLM2-135M's lean loop, dense/50%. Variant
-names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on them.
+names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on them. A sparsity
+with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
+``group_siblings=False``: q/k/v and gate/up one launch each), for comparison.
 
 Smoke test on CPU (no CUDA graphs, profiler by aten op):
 
@@ -120,14 +122,20 @@ def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype
     return model
 
 
-def set_layout(model, plan) -> None:
+def set_layout(model, plan, grouped: bool = True) -> None:
     """Planned linears' weights column-major (``prepare_weights``) with a plan, row-major without."""
-    if plan is not None:
-        fxsparse.prepare_weights(model, plan)
-        return
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and not m.weight.is_contiguous():
             m.weight.data = m.weight.data.contiguous()
+    if plan is not None:
+        fxsparse.prepare_weights(model, plan, group_siblings=grouped)
+
+
+def parse_sparsity(s: str) -> tuple[float | str, bool]:
+    """``"dense"``, ``"0.5"`` (grouped siblings) or ``"0.5u"`` (ungrouped): (value, grouped)."""
+    if s == "dense":
+        return s, True
+    return (float(s[:-1]), False) if s.endswith("u") else (float(s), True)
 
 
 def matches(preset: str, loop: str, batch: int, sparsity, patterns: list[str]) -> bool:
@@ -257,7 +265,7 @@ def main(argv=None) -> None:
     if mode == "reduce-overhead" and dev != "cuda":
         sys.exit("error: mode reduce-overhead (CUDA graphs) needs --device cuda")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    sparsities = [s if s == "dense" else float(s) for s in args.sparsity]
+    sparsities = [s if s == "dense" or s.endswith("u") else float(s) for s in args.sparsity]
     import transformers
     import triton
 
@@ -299,7 +307,7 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
         torch.compiler.reset()
         stats = collect_method_statistics(model, calib, targets, skipped=skipped, batch_quantiles=False,
                                           progress=False)
-        for s in sorted({s for _, _, s in variants if s != "dense"}):
+        for s in sorted({parse_sparsity(str(s))[0] for _, _, s in variants if s != "dense"}):
             plans[s] = plan_from_observers(stats, dict.fromkeys(targets, s), "quantile")
         del stats
         log(f"calibrated {len(targets)} layers in {time.perf_counter() - t:.1f} s")
@@ -313,21 +321,22 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
         t_variant = time.perf_counter()
         row = {"preset": preset, "layers": cfg.num_hidden_layers, "loop": loop, "batch": b,
                "sparsity": s, "mode": mode, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
-        plan = plans.get(s)
+        value, grouped = parse_sparsity(str(s))
+        plan = plans.get(value)
         log(f"--- {variant_key(row)}")
         try:
-            if plan is not None and (s, b) not in achieved:
+            if plan is not None and (value, b) not in achieved:
                 t = time.perf_counter()
-                achieved[(s, b)] = speed.decode_sparsity(model, plan, prompts[b], args.sparsity_steps)
+                achieved[(value, b)] = speed.decode_sparsity(model, plan, prompts[b], args.sparsity_steps)
                 log(f"achieved sparsity measured in {time.perf_counter() - t:.1f} s")
-            per_layer = achieved.get((s, b), {})
+            per_layer = achieved.get((value, b), {})
             torch.compiler.reset()
             torch._dynamo.utils.counters.clear()
-            set_layout(model, plan)
+            set_layout(model, plan, grouped)
             if loop == "lean":
-                run_lean(args, model, plan, prompts[b], mode, max_len, row)
+                run_lean(args, model, plan, prompts[b], mode, max_len, row, grouped)
             else:
-                run_hf(args, model, plan, prompts[b], mode, dev, row)
+                run_hf(args, model, plan, prompts[b], mode, dev, row, grouped)
             union = {n: d["union"] for n, d in per_layer.items()}
             wb = speed.linear_weight_bytes(model)
             planned = sum(wb[n] for n in union)
@@ -347,7 +356,8 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
                 f"{row['weight_TBps']:.3g} TB/s, achieved sparsity {_fmt(row['achieved_sparsity'])}, "
                 f"GPU busy {_fmt(br.get('busy_ms'))} ms, gap {_fmt(br.get('gap_ms'))} ms, "
                 f"graphs {row.get('graphs')}, recompiles {row.get('recompiles')}, "
-                f"cudagraph skips {row.get('cudagraph_skips')}, sparse sites {row.get('sparse_lowered')}")
+                f"cudagraph skips {row.get('cudagraph_skips')}, sparse sites {row.get('sparse_lowered')} "
+                f"({row.get('sparse_grouped')} in sibling groups)")
             if row.get("profile"):
                 p = row["profile"]
                 log("  top kernels/step (us): " + "; ".join(f"{k} {v:.1f}" for k, v in p["top_kernels"][:5]))
@@ -370,9 +380,9 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
         torch.cuda.empty_cache()
 
 
-def run_lean(args, model, plan, prompt, mode, max_len, row) -> None:
+def run_lean(args, model, plan, prompt, mode, max_len, row, grouped=True) -> None:
     counters = torch._dynamo.utils.counters
-    step = speed.compile_step(model, plan, mode=mode)
+    step = speed.compile_step(model, plan, mode=mode, **({} if plan is None else {"group_siblings": grouped}))
     cache = speed.make_cache(model, max_len)
     t = time.perf_counter()
     speed.lean_decode(model, step, prompt, args.warmup, cache=cache)  # compile + CUDA graphs
@@ -391,14 +401,15 @@ def run_lean(args, model, plan, prompt, mode, max_len, row) -> None:
     row["recompiles"] = int(counters["stats"]["unique_graphs"]) - row["graphs"]
     row["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
     row["sparse_lowered"] = int(counters["fxsparse"]["lowered"])
+    row["sparse_grouped"] = int(counters["fxsparse"]["grouped"])
     row["first_tokens"] = timing.tokens[0, :8].tolist()
 
 
-def run_hf(args, model, plan, prompt, mode, dev, row) -> None:
+def run_hf(args, model, plan, prompt, mode, dev, row, grouped=True) -> None:
     from transformers import CompileConfig
 
     if plan is not None:
-        cfg = fxsparse.compile_config(plan, mode=mode, compile_on_cpu=dev != "cuda")
+        cfg = fxsparse.compile_config(plan, mode=mode, compile_on_cpu=dev != "cuda", group_siblings=grouped)
     else:
         cfg = CompileConfig(fullgraph=False, dynamic=None, backend="inductor", mode=mode)
         if dev != "cuda":

@@ -10,7 +10,11 @@ Reports µs, speedup over dense, the fraction of the ideal 1/(1 - s_union), and 
 the bytes that must move ((1 - s_union)·N·K·2 + x + out) against the copy bandwidth measured
 in the same run. A correctness check runs first and aborts the benchmark on any mismatch.
 
-    PYTHONPATH=. python bench/gemv.py --out $OUT [--sweep] [--quick]
+    PYTHONPATH=. python bench/gemv.py --out $OUT [--sweep] [--quick] [--group]
+
+``--group`` times sibling projections that share x and the mask (Llama-3-8B's q/k/v and
+gate/up): one ``threshold_gemv_group`` launch against the members launched one by one, against
+cuBLAS per member, and against one cuBLAS call on the members' weights concatenated.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import triton.language as tl
 
 from fxsparse.kernels import sparse_gemv as sg
 from fxsparse.kernels.threshold_linear import threshold_linear_reference
-from fxsparse.kernels.timing import copy_bandwidth, time_calls
+from fxsparse.kernels.timing import copy_bandwidth, gpu_tag, time_calls
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
@@ -172,23 +176,76 @@ def time_sparse(st: Setup, rows: int, inputs, config=None, check: bool = True):
     return time_graph(calls)
 
 
+GROUPS = [((4096, 1024, 1024), 4096), ((14336, 14336), 4096)]  # q/k/v, gate/up of Llama-3-8B
+
+
+def time_groups(nsm: int) -> list[dict]:
+    """Sibling sets: one grouped launch vs the members one by one (kernel, cuBLAS, fused cuBLAS)."""
+    out = []
+    for ns, k in GROUPS:
+        size = sum(ns) * k * 2
+        copies = min(64, max(4, math.ceil(TOUCH_BYTES / size)))
+        ws = [[(torch.randn(k, n, device="cuda", dtype=DT) * k**-0.5).t() for n in ns] for _ in range(copies)]
+        rm = [[torch.randn(n, k, device="cuda", dtype=DT) * k**-0.5 for n in ns] for _ in range(copies)]
+        cat = [torch.cat(m) for m in rm]
+        xs = [torch.randn(1, k, device="cuda", dtype=DT) for _ in range(copies)]
+        name = "+".join(map(str, ns)) + f"x{k}"
+        pairs = list(zip(xs, rm, strict=True))
+        dense = time_graph([lambda x=x, m=m: [F.linear(x, w) for w in m] for x, m in pairs])[0]
+        fused = time_graph([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, cat, strict=True)])[0]
+        for s in (0.0, 0.5, 0.9, 1.0):
+            thr = [math.inf if s >= 1 else float(torch.quantile(x.float().abs(), s)) if s > 0 else 0.0
+                   for x in xs]
+            args = list(zip(xs, ws, thr, strict=True))
+            x0, m0, t0 = args[0]
+            outs = sg.threshold_gemv_group(x0, m0, [None] * len(ns), t0)
+            for o, w in zip(outs, m0, strict=True):  # every timed launch computes the right thing
+                ref = F.linear(torch.where(x0.float().abs() < t0, 0.0, x0.float()), w.float())
+                if not rel_err(o, ref) < 1e-2:
+                    print(f"!!!! WRONG GROUP RESULT {name} s={s}")
+                    sys.exit(1)
+            grouped = time_graph([lambda x=x, m=m, t=t: sg.threshold_gemv_group(x, m, [None] * len(m), t)
+                                  for x, m, t in args])[0]
+            alone = time_graph([lambda x=x, m=m, t=t: [sg.threshold_gemv(x, w, None, t) for w in m]
+                                for x, m, t in args])[0]
+            r = dict(group=name, s=s, grouped_us=grouped, separate_us=alone, dense_us=dense,
+                     dense_fused_us=fused, speedup=dense / grouped, vs_separate=alone / grouped)
+            out.append(r)
+            print(f"  group {name} s={s:.1f}: grouped {grouped:7.1f} us, one by one {alone:7.1f}, "
+                  f"cuBLAS {dense:7.1f} (fused {fused:7.1f})  x{r['speedup']:.2f} vs cuBLAS, "
+                  f"x{r['vs_separate']:.2f} vs one by one", flush=True)
+        del ws, rm, cat
+        torch.cuda.empty_cache()
+    return out
+
+
+def group_markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# Sibling projections in one launch on {env['gpu']} (torch {env['torch']}, "
+             f"triton {env['triton']})", "",
+             "bf16, one row, CUDA-graph medians, µs. s = 1: τ = ∞ (nothing kept). cuBLAS: one "
+             "F.linear per member; fused: one F.linear on the concatenated weight.", "",
+             "| members x K | s | grouped | one by one | cuBLAS | cuBLAS fused | vs cuBLAS | vs one by one |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['s']:.1f} | {r['grouped_us']:.1f} | {r['separate_us']:.1f} | "
+              f"{r['dense_us']:.1f} | {r['dense_fused_us']:.1f} | {r['speedup']:.2f} | "
+              f"{r['vs_separate']:.2f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
 def variants(rows: int, n: int, k: int, nsm: int):
-    """Configurations tried by --sweep around the default heuristic (one factor at a time)."""
+    """Configurations tried by --sweep around the default heuristic."""
     out = {}
 
     def add(name, **kw):
         out[name] = sg._pick_config(rows, n, k, 2, nsm, **kw)
 
     add("default")
-    if rows == 1:
-        add("session3", one_step_max=0, scratch_group=1 << 20)  # one scratch per split, 256 steps
-        add("multistep", one_step_max=0)
-    add("private", scratch_group=1)
-    add("group4", scratch_group=4)
-    add("group16", scratch_group=16)
+    if rows == 1:  # session 5: the one-row kernel (default) against the row-generic kernel
+        add("row-generic (session 4)", row_kernel=False)
     return out
 
 
@@ -242,6 +299,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-table", action="store_true", help="skip the default-config table")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--group", action="store_true", help="also time sibling sets in one launch")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,12 +314,18 @@ def main() -> None:
         triton=triton.__version__,
         l2_mb=props.L2_cache_size / 2**20,
     )
+    tag = gpu_tag()
     print(env, flush=True)
     correctness_check(args.sweep)
     env["copy_tbps"] = copy_bandwidth()
     print(f"copy bandwidth {env['copy_tbps']:.2f} TB/s", flush=True)
     nsm = props.multi_processor_count
 
+    if args.group:
+        groups = time_groups(nsm)
+        (out_dir / f"gemv_group_{tag}.json").write_text(json.dumps(dict(env=env, rows=groups), indent=1))
+        (out_dir / f"gemv_group_{tag}.md").write_text(group_markdown(env, groups))
+        print(group_markdown(env, groups))
     shapes = SHAPES[:2] if args.quick else SHAPES
     results, sweep, crossover = [], [], []
     for n, k in shapes:
@@ -328,12 +392,12 @@ def main() -> None:
         torch.cuda.empty_cache()
         # written after every shape, so a run cut short still leaves its numbers
         doc = dict(env=env, results=results, sweep=sweep, crossover=crossover, seconds=time.time() - t_start)
-        (out_dir / "gemv_h100.json").write_text(json.dumps(doc, indent=1))
+        (out_dir / f"gemv_{tag}.json").write_text(json.dumps(doc, indent=1))
         md = markdown(env, results, crossover)
         if not args.no_table:
-            (out_dir / "gemv_h100.md").write_text(md)
+            (out_dir / f"gemv_{tag}.md").write_text(md)
         if sweep:
-            (out_dir / "gemv_sweep_h100.md").write_text(sweep_markdown(env, sweep))
+            (out_dir / f"gemv_sweep_{tag}.md").write_text(sweep_markdown(env, sweep))
     print("\n" + md)
     if sweep:
         print(sweep_markdown(env, sweep))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["copy_bandwidth", "gpu_environment", "time_calls"]
+__all__ = ["copy_bandwidth", "gpu_environment", "gpu_tag", "time_calls"]
 
 
 def _rounds(run: Callable[[], None], trials: int, min_ms: float) -> list[float]:
@@ -87,3 +87,11 @@ def gpu_environment(device: torch.device | int | None = None) -> dict:
         "cuda": torch.version.cuda,
         "cusparselt": cusparselt,
     }
+
+
+def gpu_tag(device: torch.device | int | None = None) -> str:
+    """Short name of the GPU for result file names: ``h100``, ``h200``, ... (``gpu`` if unknown)."""
+    import re
+
+    m = re.search(r"\b([A-Z]+\d{2,4}[A-Z]?)\b", torch.cuda.get_device_properties(device).name)
+    return m.group(1).lower() if m else "gpu"
