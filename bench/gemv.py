@@ -250,8 +250,15 @@ def variants(rows: int, n: int, k: int, nsm: int):
         out[name] = sg._pick_config(rows, n, k, 2, nsm, **kw)
 
     add("default")
-    if rows == 1:  # session 5: the one-row kernel (default) against the row-generic kernel
+    if rows == 1:
         add("row-generic (session 4)", row_kernel=False)
+    if rows == 1 and n * k < sg._LARGE_WEIGHT:  # candidates for the two-warp rule (not yet measured)
+        for name, warps, sk, p, acc, ck in [("w2 s16 p16", 2, 16, 16, True, 256),
+                                            ("w2 s8 c128 p24", 2, 8, 24, True, 128),
+                                            ("w2 s16 c128 p24", 2, 16, 24, True, 128),
+                                            ("w4 s16R p12", 4, 16, 12, False, 256)]:
+            add(name, num_warps=warps, sub_k=sk, programs_per_sm=p, acc_tile=acc, chunk_k=ck,
+                one_step_max=512 if ck < 256 else 256)
     return out
 
 
@@ -306,6 +313,7 @@ def main() -> None:
     ap.add_argument("--no-table", action="store_true", help="skip the default-config table")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--group", action="store_true", help="also time sibling sets in one launch")
+    ap.add_argument("--shapes", nargs="*", default=None, help="N x K to run, e.g. 4096x4096")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +341,8 @@ def main() -> None:
         (out_dir / f"gemv_group_{tag}.md").write_text(group_markdown(env, groups))
         print(group_markdown(env, groups))
     shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes]
     results, sweep, crossover = [], [], []
     for n, k in shapes:
         st = make_setup(n, k)

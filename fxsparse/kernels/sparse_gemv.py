@@ -26,6 +26,15 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   memset precedes the launch. The counters live in one small per-device buffer that is zero
   between launches; launches on one stream never overlap, so they never share it at once.
 
+Two kernels share that design. ``_row_gemv_kernel`` (one row, what the op runs) keeps every
+tensor 1-D or [SUB_K, BLOCK_N] and runs in one- or two-warp programs, so its scans and
+reductions stay inside a warp: the row-generic ``_threshold_gemv_kernel`` ([BLOCK_R, C] shapes,
+four warps, tensor cores for several rows) spent ~28 barriers of layout conversions per launch,
+and its fixed cost (τ = ∞) was 1.3-2.1x the one-row kernel's (H200: 6.4-16.7 vs 4.8-9.4 µs,
+``bench/results/gemv_sweep_row_h200.md``; stage by stage: ``gemv_fixed_h200.md``). Both
+take 1-3 *members*, weights that share x and the mask (q/k/v, gate/up; ``threshold_gemv_group``):
+the grid runs over all members' N-blocks, so siblings pay the fixed cost once.
+
 No host synchronisation, no autotuning: the block sizes come from ``_pick_config`` (a fixed rule
 on shape and dtype, with the measurements that chose it in ``bench/NOTES.md``), so the launch
 captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")``. Besides the

@@ -1,10 +1,10 @@
 """Group pass: sibling projections that read the same input share one mask and one launch.
 
 Pre: ``lower_linears`` has run with the same ``plan``. Post: ``fxsparse::threshold_linear``
-calls that read the same ``x`` node (through identity observers, as ``explain`` inserts) and belong to one sibling set of the plan
-(``lower.sibling_sets``: same parent module, in_features and mask arguments, e.g. q/k/v or
-gate/up calibrated on the same input) and agree on having a bias and a center bias are
-replaced, up to ``MAX_MEMBERS`` at a time in graph order, by one
+calls that read the same ``x`` node (seen through identity observers, as ``explain`` inserts),
+belong to one sibling set of the plan (``lower.sibling_sets``: same parent module, in_features
+and mask arguments, e.g. q/k/v or gate/up calibrated on the same input) and agree on having a
+bias and a center bias are replaced, up to ``MAX_MEMBERS`` at a time in graph order, by one
 ``fxsparse::threshold_linear_group(x, [W...], [b...], threshold, center, channel_scale, [cb...])``
 and a ``getitem`` per member. The result is the same function: one mask instead of several,
 and on CUDA one kernel launch, so the kernel's fixed cost is paid once per set and small

@@ -3,8 +3,9 @@
 Pre: ``match_linears`` has run (linear nodes carry ``LinearSite``s).
 Post: for every site whose name is in ``observers``, the linear's input goes through a
 ``call_module`` node ``fxsparse_observer_<n>`` (visible in the graph and its code) that returns
-its input unchanged (``meta["fxsparse_observer"]`` is set on it). Observers are shared objects: a layer called twice, or seen by several
-graphs after graph breaks, feeds one observer. Sites without an observer are left alone.
+its input unchanged (``meta["fxsparse_observer"]`` is set on it). Observers are shared
+objects: a layer called twice, or seen by several graphs after graph breaks, feeds one observer.
+Sites without an observer are left alone.
 """
 
 from __future__ import annotations
