@@ -50,3 +50,19 @@ def llama():
 def token_batches(n: int, batch: int = 2, seq: int = 24, vocab: int = 96, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
+
+
+def calibrated_tiny_llama(batches: int = 6):
+    """A tiny Llama and a plan for all seven projections (MLP 40/50%, attention 30%), lm_head
+    ignored: what the backend tests compile."""
+    import fxsparse
+    from fxsparse import IgnoredScope, TargetScope
+
+    torch.compiler.reset()
+    model = tiny_llama()
+    targets = {TargetScope(patterns=[r".*mlp\.(up|gate)_proj"]): 0.4,
+               TargetScope(patterns=[r".*mlp\.down_proj"]): 0.5,
+               TargetScope(patterns=[r".*self_attn\.[qkvo]_proj"]): 0.3}
+    plan = fxsparse.calibrate(model, token_batches(batches), targets, IgnoredScope(names=["lm_head"]),
+                              progress=False)
+    return model, plan

@@ -11,24 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
-from fxsparse import IgnoredScope, PlanError, SparsityPlan, TargetScope
+from fxsparse import PlanError, SparsityPlan, TargetScope
 from fxsparse.passes import linear_sites, lower_linears, match_linears
 from fxsparse.reference import plan_hooks
 
-from conftest import tiny_llama, token_batches
-
-TARGETS = {TargetScope(patterns=[r".*mlp\.(up|gate)_proj"]): 0.4,
-           TargetScope(patterns=[r".*mlp\.down_proj"]): 0.5,
-           TargetScope(patterns=[r".*self_attn\.[qkvo]_proj"]): 0.3}
+from conftest import calibrated_tiny_llama, tiny_llama, token_batches
 
 
 @pytest.fixture(scope="module")
 def model_and_plan():
-    torch.compiler.reset()
-    model = tiny_llama()
-    plan = fxsparse.calibrate(model, token_batches(6), TARGETS, IgnoredScope(names=["lm_head"]),
-                              progress=False)
-    return model, plan
+    return calibrated_tiny_llama(6)
 
 
 def lowered_ops(record):

@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxsparse
-from fxsparse import IgnoredScope, SparsityPlan, TargetScope
+from fxsparse import SparsityPlan
 from fxsparse.passes import group_siblings, lower_linears, match_linears
 from fxsparse.passes.lower import sibling_sets
 from fxsparse.reference import plan_hooks
 
-from conftest import tiny_llama, token_batches
+from conftest import calibrated_tiny_llama, token_batches
 
 group = torch.ops.fxsparse.threshold_linear_group.default
 single = torch.ops.fxsparse.threshold_linear.default
@@ -91,18 +91,9 @@ def test_group_gradient_is_the_members_sum():
 
 # -- the pass -------------------------------------------------------------------------------------
 
-TARGETS = {TargetScope(patterns=[r".*mlp\.(up|gate)_proj"]): 0.4,
-           TargetScope(patterns=[r".*mlp\.down_proj"]): 0.5,
-           TargetScope(patterns=[r".*self_attn\.[qkvo]_proj"]): 0.3}
-
-
 @pytest.fixture(scope="module")
 def model_and_plan():
-    torch.compiler.reset()
-    model = tiny_llama()
-    plan = fxsparse.calibrate(model, token_batches(4), TARGETS, IgnoredScope(names=["lm_head"]),
-                              progress=False)
-    return model, plan
+    return calibrated_tiny_llama(4)
 
 
 def test_calibration_gives_siblings_one_mask(model_and_plan):
