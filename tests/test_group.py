@@ -87,6 +87,14 @@ def test_group_gradient_is_the_members_sum():
     torch.testing.assert_close(x.grad, x2.grad)
     for a, b in zip(ws, ws2, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+    # an output that does not reach the loss contributes nothing (autograd hands it zeros)
+    x.grad = None
+    for w in ws:
+        w.grad = None
+    group(x, ws, [], 0.7, None, None, [])[1].sum().backward()
+    assert not ws[0].grad.any() and not ws[2].grad.any() and ws[1].grad.any()
+    keep = ~(x.detach().abs() < 0.7)
+    torch.testing.assert_close(x.grad, torch.where(keep, ws[1].detach().sum(0).expand_as(x), 0.0))
 
 
 # -- the pass -------------------------------------------------------------------------------------

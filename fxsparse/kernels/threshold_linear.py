@@ -258,9 +258,9 @@ def _group_backward(ctx, grads):
         g2 = g.reshape(-1, g.shape[-1])
         grad_ws.append(_as(g2.t() @ _as(xm2, g.dtype), w.dtype))
         grad_bs.append(g2.sum(0))
-    grad_x = torch.where(keep, grad_x, torch.zeros((), dtype=grad_x.dtype))
+    grad_x = _as(torch.where(keep, grad_x, torch.zeros((), dtype=grad_x.dtype)), x.dtype)
     # (the structure must mirror the inputs: a list per list argument; center_biases are constants)
-    return (_as(grad_x, x.dtype), grad_ws, grad_bs if ctx.has_bias else [], None, None, None,
+    return (grad_x, grad_ws, grad_bs if ctx.has_bias else [], None, None, None,
             [None] * ctx.n_cb)
 
 
