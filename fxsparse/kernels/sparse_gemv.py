@@ -748,7 +748,7 @@ def threshold_gemv_group(
     """``threshold_gemv`` of 1-3 weights that share ``x`` and its mask, in one launch.
 
     Sibling projections (q/k/v, gate/up) then pay the kernel's fixed cost (launch, masking,
-    split-K epilogue: 6-16 µs on the H100, bench/NOTES.md) once instead of once each, and the
+    split-K epilogue: 4.8-9.4 µs on the H200, bench/NOTES.md) once instead of once each, and the
     small ones (k/v) ride along with a large one. Biases must be all present or all absent, and
     so must center biases.
     """
