@@ -582,8 +582,8 @@ def _row_defaults(n: int, k: int, elem_size: int) -> dict:
     """One-row kernel block sizes by weight size (H200 sweep of session 5, bench/NOTES.md).
 
     Programs of one or two warps keep scans and reductions inside a warp: the fixed cost
-    (τ = ∞) fell from 6.5-16.7 µs (four warps) to 4.3-8.0 µs. Streaming at low sparsity needs
-    enough bytes in flight per SM, which is what separates the two rules: two-warp programs
+    (τ = ∞) fell from 6.4-16.7 µs (four warps) to 4.8-9.4 µs with these two rules. Streaming
+    at low sparsity needs enough bytes in flight per SM, which is what separates them: two-warp programs
     with 128-byte runs and 8-row tiles won every 4096- and 14336-wide shape at s = 0/0.5/0.9
     (4096²: 0.76/1.07/1.77x cuBLAS; 14336x4096: 0.86/1.38/2.84x), one-warp programs with
     256-byte runs and 16-row tiles reduced per tile won the 70B shapes (28672x8192:
@@ -781,10 +781,10 @@ def threshold_gemv_group(
     center_mode = 0
     if center is not None:
         center_mode = 1 if center.dim() == 0 else 2
-        fill = center.to(x.dtype).float().expand(k)
-        # slow path without a prepared W @ fill: computed here (correct, one GEMV per call)
-        center_biases = [torch.mv(w.float(), fill) if cb is None else cb
-                         for w, cb in zip(weights, center_biases, strict=True)]
+        if any(cb is None for cb in center_biases):  # slow path: W @ fill computed per call
+            fill = center.to(x.dtype).float().expand(k)
+            center_biases = [torch.mv(w.float(), fill) if cb is None else cb
+                             for w, cb in zip(weights, center_biases, strict=True)]
     else:
         torch._check(all(cb is None for cb in center_biases),
                      lambda: "threshold_gemv: center_bias without a center")
