@@ -15,11 +15,14 @@ in the same run. A correctness check runs first and aborts the benchmark on any 
 ``--group`` times sibling projections that share x and the mask (Llama-3-8B's q/k/v and
 gate/up): one ``threshold_gemv_group`` launch against the members launched one by one, against
 cuBLAS per member, and against one cuBLAS call on the members' weights concatenated.
+``--compiled`` times RMSNorm -> linear pairs compiled by Inductor (dense) and by ``sparse_act``
+(where a multi-row call's mask fuses into the norm).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -40,6 +43,7 @@ from fxsparse.kernels.timing import copy_bandwidth, gpu_tag, time_calls
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 DT = torch.bfloat16
+SWEEP_CHECK = {(torch.bfloat16, 1, 4096), (torch.bfloat16, 1, 1000)}  # (dtype, rows, N) checked per variant
 BAD_VARIANTS: set[str] = set()  # sweep variants that failed the correctness check: not timed
 TOUCH_BYTES = 1.5e9  # weight copies per shape: a 90%-sparse pass over them still spans 3x L2
 
@@ -99,7 +103,8 @@ def correctness_check(sweep: bool = False) -> None:
                     ref = threshold_linear_reference(up(x), up(w), up(b), 0.7, up(c), up(sc))
                     nsm = torch.cuda.get_device_properties(0).multi_processor_count
                     cfgs = {"default": None}
-                    if sweep and dtype == torch.bfloat16 and rows in (1, 4) and center != "scalar":
+                    # variants: bf16, one row, an aligned and an odd shape (each compiles per case)
+                    if sweep and (dtype, rows, n) in SWEEP_CHECK and center != "scalar":
                         cfgs.update(variants(rows, n, k, nsm))
                     for name, cfg in cfgs.items():
                         out = sg.threshold_gemv(x, w, b, 0.7, c, sc, cb, config=cfg)
@@ -225,6 +230,81 @@ def time_groups(nsm: int) -> list[dict]:
     return out
 
 
+def time_compiled(shapes: list[tuple[int, int]], rows_list: list[int]) -> list[dict]:
+    """RMSNorm -> linear pairs, compiled: Inductor dense vs ``sparse_act``, as a model gets them.
+
+    The op alone must run its mask as a kernel of its own above one row; compiled, the lower
+    pass leaves that mask to Inductor, which fuses it into the norm that produces x. Several
+    pairs per graph (their weights exceed L2), one CUDA graph around the compiled call; µs per
+    pair, norm included on both sides.
+    """
+    from torch import nn
+
+    from fxsparse import LayerPlan, SparsityPlan, prepare_weights
+
+    class Pairs(nn.Module):
+        def __init__(self, n: int, k: int, copies: int) -> None:
+            super().__init__()
+            self.norms = nn.ModuleList(nn.RMSNorm(k, eps=1e-6) for _ in range(copies))
+            self.projs = nn.ModuleList(nn.Linear(k, n, bias=False) for _ in range(copies))
+
+        def forward(self, hs):
+            return [p(m(h)) for m, p, h in zip(self.norms, self.projs, hs, strict=True)]
+
+    out = []
+    for n, k in shapes:
+        copies = min(16, max(4, math.ceil(TOUCH_BYTES / (n * k * 2))))
+        model = Pairs(n, k, copies).to("cuda", DT).eval()
+        sparse_model = copy.deepcopy(model)  # column-major weights, as fxsparse.compile leaves them
+        prepare_weights(sparse_model, SparsityPlan(layers={
+            f"projs.{i}": LayerPlan(1.0, k, n) for i in range(copies)}), dense_when_faster=False)
+        for rows in rows_list:
+            hs = [torch.randn(rows, k, device="cuda", dtype=DT) for _ in range(copies)]
+            with torch.no_grad():
+                x0 = model.norms[0](hs[0]).float().abs().flatten()
+            torch._dynamo.reset()
+            dense_fn = torch.compile(model)
+            with torch.no_grad():
+                dense = time_calls([lambda f=dense_fn, a=hs: f(a)], graphs=True)[0] / copies
+            for s in (0.0, 0.5, 0.9):
+                thr = float(torch.quantile(x0, s)) if s > 0 else 0.0
+                plan = SparsityPlan(layers={f"projs.{i}": LayerPlan(thr, k, n, target_sparsity=s)
+                                            for i in range(copies)})
+                torch._dynamo.reset()
+                record: list = []
+                sparse_fn = torch.compile(sparse_model, backend="sparse_act", options=dict(
+                    plan=plan, dense_when_faster=False, record=record))
+                with torch.no_grad():
+                    got = sparse_fn(hs)[0]
+                    want = threshold_linear_reference(model.norms[0](hs[0]), model.projs[0].weight, None, thr)
+                    if not rel_err(got, want) < 2e-2:
+                        print(f"!!!! WRONG COMPILED RESULT {n}x{k} rows={rows} s={s}")
+                        sys.exit(1)
+                    us = time_calls([lambda f=sparse_fn, a=hs: f(a)], graphs=True)[0] / copies
+                ops = sorted({d["op"] for r in record for d in r["decisions"]})
+                r = dict(n=n, k=k, rows=rows, s=s, dense_us=dense, sparse_us=us, speedup=dense / us,
+                         lowered=ops)
+                out.append(r)
+                print(f"  compiled {n}x{k} rows={rows} s={s:.1f}: dense {dense:7.1f} us, sparse_act "
+                      f"{us:7.1f} us  x{dense / us:.2f}  {ops}", flush=True)
+        del model, sparse_model
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return out
+
+
+def compiled_markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# RMSNorm -> linear, compiled, on {env['gpu']} (torch {env['torch']}, triton {env['triton']})",
+             "", "bf16, µs per pair (norm included), one CUDA graph around the compiled call; dense = "
+             "torch.compile (Inductor + cuBLAS), sparse_act = the same model with a plan at sparsity s "
+             "(the one-row kernel for 1 row; above that the mask fused into the norm, then cuBLAS).", "",
+             "| N x K | rows | s | dense µs | sparse_act µs | speedup | lowered to |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']}x{r['k']} | {r['rows']} | {r['s']:.1f} | {r['dense_us']:.1f} | "
+              f"{r['sparse_us']:.1f} | {r['speedup']:.2f} | {'; '.join(r['lowered'])} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def group_markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Sibling projections in one launch on {env['gpu']} (torch {env['torch']}, "
              f"triton {env['triton']})", "",
@@ -250,15 +330,16 @@ def variants(rows: int, n: int, k: int, nsm: int):
         out[name] = sg._pick_config(rows, n, k, 2, nsm, **kw)
 
     add("default")
-    if rows == 1:
-        add("row-generic (session 4)", row_kernel=False)
-    if rows == 1 and n * k < sg._LARGE_WEIGHT:  # candidates for the two-warp rule (not yet measured)
-        for name, warps, sk, p, acc, ck in [("w2 s16 p16", 2, 16, 16, True, 256),
-                                            ("w2 s8 c128 p24", 2, 8, 24, True, 128),
-                                            ("w2 s16 c128 p24", 2, 16, 24, True, 128),
-                                            ("w4 s16R p12", 4, 16, 12, False, 256)]:
-            add(name, num_warps=warps, sub_k=sk, programs_per_sm=p, acc_tile=acc, chunk_k=ck,
-                one_step_max=512 if ck < 256 else 256)
+    if rows == 1:  # the other rules of _row_defaults on this shape (same configs dropped)
+        one_warp = dict(num_warps=1, block_n=128, sub_k=16, acc_tile=False, epi_floats=64)
+        rules = {"one warp, 128-ch splits": dict(one_warp, chunk_k=128),
+                 "two warps": dict(num_warps=2, block_n=64, sub_k=8, acc_tile=True, epi_floats=64,
+                                   chunk_k=256),
+                 "one warp, 256-ch splits": dict(one_warp, chunk_k=256)}
+        for name, rule in rules.items():
+            cfg = sg._pick_config(rows, n, k, 2, nsm, **rule)
+            if cfg not in out.values():
+                out[name] = cfg
     return out
 
 
@@ -314,6 +395,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--group", action="store_true", help="also time sibling sets in one launch")
     ap.add_argument("--shapes", nargs="*", default=None, help="N x K to run, e.g. 4096x4096")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time RMSNorm -> linear pairs compiled, dense vs sparse_act")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,6 +426,11 @@ def main() -> None:
     shapes = SHAPES[:2] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes]
+    if args.compiled:
+        comp = time_compiled(shapes, args.rows)
+        (out_dir / f"gemv_compiled_{tag}.json").write_text(json.dumps(dict(env=env, rows=comp), indent=1))
+        (out_dir / f"gemv_compiled_{tag}.md").write_text(compiled_markdown(env, comp))
+        print(compiled_markdown(env, comp))
     results, sweep, crossover = [], [], []
     for n, k in shapes:
         st = make_setup(n, k)

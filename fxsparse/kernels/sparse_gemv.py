@@ -565,6 +565,7 @@ class GemvConfig:
     scratch_group: int = 8  # N-blocks that share one copy of a split's compaction scratch
     row_kernel: bool = False  # one row: _row_gemv_kernel (1-D phases) instead of the row-generic one
     acc_tile: bool = True  # row kernel: [SUB_K, BLOCK_N] accumulator (else reduced every tile)
+    epi_floats: int = 16  # row kernel: partial sums per thread per load of the split-K epilogue
 
     @property
     def chunks_per_split(self) -> int:
@@ -575,31 +576,39 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-_LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes, where one-warp programs won
+_SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v as one group)
+_LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
 
 def _row_defaults(n: int, k: int, elem_size: int) -> dict:
-    """One-row kernel block sizes by weight size (H200 sweep of session 5, bench/NOTES.md).
+    """One-row kernel block sizes by weight size (H200 sweeps of sessions 5 and 6, bench/NOTES.md).
 
     Programs of one or two warps keep scans and reductions inside a warp: the fixed cost
-    (τ = ∞) fell from 6.4-16.7 µs (four warps) to 4.8-9.4 µs with these two rules. Streaming
-    at low sparsity needs enough bytes in flight per SM, which is what separates them: two-warp programs
-    with 128-byte runs and 8-row tiles won every 4096- and 14336-wide shape at s = 0/0.5/0.9
-    (4096²: 0.76/1.07/1.77x cuBLAS; 14336x4096: 0.86/1.38/2.84x), one-warp programs with
-    256-byte runs and 16-row tiles reduced per tile won the 70B shapes (28672x8192:
-    0.93/1.69/5.34x).
+    (τ = ∞) fell from 6.4-16.7 µs (four warps) to 4.8-9.4 µs. What separates the rules is bytes
+    in flight per SM at low sparsity, i.e. programs per SM x bytes per tile:
+    * small weights: one warp, 256-byte runs, 16-row tiles reduced per tile, and 128-channel
+      splits so the grid still has ~8 programs per SM (4096²: 0.85/1.13/1.77x cuBLAS at
+      s = 0/0.5/0.9; 256-channel splits: 0.65/0.97/1.77x);
+    * mid (the 8B MLP shapes): two warps, 128-byte runs, 8-row tiles (14336x4096:
+      0.86/1.38/2.77x; one warp within ±3%, 4096x14336 up to 13% slower at s = 0.9);
+    * large (70B shapes, gate/up grouped): one warp, 256-byte runs, 256-channel splits
+      (28672x8192: 0.93/1.69/5.34x).
+    Every rule sums all split-K partials in one load where 64 floats per thread hold them.
     """
-    if n * k >= _LARGE_WEIGHT:
-        return dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False)
-    return dict(num_warps=2, block_n=128 // elem_size, sub_k=8, acc_tile=True)
+    one_warp = dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False, epi_floats=64)
+    if n * k < _SMALL_WEIGHT:
+        return dict(one_warp, chunk_k=128)
+    if n * k < _LARGE_WEIGHT:
+        return dict(num_warps=2, block_n=128 // elem_size, sub_k=8, acc_tile=True, epi_floats=64)
+    return one_warp
 
 
 def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, **overrides) -> GemvConfig:
     """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
     overrides of ``_block_config``'s parameters are for tests and benchmarks."""
     if rows == 1 and overrides.get("row_kernel", True):
-        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256,
-                    **_row_defaults(n, k, elem_size))
+        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256)
+        base.update(_row_defaults(n, k, elem_size))
         return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
     return _block_config(rows, n, k, elem_size, num_sms, **{**overrides, "row_kernel": False})
 
@@ -620,6 +629,7 @@ def _block_config(
     row_kernel: bool = False,
     num_warps: int = 4,
     acc_tile: bool = True,
+    epi_floats: int = 16,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -652,7 +662,8 @@ def _block_config(
     split_len = chunks_per_split * chunk_k
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
-                      row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile)
+                      row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
+                      epi_floats=epi_floats)
 
 
 @functools.lru_cache(maxsize=16)
@@ -806,8 +817,8 @@ def threshold_gemv_group(
     else:
         ws = cnt = outs[0]
     epi_r = _next_pow2(rows)
-    # partial tiles summed per load by the last split: ~16 float32 per thread
-    budget = 512 * config.num_warps if config.row_kernel else 4096
+    # partial tiles summed per load by the last split (each load is an L2 round trip)
+    budget = 32 * config.epi_floats * config.num_warps if config.row_kernel else 4096
     split_group = max(1, min(_next_pow2(config.split_k), budget // (epi_r * config.block_n)))
     dummy = x2
     member_args = []
