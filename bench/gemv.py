@@ -253,7 +253,7 @@ def time_compiled(shapes: list[tuple[int, int]], rows_list: list[int]) -> list[d
 
     out = []
     for n, k in shapes:
-        copies = min(16, max(4, math.ceil(TOUCH_BYTES / (n * k * 2))))
+        copies = min(8, max(4, math.ceil(TOUCH_BYTES / (n * k * 2))))  # 8 compile in seconds
         model = Pairs(n, k, copies).to("cuda", DT).eval()
         sparse_model = copy.deepcopy(model)  # column-major weights, as fxsparse.compile leaves them
         prepare_weights(sparse_model, SparsityPlan(layers={
@@ -395,8 +395,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--group", action="store_true", help="also time sibling sets in one launch")
     ap.add_argument("--shapes", nargs="*", default=None, help="N x K to run, e.g. 4096x4096")
-    ap.add_argument("--compiled", action="store_true",
-                    help="also time RMSNorm -> linear pairs compiled, dense vs sparse_act")
+    ap.add_argument("--compiled", nargs="*", default=None, metavar="NxK",
+                    help="also time RMSNorm -> linear pairs compiled, dense vs sparse_act, on these "
+                         "shapes (default 4096x4096 14336x4096)")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -426,8 +427,9 @@ def main() -> None:
     shapes = SHAPES[:2] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes]
-    if args.compiled:
-        comp = time_compiled(shapes, args.rows)
+    if args.compiled is not None:
+        comp_shapes = [tuple(map(int, sh.split("x"))) for sh in args.compiled or ["4096x4096", "14336x4096"]]
+        comp = time_compiled(comp_shapes, args.rows)
         (out_dir / f"gemv_compiled_{tag}.json").write_text(json.dumps(dict(env=env, rows=comp), indent=1))
         (out_dir / f"gemv_compiled_{tag}.md").write_text(compiled_markdown(env, comp))
         print(compiled_markdown(env, comp))

@@ -24,10 +24,18 @@ Options (``torch.compile(..., options={...})``):
                measures slower than dense at its target sparsity (small weights: the kernel's
                fixed cost exceeds what skipping saves) runs dense, with the reason recorded;
                measured and cached like ``crossover_rows``. ``False`` keeps every planned layer
-               sparse (e.g. to match the eager reference exactly).
+               sparse (e.g. to compare with the eager reference).
 ``group_siblings``  default ``True``: planned siblings that read the same input with the same
                mask (q/k/v, gate/up) run as one ``threshold_linear_group`` call, one launch on
                CUDA (``passes/group.py``); ``dense_when_faster`` then judges the set's total width.
+
+A planned threshold layer whose every call in a graph has more rows than the fused kernel takes
+(any static multi-row shape, Dynamo's dynamic sizes) is lowered to its mask as plain aten ops and
+a ``linear`` (decision branch ``"mask+linear"``), which Inductor fuses into the kernel producing
+the layer's input. Such graphs compile with Inductor's ``emulate_precision_casts`` on, so the
+fused mask judges x rounded to its dtype as eager does; otherwise bf16 entries that tie the
+threshold can flip (``passes/lower.py``). One-row graphs
+(decode) and unknown row counts keep the ``fxsparse`` op.
 """
 
 from __future__ import annotations
@@ -147,6 +155,9 @@ def sparse_act(
         return gm  # observers are Python modules; they run outside Inductor
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=opts.config_patches)
+    patches = dict(opts.config_patches)
+    if any(d["op"] == "mask+linear" for d in decisions):  # the mask sees x as eager rounds it
+        patches.setdefault("emulate_precision_casts", True)
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 

@@ -97,6 +97,9 @@ def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_
     op = d["op"]
     if d.get("prefill", "threshold") != "threshold":
         return _prefill_ranges(d, device)
+    if op == "mask+linear":  # every call above the kernel's row limit (passes/lower.py)
+        return "aten mask (fused into x's producer by Inductor) + " + (
+            "cuBLAS" if device.type == "cuda" else "matmul") + ", every call of this graph"
     if op not in ("fxsparse.threshold_linear", "fxsparse.threshold_linear_group"):
         return "torch composition"
     others = [n.rpartition(".")[2] for n in d.get("group", []) if n != d["name"]]

@@ -31,6 +31,9 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
     Only weights on ``device_types`` are converted (the CPU path gains nothing from it), and not
     those of layers the lower pass will run dense (cuBLAS's usual layout; ``dense_reason``, with
     ``dense_when_faster`` and ``group_siblings`` as the backend options of the same names).
+    A layer whose calls in some graph all have more rows than the kernel takes (lowered there
+    as ``"mask+linear"``) is still converted: there are no row counts here, and its one-row
+    (decode) graphs run the kernel on the same weight; cuBLAS takes either layout.
     """
     plan.check_model(model)
     modules = dict(model.named_modules())

@@ -240,7 +240,8 @@ def test_static_row_counts_emit_the_branch_directly():
     plan = SparsityPlan(layers={"0": LayerPlan(**base, prefill="2:4", decode_rows=2),
                                 "2": LayerPlan(**{**base, "out_features": 8}, prefill="dense",
                                                decode_rows=2)})
-    for rows, ops in [(2, {"fxsparse.threshold_linear"}),
+    for rows, ops in [(1, {"fxsparse.threshold_linear"}),
+                      (2, {"mask+linear"}),  # the threshold branch, above the fused kernel's rows
                       (6, {"fxsparse.prefill_linear", "linear"})]:
         torch.compiler.reset()
         record = []

@@ -2,7 +2,8 @@
 
 - ``match``: find linear layers and name them (``node.meta["fxsparse_site"]``)
 - ``observe``: insert observer modules before the input of named linears (calibration)
-- ``lower``: rewrite planned linears into ``fxsparse::threshold_linear``
+- ``lower``: rewrite planned linears into ``fxsparse::threshold_linear`` (or, when every call has
+  more rows than the fused kernel takes, the mask as aten ops + ``linear``, for Inductor to fuse)
 - ``group``: fuse sibling ``threshold_linear`` calls on one input into ``threshold_linear_group``
 """
 

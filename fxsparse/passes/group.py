@@ -10,6 +10,8 @@ and a ``getitem`` per member. The result is the same function: one mask instead 
 and on CUDA one kernel launch, so the kernel's fixed cost is paid once per set and small
 members (k/v) ride along with a large one. The members' decisions in
 ``gm.meta["fxsparse_decisions"]`` gain ``group`` (the member names) and the new op.
+Sites the lower pass emitted as ``"mask+linear"`` (every call above the kernel's row limit) are
+no ``threshold_linear`` calls and stay as they are: siblings there already share one mask.
 """
 
 from __future__ import annotations

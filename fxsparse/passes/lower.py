@@ -1,4 +1,4 @@
-"""Lower pass: rewrite each planned linear into ``torch.ops.fxsparse.threshold_linear``.
+"""Lower pass: rewrite each planned linear into an ``fxsparse`` op, or its mask as aten ops + ``linear``.
 
 Pre: ``match_linears`` has run. ``plan`` maps module names to ``LayerPlan``s.
 Post: every site with a plan entry calls ``fxsparse::threshold_linear(x, W, b, threshold, center,
@@ -15,12 +15,34 @@ plain ``linear``, or ``prefill_linear`` for 2:4); otherwise the op decides per c
 threshold entry that keeps every input (``threshold <= 0``, no negative scale: e.g. a 0% target)
 is the dense layer exactly and becomes a plain ``linear``; so does, on CUDA with
 ``dense_when_faster``, a threshold entry whose one-row sparse GEMV measures slower than dense at
-its target sparsity (``crossover.gemv_pays``: small weights). Center, scale and the folded
-``center_bias = W @ center`` are buffers of ``gm`` (``get_attr``), computed once here rather than
-per call. Other linears are untouched. The replacement keeps the old node's ``meta`` (shape,
-stack trace, module stack).
-``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why, for inspection;
-``torch._dynamo.utils.counters["fxsparse"]`` counts lowered and dense sites.
+its target sparsity (``crossover.gemv_pays``: small weights).
+
+A site that would get ``threshold_linear`` (a threshold entry, or a prefill entry whose static
+branch is the threshold op) and whose every call has more rows than the fused kernel takes
+(``_row_range(x)`` lowest > ``sparse_gemv.max_rows``, currently 1: any static multi-row shape, and
+Dynamo's dynamic sizes, which start at 2 because it specialises 0 and 1) never runs the kernel:
+on CUDA the op would launch a separate mask kernel, then cuBLAS. It becomes the mask as plain
+aten ops (the reference's float32 score ``|x - center| * scale``, ``keep = ~(score <
+threshold)``, ``where(keep, x, center in x's dtype or 0)``) and a plain ``linear``, so Inductor
+fuses the mask into the kernel that produces ``x`` (RMSNorm, SiLU*mul, ...) instead of paying a
+launch per call (branch ``"mask+linear"``). Sites of one sibling set that read the same ``x``
+share one mask. Eager (``inductor=False``) this is ``threshold_linear_reference`` bit for bit.
+Under Inductor a fused producer keeps ``x`` in float32, so the score would be taken before ``x``
+is rounded to bf16/fp16; thresholds calibrated as quantiles of bf16 activations are often bf16
+values that several entries equal exactly (kept in eager), and about half of those would fall
+below (H200, RMSNorm -> 4096² bf16, 4 rows, threshold at the 50%/90% quantile: 31 and 6 of 16384
+entries flipped, output 3% and 5% from eager). The backend therefore compiles graphs with such
+sites with Inductor's ``emulate_precision_casts``, which rounds fused intermediates as eager does
+(output then < 1e-4 from eager, no measurable cost). ``prepare_weights`` has no
+row counts and still makes such a layer's weight column-major (its one-row graphs need it;
+cuBLAS takes either layout).
+
+Center, scale and the folded ``center_bias = W @ center`` are buffers of ``gm`` (``get_attr``),
+computed once here rather than per call. Other linears are untouched. The replacement keeps the
+old node's ``meta`` (shape, stack trace, module stack).
+``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why, for inspection
+(``branch``: threshold | mask+linear | dense | 2:4 | per-call);
+``torch._dynamo.utils.counters["fxsparse"]`` counts lowered (mask+linear included) and dense sites.
 
 Raises ``PlanError`` when a planned layer's weight shape differs from the plan's.
 """
@@ -83,12 +105,18 @@ def _buffer(gm: fx.GraphModule, graph: fx.Graph, stem: str, value: torch.Tensor)
     return node
 
 
-def _row_range(x: object) -> tuple[int, float] | None:
-    """``(lowest, highest)`` row count of the call (``x``'s leading dims), None if unknown."""
+def _traced_value(x: object) -> torch.Tensor | None:
+    """``x``'s traced (fake) value, None if it has none."""
     if not isinstance(x, fx.Node):
         return None
     val = x.meta.get("val", x.meta.get("example_value"))  # Dynamo graphs carry example_value
-    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _row_range(x: object) -> tuple[int, float] | None:
+    """``(lowest, highest)`` row count of the call (``x``'s leading dims), None if unknown."""
+    val = _traced_value(x)
+    if val is None or val.dim() == 0:
         return None
     rows = math.prod(val.shape[:-1])
     if isinstance(rows, int):
@@ -167,6 +195,48 @@ def dense_reason(lp: LayerPlan, dtype: torch.dtype | None, device: torch.device,
             f"at sparsity {lp.target_sparsity:.2f}, N = {n} (dense_when_faster)")
 
 
+def _above_kernel_rows(x: object, lp: LayerPlan, w_dtype: torch.dtype | None) -> str | None:
+    """Why no call of this threshold site can run the fused kernel (every call has more rows
+    than ``sparse_gemv.max_rows``; the op would run a mask kernel, then cuBLAS), or None."""
+    rows = _row_range(x)
+    if rows is None:
+        return None
+    limit = sparse_gemv.max_rows(lp.out_features, lp.in_features, w_dtype or _traced_value(x).dtype)
+    if rows[0] <= limit:
+        return None
+    return (f"every call has >= {rows[0]} rows (above the fused kernel's limit of {limit}): "
+            "mask left to Inductor to fuse into x's producer")
+
+
+def _masked_input(gm: fx.GraphModule, graph: fx.Graph, x: fx.Node, lp: LayerPlan, key: str,
+                  device: torch.device, meta: dict) -> fx.Node:
+    """``where(keep, x, fill)`` as plain aten ops, exactly ``threshold_linear_reference``'s mask
+    (``drop_score`` in float32, NaN kept, ``fill_value``), so Inductor can fuse it into the
+    kernel producing ``x``. x's traced dtype is the one it runs with (Dynamo guards on it).
+    The new nodes take the linear's stack trace and module stack from ``meta``."""
+    aten = torch.ops.aten
+    dtype, f32 = _traced_value(x).dtype, torch.float32
+    center, scale = lp.center_tensor(), lp.scale_tensor()
+
+    def call(target, *args, **kwargs) -> fx.Node:
+        n = graph.call_function(target, args, kwargs)
+        n.meta.update({k: meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta})
+        return n
+
+    d = x if dtype == f32 else call(aten._to_copy.default, x, dtype=f32)
+    c = None
+    if center is not None:
+        c = _buffer(gm, graph, key + "_center", center.to(device))  # float32, as the op's
+        d = call(aten.sub.Tensor, d, c)
+    d = call(aten.abs.default, d)
+    if scale is not None:
+        d = call(aten.mul.Tensor, d, _buffer(gm, graph, key + "_scale", scale.to(device)))
+    keep = call(aten.logical_not.default, call(aten.lt.Scalar, d, float(lp.threshold)))
+    if c is None:
+        return call(aten.where.ScalarOther, keep, x, 0.0)
+    return call(aten.where.self, keep, x, c if dtype == f32 else call(aten._to_copy.default, c, dtype=dtype))
+
+
 def group_width(plan: SparsityPlan, name: str, sets: dict[str, tuple[str, ...]] | None = None,
                 grouped: bool = True) -> int:
     """Output features the kernel runs at for entry ``name``: its sibling set's total."""
@@ -194,6 +264,7 @@ def lower_linears(
     graph = gm.graph
     decisions = []
     sets = sibling_sets(plan)
+    masks: dict[tuple[fx.Node, tuple[str, ...]], fx.Node] = {}  # (x, sibling set) -> masked x
     for node, site in linear_sites(gm):
         key = plan.resolve(site.name)
         if key is None:
@@ -230,7 +301,7 @@ def lower_linears(
         sparse_gemv.reserve(device)  # the kernel's persistent state, outside CUDA-graph pools
 
         # -- prefill dispatch: which rows run what, decided here when the row count allows --
-        what = "threshold"  # the branch emitted: threshold | dense | 2:4 | per-call
+        what = "threshold"  # the branch emitted: threshold | mask+linear | dense | 2:4 | per-call
         min_rows_24 = None
         reason = dense_reason(lp, None if w_val is None else w_val.dtype, device, dense_when_faster,
                               group_width(plan, key, sets, grouped))
@@ -244,6 +315,9 @@ def lower_linears(
                 min_rows_24 = resolve_min_rows_24(lp.out_features, lp.in_features, dtype, device,
                                                   crossover_rows, epilogue, cudagraphs)
             what = _static_branch(_row_range(x), lp.decode_rows, min_rows_24) or "per-call"
+        if what == "threshold" and lp.method != "topk":  # never the kernel: mask left to Inductor
+            reason = _above_kernel_rows(x, lp, None if w_val is None else w_val.dtype)
+            what = "mask+linear" if reason else what
         reason = reason or "planned"
 
         # -- constants, computed once ----------------------------------------------------------
@@ -251,14 +325,19 @@ def lower_linears(
         scale = lp.scale_tensor()
         center_bias = None
         real_w = _real(w_val)
-        if center is not None and real_w is not None and what != "dense":
+        if center is not None and real_w is not None and what not in ("dense", "mask+linear"):
             with torch.no_grad():
                 c = center.to(device=device, dtype=real_w.dtype).expand(real_w.shape[1])
                 center_bias = F.linear(c, real_w).float()
         with graph.inserting_before(node):
-            if what == "dense":
+            if what in ("dense", "mask+linear"):
                 op = torch._C._nn.linear
-                new = graph.call_function(op, (x, w, b))
+                xm = x
+                if what == "mask+linear":  # siblings on the same x share one mask
+                    xm = masks.get((x, sets[key]))
+                    if xm is None:
+                        xm = masks[(x, sets[key])] = _masked_input(gm, graph, x, lp, key, device, node.meta)
+                new = graph.call_function(op, (xm, w, b))
             else:
                 c_node = None if center is None else _buffer(gm, graph, key + "_center", center.to(device))
                 s_node = None if scale is None else _buffer(gm, graph, key + "_scale", scale.to(device))
@@ -266,7 +345,7 @@ def lower_linears(
                 k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0)
                 op = torch.ops.fxsparse.topk_linear.default
                 new = graph.call_function(op, (x, w, b, k, c_node, s_node))
-            elif what != "dense":
+            elif what not in ("dense", "mask+linear"):
                 cb_node = _buffer(gm, graph, key + "_cbias", center_bias) if center_bias is not None else None
                 args = (x, w, b, float(lp.threshold), c_node, s_node, cb_node)
                 if what == "threshold":
@@ -278,7 +357,8 @@ def lower_linears(
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        op_name = "linear" if what == "dense" else "fxsparse." + op._schema.name.split("::")[1]
+        op_name = {"dense": "linear", "mask+linear": "mask+linear"}.get(what) or \
+            "fxsparse." + op._schema.name.split("::")[1]
         decisions.append({"name": site.name, "plan_key": key, "node": new.name, "op": op_name,
                           "reason": reason, "prefill": lp.prefill, "decode_rows": lp.decode_rows,
                           "min_rows_24": min_rows_24, "branch": what})
