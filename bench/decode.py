@@ -49,7 +49,8 @@ The first: Llama-3-8B lean loop, batch 1 at dense/0/40/50% and batch 4 at dense/
 second: HF generate at batch 1, dense/0/50%, and SmolLM2-135M's lean loop, dense/50%. Variant
 names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on them. A sparsity
 with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
-``group_siblings=False``: q/k/v and gate/up one launch each), for comparison.
+``group_siblings=False``: q/k/v and gate/up one launch each), one with ``f`` (``0.5f``) without
+``emulate_precision_casts`` for graphs with fused masks (batch > 1), for comparison.
 
 Smoke test on CPU (no CUDA graphs, profiler by aten op):
 
@@ -131,11 +132,16 @@ def set_layout(model, plan, grouped: bool = True) -> None:
         fxsparse.prepare_weights(model, plan, group_siblings=grouped)
 
 
-def parse_sparsity(s: str) -> tuple[float | str, bool]:
-    """``"dense"``, ``"0.5"`` (grouped siblings) or ``"0.5u"`` (ungrouped): (value, grouped)."""
+def parse_sparsity(s: str) -> tuple[float | str, dict]:
+    """``"dense"``, ``"0.5"``, or ``"0.5"`` with suffixes: ``u`` ungrouped siblings, ``f`` fused
+    masks without ``emulate_precision_casts``: (value, backend options)."""
     if s == "dense":
-        return s, True
-    return (float(s[:-1]), False) if s.endswith("u") else (float(s), True)
+        return s, {}
+    flags = s.lstrip("0123456789.")
+    opts = {"group_siblings": "u" not in flags}
+    if "f" in flags:
+        opts["emulate_precision_casts"] = False
+    return float(s[:len(s) - len(flags)]), opts
 
 
 def matches(preset: str, loop: str, batch: int, sparsity, patterns: list[str]) -> bool:
@@ -265,7 +271,7 @@ def main(argv=None) -> None:
     if mode == "reduce-overhead" and dev != "cuda":
         sys.exit("error: mode reduce-overhead (CUDA graphs) needs --device cuda")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    sparsities = [s if s == "dense" or s.endswith("u") else float(s) for s in args.sparsity]
+    sparsities = [s if s == "dense" or not s[-1].isdigit() else float(s) for s in args.sparsity]
     import transformers
     import triton
 
@@ -321,7 +327,7 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
         t_variant = time.perf_counter()
         row = {"preset": preset, "layers": cfg.num_hidden_layers, "loop": loop, "batch": b,
                "sparsity": s, "mode": mode, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
-        value, grouped = parse_sparsity(str(s))
+        value, opts = parse_sparsity(str(s))
         plan = plans.get(value)
         log(f"--- {variant_key(row)}")
         try:
@@ -332,11 +338,11 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
             per_layer = achieved.get((value, b), {})
             torch.compiler.reset()
             torch._dynamo.utils.counters.clear()
-            set_layout(model, plan, grouped)
+            set_layout(model, plan, opts.get("group_siblings", True))
             if loop == "lean":
-                run_lean(args, model, plan, prompts[b], mode, max_len, row, grouped)
+                run_lean(args, model, plan, prompts[b], mode, max_len, row, opts)
             else:
-                run_hf(args, model, plan, prompts[b], mode, dev, row, grouped)
+                run_hf(args, model, plan, prompts[b], mode, dev, row, opts)
             union = {n: d["union"] for n, d in per_layer.items()}
             wb = speed.linear_weight_bytes(model)
             planned = sum(wb[n] for n in union)
@@ -380,9 +386,9 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
         torch.cuda.empty_cache()
 
 
-def run_lean(args, model, plan, prompt, mode, max_len, row, grouped=True) -> None:
+def run_lean(args, model, plan, prompt, mode, max_len, row, opts) -> None:
     counters = torch._dynamo.utils.counters
-    step = speed.compile_step(model, plan, mode=mode, **({} if plan is None else {"group_siblings": grouped}))
+    step = speed.compile_step(model, plan, mode=mode, **(opts if plan is not None else {}))
     cache = speed.make_cache(model, max_len)
     t = time.perf_counter()
     speed.lean_decode(model, step, prompt, args.warmup, cache=cache)  # compile + CUDA graphs
@@ -405,11 +411,11 @@ def run_lean(args, model, plan, prompt, mode, max_len, row, grouped=True) -> Non
     row["first_tokens"] = timing.tokens[0, :8].tolist()
 
 
-def run_hf(args, model, plan, prompt, mode, dev, row, grouped=True) -> None:
+def run_hf(args, model, plan, prompt, mode, dev, row, opts) -> None:
     from transformers import CompileConfig
 
     if plan is not None:
-        cfg = fxsparse.compile_config(plan, mode=mode, compile_on_cpu=dev != "cuda", group_siblings=grouped)
+        cfg = fxsparse.compile_config(plan, mode=mode, compile_on_cpu=dev != "cuda", **opts)
     else:
         cfg = CompileConfig(fullgraph=False, dynamic=None, backend="inductor", mode=mode)
         if dev != "cuda":

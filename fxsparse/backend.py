@@ -29,13 +29,15 @@ Options (``torch.compile(..., options={...})``):
                mask (q/k/v, gate/up) run as one ``threshold_linear_group`` call, one launch on
                CUDA (``passes/group.py``); ``dense_when_faster`` then judges the set's total width.
 
+``emulate_precision_casts``  default ``True``: graphs with a ``"mask+linear"`` site (below)
+               compile with Inductor's option of that name, so the fused mask judges x rounded to
+               its dtype as eager does; ``False`` keeps Inductor's default (x's unrounded float32
+               value decides: bf16 entries that tie the threshold can flip, ``passes/lower.py``).
+
 A planned threshold layer whose every call in a graph has more rows than the fused kernel takes
 (any static multi-row shape, Dynamo's dynamic sizes) is lowered to its mask as plain aten ops and
 a ``linear`` (decision branch ``"mask+linear"``), which Inductor fuses into the kernel producing
-the layer's input. Such graphs compile with Inductor's ``emulate_precision_casts`` on, so the
-fused mask judges x rounded to its dtype as eager does; otherwise bf16 entries that tie the
-threshold can flip (``passes/lower.py``). One-row graphs
-(decode) and unknown row counts keep the ``fxsparse`` op.
+the layer's input. One-row graphs (decode) and unknown row counts keep the ``fxsparse`` op.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ __all__ = ["sparse_act", "BackendOptions"]
 log = logging.getLogger("fxsparse")
 
 _KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record", "crossover_rows",
-          "dense_when_faster", "group_siblings"}
+          "dense_when_faster", "group_siblings", "emulate_precision_casts"}
 _graph_counter = 0
 
 
@@ -93,7 +95,7 @@ class BackendOptions:
         r = self.crossover_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"sparse_act: option 'crossover_rows' must be an integer >= 0, got {r!r}")
-        for flag in ("dense_when_faster", "group_siblings"):
+        for flag in ("dense_when_faster", "group_siblings", "emulate_precision_casts"):
             value = options.get(flag, True)
             if not isinstance(value, bool):
                 raise ValueError(f"sparse_act: option {flag!r} must be True or False, got {value!r}")
@@ -156,7 +158,7 @@ def sparse_act(
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(opts.config_patches)
-    if any(d["op"] == "mask+linear" for d in decisions):  # the mask sees x as eager rounds it
+    if opts.emulate_precision_casts and any(d["op"] == "mask+linear" for d in decisions):
         patches.setdefault("emulate_precision_casts", True)
     return compile_fx(gm, example_inputs, config_patches=patches)
 

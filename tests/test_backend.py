@@ -234,6 +234,9 @@ def test_bad_options():
     torch.compiler.reset()
     with pytest.raises(Exception, match="'dense_when_faster' must be True or False"):
         torch.compile(m, backend="sparse_act", options={"dense_when_faster": "yes"})(torch.randn(2, 16))
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="'emulate_precision_casts' must be True or False"):
+        torch.compile(m, backend="sparse_act", options={"emulate_precision_casts": 1})(torch.randn(2, 16))
 
 
 def test_no_plan_compiles_dense_and_debug_dir(tmp_path):

@@ -282,9 +282,19 @@ def test_threshold_is_compared_in_float32():
     assert record[0]["decisions"][0]["branch"] == "mask+linear"
 
 
-def test_fused_mask_judges_x_rounded_as_eager_does():
+def test_fused_mask_judges_x_rounded_as_eager_does(monkeypatch):
     """bf16 entries that tie the threshold stay kept once Inductor fuses the mask into the norm
     (the backend turns on ``emulate_precision_casts``: unrounded, about half would drop)."""
+    import torch._inductor.compile_fx as cfx
+
+    seen, real = [], cfx.compile_fx
+
+    def spy(*args, **kwargs):  # the backend's call passes its patches; Inductor's own do not
+        if kwargs.get("config_patches") is not None:
+            seen.append(kwargs["config_patches"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
     torch.manual_seed(0)
     k = 64
     m = nn.Sequential(nn.RMSNorm(k, eps=1e-6), nn.Linear(k, k, bias=False)).to(torch.bfloat16).eval()
@@ -303,3 +313,8 @@ def test_fused_mask_judges_x_rounded_as_eager_does():
     assert record[0]["decisions"][0]["branch"] == "mask+linear"
     want = threshold_linear_reference(h, m[1].weight, None, thr)
     assert torch.equal(out != 0, want != 0)
+    assert seen[-1]["emulate_precision_casts"] is True
+    torch.compiler.reset()  # the option off: Inductor's default precision (no patch)
+    with torch.no_grad():
+        _compile(m, SparsityPlan(layers={"1": LayerPlan(thr, k, k)}), emulate_precision_casts=False)[0](x)
+    assert "emulate_precision_casts" not in seen[-1]
