@@ -53,7 +53,7 @@ log = logging.getLogger("fxsparse")
 NEVER = 1 << 62
 MEASURE_ROWS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 MARGIN = 0.02
-GEMV_REVISION = 2  # part of the GEMV cache key: bump when sparse_gemv's speed changes
+GEMV_REVISION = 3  # part of the GEMV cache key: bump when sparse_gemv's speed changes
 CACHE_FORMAT = "fxsparse.crossover"
 CACHE_VERSION = 1
 

@@ -699,7 +699,9 @@ def _arrival_counters(device: torch.device) -> Tensor:
 
 
 def max_rows(n: int, k: int, dtype: torch.dtype) -> int:
-    """Most rows (batch x tokens) the kernel takes; above it the op runs mask + cuBLAS.
+    """Most rows (batch x tokens) the kernel takes; above it the op runs mask + cuBLAS, and the
+    lower pass leaves the mask of a graph whose every call is above it to Inductor (fused into
+    x's producer, ``passes/lower.py``).
 
     Measured on the H100 (bench/NOTES.md, run 2): with 2-16 rows the tensor-core path ran at
     0.24-0.54x cuBLAS on a dense input and at best 0.75x (4 rows, BLOCK_N = 256) on all five

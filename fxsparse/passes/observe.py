@@ -50,7 +50,9 @@ def insert_observers(
         x, slot = _input_of(node, site.kind)
         with gm.graph.inserting_before(node):
             obs_node = gm.graph.call_module(attr_of[id(obs)], (x,))
-        obs_node.meta.update({k: v for k, v in x.meta.items() if k in ("val", "tensor_meta")})
+        # the traced value (Dynamo graphs: example_value) lets the lower pass see row counts
+        obs_node.meta.update({k: v for k, v in x.meta.items()
+                              if k in ("val", "tensor_meta", "example_value")})
         obs_node.meta["fxsparse_observer"] = True
         if isinstance(slot, str):
             node.update_kwarg(slot, obs_node)
