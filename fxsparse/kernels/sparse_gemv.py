@@ -644,7 +644,8 @@ def _block_config(
     ``scratch_group``: N-blocks per compaction scratch copy (session 4 sweep: 4, 8 and 16
     within 1-4%; one copy per split 1.15-1.3x slower at s = 0.9, one per program up to 7%
     slower at s = 0). ``row_kernel``: one row through ``_row_gemv_kernel`` (``num_warps``,
-    ``acc_tile``).
+    ``acc_tile``, ``epi_floats``: partial sums per thread per epilogue load, each load an L2
+    round trip of the last-arriving program).
     """
     use_dot = rows > 1
     if block_n is None:
