@@ -164,6 +164,25 @@ def test_different_masks_are_not_grouped(model_and_plan):
                       ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")}
 
 
+@pytest.mark.parametrize("prefill", ["dense", "2:4"])
+def test_decode_graphs_of_prefill_plans_group_siblings(model_and_plan, prefill):
+    """A dense- or 2:4-prefill plan still runs q/k/v and gate/up as one launch per set in decode."""
+    model, plan = model_and_plan
+    changed = SparsityPlan.from_dict(plan.to_dict()).set_prefill(prefill)
+    record = []
+    fast = torch.compile(model, backend="sparse_act", options={"plan": changed, "record": record})
+    x = token_batches(1, batch=1, seq=1, seed=3)[0]
+    with torch.no_grad():
+        got = fast(x, use_cache=False).logits
+        with plan_hooks(model, changed):
+            want = model(x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    decisions = {d["name"]: d for g in record for d in g["decisions"]}
+    assert decisions["model.layers.0.mlp.up_proj"]["op"] == "fxsparse.threshold_linear_group"
+    assert decisions["model.layers.1.self_attn.v_proj"]["group"] == [
+        f"model.layers.1.self_attn.{n}_proj" for n in "qkv"]
+
+
 class Siblings(nn.Module):
     """Three projections of one input, as q/k/v: a wide one and two narrow ones."""
 

@@ -150,8 +150,10 @@ def _static_branch(rows: tuple[int, float] | None, decode_rows: int, min_rows_24
 
 def _mask_key(name: str, lp: LayerPlan) -> tuple | None:
     """What must match for two plan entries to share one mask and one launch: the parent
-    module, the input width and every mask argument (None: never grouped)."""
-    if lp.method == "topk" or lp.prefill != "threshold" or lp.drops_nothing:
+    module, the input width and every mask argument (None: never grouped). The prefill kind
+    does not matter: the decode graphs of dense- or 2:4-prefill entries call the threshold op
+    too, and only those calls are grouped."""
+    if lp.method == "topk" or lp.drops_nothing:
         return None
     center = tuple(lp.center) if isinstance(lp.center, list) else float(lp.center)
     scale = None if lp.channel_scale is None else tuple(lp.channel_scale)
