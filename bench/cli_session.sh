@@ -12,7 +12,7 @@ run fxsparse calibrate --out s/plan.json --mlp 0.4 --down 0.5 --calib-windows 8 
 run fxsparse inspect --plan s/plan.json --out s/inspect --eval-windows 1
 run fxsparse inspect --plan s/plan.json --out s/inspect1 --seq-len 1
 run fxsparse evaluate --plan s/plan.json --eval-windows 4
-run fxsparse generate --plan s/plan.json --prompt The history of --max-new-tokens 16
+run fxsparse generate --plan s/plan.json --prompt "The history of" --max-new-tokens 16
 run fxsparse bench --plan s/plan.json --new-tokens 16
 run fxsparse bench --plan s/plan.json --mode reduce-overhead
 run fxsparse evaluate --plan does_not_exist.json
