@@ -265,7 +265,7 @@ def time_compiled(shapes: list[tuple[int, int]], rows_list: list[int]) -> list[d
             torch._dynamo.reset()
             dense_fn = torch.compile(model)
             with torch.no_grad():
-                dense = time_calls([lambda f=dense_fn, a=hs: f(a)], graphs=True)[0] / copies
+                dense = time_graph([lambda f=dense_fn, a=hs: f(a)])[0] / copies
             for s in (0.0, 0.5, 0.9):
                 thr = float(torch.quantile(x0, s)) if s > 0 else 0.0
                 plan = SparsityPlan(layers={f"projs.{i}": LayerPlan(thr, k, n, target_sparsity=s)
@@ -280,7 +280,7 @@ def time_compiled(shapes: list[tuple[int, int]], rows_list: list[int]) -> list[d
                     if not rel_err(got, want) < 2e-2:
                         print(f"!!!! WRONG COMPILED RESULT {n}x{k} rows={rows} s={s}")
                         sys.exit(1)
-                    us = time_calls([lambda f=sparse_fn, a=hs: f(a)], graphs=True)[0] / copies
+                    us = time_graph([lambda f=sparse_fn, a=hs: f(a)])[0] / copies
                 ops = sorted({d["op"] for r in record for d in r["decisions"]})
                 r = dict(n=n, k=k, rows=rows, s=s, dense_us=dense, sparse_us=us, speedup=dense / us,
                          lowered=ops)

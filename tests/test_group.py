@@ -116,18 +116,25 @@ def test_calibration_gives_siblings_one_mask(model_and_plan):
         assert sets[p + "mlp.down_proj"] == (p + "mlp.down_proj",)
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_backend_groups_siblings_and_matches_eager(model_and_plan, grouped):
-    model, plan = model_and_plan
+def _compiled_matches_eager(model, plan, seed: int, fullgraph: bool = False, **options) -> list[dict]:
+    """Compile with ``plan``, run one token (one row: more would be mask + linear), check the
+    logits against the eager hook reference; the backend's record."""
     record = []
-    fast = torch.compile(model, backend="sparse_act", fullgraph=True,
-                         options={"plan": plan, "record": record, "group_siblings": grouped})
-    x = token_batches(1, batch=1, seq=1, seed=5)[0]  # one row: more would be mask + linear
+    fast = torch.compile(model, backend="sparse_act", fullgraph=fullgraph,
+                         options={"plan": plan, "record": record, **options})
+    x = token_batches(1, batch=1, seq=1, seed=seed)[0]
     with torch.no_grad():
         got = fast(x, use_cache=False).logits
         with plan_hooks(model, plan):
             want = model(x, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return record
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_backend_groups_siblings_and_matches_eager(model_and_plan, grouped):
+    model, plan = model_and_plan
+    record = _compiled_matches_eager(model, plan, 5, fullgraph=True, group_siblings=grouped)
     decisions = {d["name"]: d for g in record for d in g["decisions"]}
     stages = record[0]["stages"]
     if not grouped:
@@ -149,14 +156,7 @@ def test_different_masks_are_not_grouped(model_and_plan):
     data["layers"]["model.layers.0.self_attn.k_proj"]["threshold"] *= 1.5
     data["layers"]["model.layers.0.mlp.up_proj"]["center"] = 0.01
     changed = SparsityPlan.from_dict(data)
-    record = []
-    fast = torch.compile(model, backend="sparse_act", options={"plan": changed, "record": record})
-    x = token_batches(1, batch=1, seq=1, seed=3)[0]  # one row: more would be mask + linear
-    with torch.no_grad():
-        got = fast(x, use_cache=False).logits
-        with plan_hooks(model, changed):
-            want = model(x, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    record = _compiled_matches_eager(model, changed, 3)
     groups = {tuple(d["group"]) for g in record for d in g["decisions"] if "group" in d}
     assert groups == {("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"),
                       ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
@@ -169,14 +169,7 @@ def test_decode_graphs_of_prefill_plans_group_siblings(model_and_plan, prefill):
     """A dense- or 2:4-prefill plan still runs q/k/v and gate/up as one launch per set in decode."""
     model, plan = model_and_plan
     changed = SparsityPlan.from_dict(plan.to_dict()).set_prefill(prefill)
-    record = []
-    fast = torch.compile(model, backend="sparse_act", options={"plan": changed, "record": record})
-    x = token_batches(1, batch=1, seq=1, seed=3)[0]
-    with torch.no_grad():
-        got = fast(x, use_cache=False).logits
-        with plan_hooks(model, changed):
-            want = model(x, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    record = _compiled_matches_eager(model, changed, 3)
     decisions = {d["name"]: d for g in record for d in g["decisions"]}
     assert decisions["model.layers.0.mlp.up_proj"]["op"] == "fxsparse.threshold_linear_group"
     assert decisions["model.layers.1.self_attn.v_proj"]["group"] == [
