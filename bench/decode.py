@@ -50,7 +50,8 @@ second: HF generate at batch 1, dense/0/50%, and SmolLM2-135M's lean loop, dense
 names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on them. A sparsity
 with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
 ``group_siblings=False``: q/k/v and gate/up one launch each), one with ``f`` (``0.5f``) without
-``emulate_precision_casts`` for graphs with fused masks (batch > 1), for comparison.
+``emulate_precision_casts`` for graphs with fused masks (batch > 1), for comparison; ``p``
+(``densep``, ``0.5p``) compiles with Inductor's programmatic dependent launch.
 
 Smoke test on CPU (no CUDA graphs, profiler by aten op):
 
@@ -133,15 +134,19 @@ def set_layout(model, plan, grouped: bool = True) -> None:
 
 
 def parse_sparsity(s: str) -> tuple[float | str, dict]:
-    """``"dense"``, ``"0.5"``, or ``"0.5"`` with suffixes: ``u`` ungrouped siblings, ``f`` fused
-    masks without ``emulate_precision_casts``: (value, backend options)."""
-    if s == "dense":
-        return s, {}
-    flags = s.lstrip("0123456789.")
-    opts = {"group_siblings": "u" not in flags}
+    """``"dense"``, ``"0.5"``, or either with suffixes: ``u`` ungrouped siblings, ``f`` fused
+    masks without ``emulate_precision_casts``, ``p`` Inductor's programmatic dependent launch
+    (``triton.enable_pdl``, also for dense): (value, options; ``inductor_pdl`` is not a backend
+    option)."""
+    value = "dense" if s.startswith("dense") else s.rstrip("ufp")
+    flags = s[len(value):]
+    opts = {"inductor_pdl": True} if "p" in flags else {}
+    if value == "dense":
+        return value, opts
+    opts["group_siblings"] = "u" not in flags
     if "f" in flags:
         opts["emulate_precision_casts"] = False
-    return float(s[:len(s) - len(flags)]), opts
+    return float(value), opts
 
 
 def matches(preset: str, loop: str, batch: int, sparsity, patterns: list[str]) -> bool:
@@ -159,8 +164,9 @@ def _fmt(v, spec=".3f") -> str:
 
 
 def table(rows: list[dict], info: list[str]) -> str:
-    dense = {(r["preset"], r["layers"], r["loop"], r["batch"]): r["ms_per_step"]
-             for r in rows if r.get("sparsity") == "dense" and r.get("ms_per_step")}
+    # each variant against the dense twin compiled the same way (``p``: Inductor PDL on both)
+    dense = {(r["preset"], r["layers"], r["loop"], r["batch"], r["sparsity"]): r["ms_per_step"]
+             for r in rows if str(r.get("sparsity")).startswith("dense") and r.get("ms_per_step")}
     lines = ["# decode: dense (Inductor) vs sparse_act", "", *[f"* {i}" for i in info], "",
              "ms/step: one decode step (batch B tokens); tok/s = B / step; weight TB/s: linear "
              "weight bytes the step needs at the achieved sparsity (batch > 1: union of rows) / step "
@@ -177,9 +183,11 @@ def table(rows: list[dict], info: list[str]) -> str:
                          f"{r['error'][:80]} |" + " |" * 14)
             continue
         ms = r["ms_per_step"]
-        base = dense.get((r["preset"], r["layers"], r["loop"], r["batch"]))
+        twin = "densep" if "inductor_pdl" in parse_sparsity(str(r["sparsity"]))[1] else "dense"
+        base = dense.get((r["preset"], r["layers"], r["loop"], r["batch"], twin))
         ratio = f"{base / ms:.2f}x" if base else "—"
-        variant = "dense" if r["sparsity"] == "dense" else f"sparse_act {r['sparsity']}"
+        is_dense = str(r["sparsity"]).startswith("dense")
+        variant = r["sparsity"] if is_dense else f"sparse_act {r['sparsity']}"
         ach = r.get("achieved_sparsity")
         b = r.get("breakdown") or {}
         lines.append(
@@ -306,14 +314,14 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
     prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=g).to(dev)
                for b in sorted({v[1] for v in variants})}
     plans: dict[float, fxsparse.SparsityPlan] = {}
-    if any(s != "dense" for _, _, s in variants):
+    if any(parse_sparsity(str(s))[0] != "dense" for _, _, s in variants):
         t = time.perf_counter()
         targets, skipped = resolve_targets(linear_layers(model), {TargetScope(patterns=[r".*_proj"]): 0.5},
                                            IgnoredScope(names=["lm_head"]))
         torch.compiler.reset()
         stats = collect_method_statistics(model, calib, targets, skipped=skipped, batch_quantiles=False,
                                           progress=False)
-        for s in sorted({parse_sparsity(str(s))[0] for _, _, s in variants if s != "dense"}):
+        for s in sorted({v for _, _, s in variants if (v := parse_sparsity(str(s))[0]) != "dense"}):
             plans[s] = plan_from_observers(stats, dict.fromkeys(targets, s), "quantile")
         del stats
         log(f"calibrated {len(targets)} layers in {time.perf_counter() - t:.1f} s")
@@ -339,10 +347,12 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
             torch.compiler.reset()
             torch._dynamo.utils.counters.clear()
             set_layout(model, plan, opts.get("group_siblings", True))
-            if loop == "lean":
-                run_lean(args, model, plan, prompts[b], mode, max_len, row, opts)
-            else:
-                run_hf(args, model, plan, prompts[b], mode, dev, row, opts)
+            pdl = opts.pop("inductor_pdl", False)
+            with torch._inductor.config.patch({"triton.enable_pdl": pdl}):
+                if loop == "lean":
+                    run_lean(args, model, plan, prompts[b], mode, max_len, row, opts)
+                else:
+                    run_hf(args, model, plan, prompts[b], mode, dev, row, opts)
             union = {n: d["union"] for n, d in per_layer.items()}
             wb = speed.linear_weight_bytes(model)
             planned = sum(wb[n] for n in union)

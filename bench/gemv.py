@@ -323,23 +323,27 @@ def group_markdown(env: dict, rows: list[dict]) -> str:
 
 
 def variants(rows: int, n: int, k: int, nsm: int):
-    """Configurations tried by --sweep around the default heuristic."""
+    """Configurations tried by --sweep around the default heuristic (same configs dropped).
+
+    Session 7: the one-warp rules take 167 registers (sub_k 16; `bench/probe/row_sass.py`), so
+    12 programs fit an SM and grids of ~13.6 per SM ran in two waves; 8-row tiles take 95-128.
+    """
     out = {}
 
     def add(name, **kw):
-        out[name] = sg._pick_config(rows, n, k, 2, nsm, **kw)
+        cfg = sg._pick_config(rows, n, k, 2, nsm, **kw)
+        if cfg not in out.values():
+            out[name] = cfg
 
     add("default")
-    if rows == 1:  # the other rules of _row_defaults on this shape (same configs dropped)
-        one_warp = dict(num_warps=1, block_n=128, sub_k=16, acc_tile=False, epi_floats=64)
-        rules = {"one warp, 128-ch splits": dict(one_warp, chunk_k=128),
-                 "two warps": dict(num_warps=2, block_n=64, sub_k=8, acc_tile=True, epi_floats=64,
-                                   chunk_k=256),
-                 "one warp, 256-ch splits": dict(one_warp, chunk_k=256)}
-        for name, rule in rules.items():
-            cfg = sg._pick_config(rows, n, k, 2, nsm, **rule)
-            if cfg not in out.values():
-                out[name] = cfg
+    if rows == 1:
+        add("pdl", pdl=True)
+        add("ahead 2", ahead=2)
+        add("sub_k 8", sub_k=8)
+        add("sub_k 8, ahead 2", sub_k=8, ahead=2)
+        add("sub_k 8, ahead 2, pdl", sub_k=8, ahead=2, pdl=True)
+        add("sub_k 4, ahead 2", sub_k=4, ahead=2)
+        add("12 per SM", programs_per_sm=12)
     return out
 
 
@@ -507,6 +511,19 @@ def main() -> None:
     print("\n" + md)
     if sweep:
         print(sweep_markdown(env, sweep))
+        print_registers()
+
+
+def print_registers() -> None:
+    """Registers and spills of every compiled one-row kernel (occupancy is what they limit)."""
+    try:
+        for cache in sg._row_gemv_kernel.device_caches.values():
+            for ck in cache[0].values():
+                c = {k: v for k, v in ck.src.constants.items()} if hasattr(ck, "src") else {}
+                print(f"  row kernel: {ck.n_regs} registers, {ck.n_spills} spills, warps "
+                      f"{ck.metadata.num_warps}, constants {c}")
+    except Exception as e:  # noqa: BLE001  (Triton-version internals: informational only)
+        print(f"  (registers unavailable: {type(e).__name__}: {e})")
 
 
 def sweep_markdown(env: dict, sweep: list[dict]) -> str:

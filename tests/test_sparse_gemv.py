@@ -211,13 +211,15 @@ def test_block_sizes_cpu(
     one_step_max=st.sampled_from([0, 512]),
     sub_k=st.sampled_from([8, 16]),
     acc_tile=st.booleans(),
+    ahead=st.sampled_from([1, 2]),
 )
 def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
-                        sub_k: int, acc_tile: bool) -> None:
-    """The one-row kernel over its block sizes, splits, masking steps and accumulators."""
+                        sub_k: int, acc_tile: bool, ahead: int) -> None:
+    """The one-row kernel over its block sizes, splits, masking steps, accumulators and
+    pipeline depths."""
     cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
                           one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
-                          acc_tile=acc_tile)
+                          acc_tile=acc_tile, ahead=ahead)
     assert cfg.row_kernel
     run_case(c, "cpu", cfg)
 
@@ -350,6 +352,36 @@ def test_cuda_graph_replay_gpu() -> None:
         x.copy_(torch.randn_like(x))
         graph.replay()
         check(out, x, weight, bias, c.threshold, center, scale, c.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("ahead", [1, 2])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_chain_in_cuda_graph_gpu(pdl: bool, ahead: int) -> None:
+    """Each launch reads the x the previous one wrote, inside one CUDA graph: with programmatic
+    dependent launch a program may start before its producer ends, so its wait must come
+    before every load; an early read shows up as a wrong layer."""
+    n = k = 2048
+    ws = [(torch.randn(k, n, device="cuda", dtype=torch.bfloat16) * k**-0.5).t() for _ in range(6)]
+    x0 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    cfg = sg._pick_config(1, n, k, 2, sg._num_sms(x0.device), pdl=pdl, ahead=ahead)
+
+    def chain():
+        h = [x0]
+        for w in ws:
+            h.append(sg.threshold_gemv(h[-1], w, None, 0.5, config=cfg))
+        return h
+
+    chain()  # compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        hs = chain()
+    for _ in range(3):
+        x0.copy_(torch.randn_like(x0))
+        graph.replay()
+        for i, w in enumerate(ws):  # each layer against the reference on the graph's own input
+            check(hs[i + 1], hs[i], w, None, 0.5, None, None, torch.bfloat16)
 
 
 @pytest.mark.gpu

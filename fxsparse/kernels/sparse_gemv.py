@@ -56,6 +56,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+try:  # grid dependency control (Hopper's programmatic dependent launch)
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # an older Triton: configs never ask for it (_pdl_ok)
+    gdc_wait = None
+
 __all__ = ["MAX_MEMBERS", "GemvConfig", "masked_input", "max_rows", "reserve", "supports", "threshold_gemv",
            "threshold_gemv_group"]
 
@@ -376,6 +381,8 @@ def _row_gemv_kernel(
     SUB_K: tl.constexpr,  # kept channels per weight tile
     SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
     ACC_TILE: tl.constexpr,  # accumulate [SUB_K, BLOCK_N] (else reduce each tile to [BLOCK_N])
+    AHEAD: tl.constexpr,  # weight tiles in flight per program: 1 or 2
+    PDL: tl.constexpr,  # launched as a programmatic dependent: wait for the previous grid here
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -391,6 +398,8 @@ def _row_gemv_kernel(
     n_ok = offs_n < N
     offs_c = tl.arange(0, CHUNK_K)
     offs_s = tl.arange(0, SUB_K)
+    if PDL:  # everything above is arithmetic; x, the scratch and the counters come after this
+        gdc_wait()
 
     # ---- phase 1: compact this split's kept channels (ids, x - fill) into the scratch -------
     k_first = pid_k * split_len
@@ -427,15 +436,28 @@ def _row_gemv_kernel(
     w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                      mask=s_ok[:, None] & n_ok[None, :], other=0.0)
     k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
+    if AHEAD == 2:  # tile 1 in flight too; ids of tile 2
+        s_ok = SUB_K + offs_s < n_kept
+        v_next2 = tl.load(scr_val + SUB_K + offs_s, mask=s_ok, other=0.0)
+        w_next2 = tl.load(w_ptr + k_next.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                          mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+        k_next = tl.load(scr_ids + 2 * SUB_K + offs_s, mask=2 * SUB_K + offs_s < n_kept, other=0.0)
     for t in range(0, tl.cdiv(n_kept, SUB_K)):
         w = w_next
         v = v_next
-        slot = (t + 1) * SUB_K + offs_s
+        slot = (t + AHEAD) * SUB_K + offs_s
         s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
         k = k_next.to(tl.int32)
-        v_next = tl.load(scr_val + slot, mask=s_ok, other=0.0)
-        w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                         mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+        if AHEAD == 2:
+            w_next = w_next2
+            v_next = v_next2
+            v_next2 = tl.load(scr_val + slot, mask=s_ok, other=0.0)
+            w_next2 = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                              mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            v_next = tl.load(scr_val + slot, mask=s_ok, other=0.0)
+            w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                             mask=s_ok[:, None] & n_ok[None, :], other=0.0)
         k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
         if ACC_TILE:
             acc += v[:, None] * w.to(tl.float32)
@@ -566,6 +588,8 @@ class GemvConfig:
     row_kernel: bool = False  # one row: _row_gemv_kernel (1-D phases) instead of the row-generic one
     acc_tile: bool = True  # row kernel: [SUB_K, BLOCK_N] accumulator (else reduced every tile)
     epi_floats: int = 16  # row kernel: partial sums per thread per load of the split-K epilogue
+    ahead: int = 1  # row kernel: weight tiles in flight per program (1 or 2)
+    pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
 
     @property
     def chunks_per_split(self) -> int:
@@ -607,7 +631,7 @@ def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, **over
     """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
     overrides of ``_block_config``'s parameters are for tests and benchmarks."""
     if rows == 1 and overrides.get("row_kernel", True):
-        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256)
+        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=True)
         base.update(_row_defaults(n, k, elem_size))
         return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
     return _block_config(rows, n, k, elem_size, num_sms, **{**overrides, "row_kernel": False})
@@ -630,6 +654,8 @@ def _block_config(
     num_warps: int = 4,
     acc_tile: bool = True,
     epi_floats: int = 16,
+    ahead: int = 1,
+    pdl: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -664,7 +690,7 @@ def _block_config(
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
-                      epi_floats=epi_floats)
+                      epi_floats=epi_floats, ahead=ahead, pdl=pdl)
 
 
 @functools.lru_cache(maxsize=16)
@@ -672,6 +698,19 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a small grid that still exercises split-K
+
+
+def _split_group(config: GemvConfig, epi_r: int) -> int:
+    """Partial tiles the last-arriving split sums per load (each load is an L2 round trip)."""
+    budget = 32 * config.epi_floats * config.num_warps if config.row_kernel else 4096
+    return max(1, min(_next_pow2(config.split_k), budget // (epi_r * config.block_n)))
+
+
+@functools.lru_cache(maxsize=16)
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch needs sm_90+ and a Triton with grid dependency control."""
+    return (gdc_wait is not None and not _INTERPRET and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 _counters: dict[torch.device, Tensor] = {}
@@ -820,9 +859,7 @@ def threshold_gemv_group(
     else:
         ws = cnt = outs[0]
     epi_r = _next_pow2(rows)
-    # partial tiles summed per load by the last split (each load is an L2 round trip)
-    budget = 32 * config.epi_floats * config.num_warps if config.row_kernel else 4096
-    split_group = max(1, min(_next_pow2(config.split_k), budget // (epi_r * config.block_n)))
+    split_group = _split_group(config, epi_r)
     dummy = x2
     member_args = []
     for i in range(MAX_MEMBERS):
@@ -832,6 +869,7 @@ def threshold_gemv_group(
                         ns[j], w.stride(0), w.stride(1)]
     grid = (n_blocks, config.split_k)
     if config.row_kernel:
+        pdl = config.pdl and _pdl_ok(x.device)
         _row_gemv_kernel[grid](
             x2, *member_args,
             center if center is not None else dummy,
@@ -848,7 +886,10 @@ def threshold_gemv_group(
             SUB_K=config.sub_k,
             SPLIT_GROUP=split_group,
             ACC_TILE=config.acc_tile,
+            AHEAD=config.ahead,
+            PDL=pdl,
             num_warps=config.num_warps,
+            launch_pdl=pdl,
         )
         return shaped
     _threshold_gemv_kernel[grid](

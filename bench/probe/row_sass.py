@@ -1,0 +1,93 @@
+"""sm_90 SASS of the one-row GEMV kernel, compiled on any machine (no GPU needed).
+
+Prints, per configuration, the registers per thread and, for the weight loop (the innermost
+loop with 128-bit global loads), the order of global loads and FFMAs: whether a tile's loads
+issue before the FMAs of the tile in hand is what "tiles in flight" means in SASS.
+
+    python bench/probe/row_sass.py [NxK ...]      (default: the decode shapes)
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fxsparse.kernels import sparse_gemv as sg
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False):
+    fn = sg._row_gemv_kernel
+    const = dict(NUM_W=members, CENTER_MODE=0, HAS_SCALE=False, HAS_BIAS=False, HAS_CB=False,
+                 BLOCK_N=cfg.block_n, CHUNK_K=cfg.chunk_k, SUB_K=cfg.sub_k,
+                 SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, AHEAD=cfg.ahead, PDL=pdl)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in ("ws_ptr", "scr_ptr") else "*i32" if name == "cnt_ptr" else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "threshold":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            unspecialised = ("stride_xk", "split_k", "steps", "scr_group")
+            if name not in unspecialised and not name.startswith("stride_wn"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, const, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg.num_warps, launch_pdl=pdl))
+
+
+def sass(ck) -> tuple[str, int]:
+    """The SASS text and registers per thread."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        run = lambda *a: subprocess.run([str(BIN / "cuobjdump"), *a, f.name], capture_output=True,
+                                        text=True, check=True).stdout
+        regs = int(re.search(r"REG:(\d+)", run("-res-usage")).group(1))
+        return run("-sass"), regs
+
+
+def loop_order(text: str) -> str:
+    """Global loads (L) and FFMAs (F) of the weight loop, run-length coded."""
+    lines = [ln for ln in text.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+    ops = []
+    for ln in lines:
+        if "LDG.E.128" in ln or "LDG.E.64" in ln or ("LDG" in ln and "LDG.E " in ln):
+            ops.append("L")
+        elif "FFMA" in ln or "HFMA" in ln:
+            ops.append("F")
+        elif re.search(r"\bBRA\b", ln):
+            ops.append("|")
+    s = "".join(ops)
+    run = lambda m: m.group(0) if len(m.group(0)) == 1 else f"{m.group(0)[0]}{len(m.group(0))}"
+    return re.sub(r"(L+|F+)", run, s)
+
+
+def main() -> None:
+    shapes = [tuple(map(int, a.split("x"))) for a in sys.argv[1:]] or [
+        (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
+    for n, k in shapes:
+        for ahead in (1, 2):
+            cfg = sg._pick_config(1, n, k, 2, 132, ahead=ahead)
+            ck = compile_row(cfg)
+            text, regs = sass(ck)
+            print(f"{n}x{k} warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} ahead={ahead}: "
+                  f"{regs} registers, {text.count('BAR.SYNC')} BAR.SYNC")
+            print("   ", loop_order(text))
+
+
+if __name__ == "__main__":
+    main()
