@@ -51,7 +51,8 @@ names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on 
 with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
 ``group_siblings=False``: q/k/v and gate/up one launch each), one with ``f`` (``0.5f``) without
 ``emulate_precision_casts`` for graphs with fused masks (batch > 1), for comparison; ``p``
-(``densep``, ``0.5p``) compiles with Inductor's programmatic dependent launch.
+(``densep``, ``0.5p``) compiles with Inductor's programmatic dependent launch, ``g`` launches
+the sparse GEMV with it (``sparse_gemv.ROW_PDL``, off by default).
 
 Smoke test on CPU (no CUDA graphs, profiler by aten op):
 
@@ -68,12 +69,14 @@ import statistics
 import sys
 import time
 import traceback
+import unittest.mock
 from pathlib import Path
 
 import torch
 
 import fxsparse
 from fxsparse import IgnoredScope, TargetScope, speed
+from fxsparse.kernels import sparse_gemv
 from fxsparse.methods import collect_method_statistics, plan_from_observers
 from fxsparse.plan import linear_layers
 from fxsparse.scope import resolve_targets
@@ -136,14 +139,16 @@ def set_layout(model, plan, grouped: bool = True) -> None:
 def parse_sparsity(s: str) -> tuple[float | str, dict]:
     """``"dense"``, ``"0.5"``, or either with suffixes: ``u`` ungrouped siblings, ``f`` fused
     masks without ``emulate_precision_casts``, ``p`` Inductor's programmatic dependent launch
-    (``triton.enable_pdl``, also for dense): (value, options; ``inductor_pdl`` is not a backend
-    option)."""
-    value = "dense" if s.startswith("dense") else s.rstrip("ufp")
+    (``triton.enable_pdl``, also for dense), ``g`` the GEMV launched with it (``ROW_PDL``):
+    (value, options; ``inductor_pdl`` and ``gemv_pdl`` are not backend options)."""
+    value = "dense" if s.startswith("dense") else s.rstrip("ufpg")
     flags = s[len(value):]
     opts = {"inductor_pdl": True} if "p" in flags else {}
     if value == "dense":
         return value, opts
     opts["group_siblings"] = "u" not in flags
+    if "g" in flags:
+        opts["gemv_pdl"] = True
     if "f" in flags:
         opts["emulate_precision_casts"] = False
     return float(value), opts
@@ -348,7 +353,9 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
             torch._dynamo.utils.counters.clear()
             set_layout(model, plan, opts.get("group_siblings", True))
             pdl = opts.pop("inductor_pdl", False)
-            with torch._inductor.config.patch({"triton.enable_pdl": pdl}):
+            gemv_pdl = opts.pop("gemv_pdl", sparse_gemv.ROW_PDL)
+            with (torch._inductor.config.patch({"triton.enable_pdl": pdl}),
+                  unittest.mock.patch.object(sparse_gemv, "ROW_PDL", gemv_pdl)):
                 if loop == "lean":
                     run_lean(args, model, plan, prompts[b], mode, max_len, row, opts)
                 else:

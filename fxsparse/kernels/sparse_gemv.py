@@ -600,6 +600,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+# Programmatic dependent launch for the one-row kernel (H200, session 7, bench/NOTES.md): back to
+# back in a CUDA graph it saves 0.4-0.7 µs per call on every decode shape, but in a compiled
+# decode step, whose GEMVs follow Inductor kernels, the step got slower (Llama-3-8B, 50%: 3.884
+# vs 3.832 ms, quartiles apart). Off by default; the knob stays for benchmarks.
+ROW_PDL = False
 _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v as one group)
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
@@ -631,7 +636,7 @@ def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, **over
     """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
     overrides of ``_block_config``'s parameters are for tests and benchmarks."""
     if rows == 1 and overrides.get("row_kernel", True):
-        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=True)
+        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=ROW_PDL)
         base.update(_row_defaults(n, k, elem_size))
         return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
     return _block_config(rows, n, k, elem_size, num_sms, **{**overrides, "row_kernel": False})
