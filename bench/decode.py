@@ -51,8 +51,8 @@ names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on 
 with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
 ``group_siblings=False``: q/k/v and gate/up one launch each), one with ``f`` (``0.5f``) without
 ``emulate_precision_casts`` for graphs with fused masks (batch > 1), for comparison; ``p``
-(``densep``, ``0.5p``) compiles with Inductor's programmatic dependent launch, ``g`` launches
-the sparse GEMV with it (``sparse_gemv.ROW_PDL``, off by default).
+(``densep``, ``0.5p``) compiles with Inductor's programmatic dependent launch (the sparse GEMV
+follows that flag), ``g`` launches the GEMV with it in any case.
 
 Smoke test on CPU (no CUDA graphs, profiler by aten op):
 
@@ -139,8 +139,9 @@ def set_layout(model, plan, grouped: bool = True) -> None:
 def parse_sparsity(s: str) -> tuple[float | str, dict]:
     """``"dense"``, ``"0.5"``, or either with suffixes: ``u`` ungrouped siblings, ``f`` fused
     masks without ``emulate_precision_casts``, ``p`` Inductor's programmatic dependent launch
-    (``triton.enable_pdl``, also for dense), ``g`` the GEMV launched with it (``ROW_PDL``):
-    (value, options; ``inductor_pdl`` and ``gemv_pdl`` are not backend options)."""
+    (``triton.enable_pdl``, also for dense), ``g`` the GEMV launched with it whatever Inductor
+    does (``sparse_gemv.ROW_PDL``): (value, options; ``inductor_pdl`` and ``gemv_pdl`` are not
+    backend options)."""
     value = "dense" if s.startswith("dense") else s.rstrip("ufpg")
     flags = s[len(value):]
     opts = {"inductor_pdl": True} if "p" in flags else {}

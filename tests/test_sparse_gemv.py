@@ -240,6 +240,23 @@ def test_group_matches_reference_cpu(c: Case, ns: list[int], num_sms: int, block
     run_group_case(c, ns, "cpu", cfg)
 
 
+def test_row_pdl_follows_inductor(monkeypatch) -> None:
+    """The one-row launch uses PDL when Inductor's kernels do (they signal dependents early),
+    unless ``ROW_PDL`` forces it; rows > 1 never (the row-generic kernel has no wait)."""
+    import torch._inductor.config as inductor_config
+
+    pick = lambda rows=1: sg._pick_config(rows, 4096, 4096, 2, 132)
+    monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
+    assert not pick().pdl
+    monkeypatch.setattr(inductor_config.triton, "enable_pdl", True)
+    assert pick().pdl and not pick(rows=4).pdl
+    monkeypatch.setattr(sg, "ROW_PDL", False)
+    assert not pick().pdl
+    monkeypatch.setattr(sg, "ROW_PDL", True)
+    monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
+    assert pick().pdl
+
+
 def test_group_rejects_bad_members() -> None:
     x = torch.randn(1, 8)
     w = torch.randn(8, 4).t()

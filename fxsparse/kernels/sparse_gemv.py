@@ -35,6 +35,11 @@ and its fixed cost (τ = ∞) was 1.3-2.1x the one-row kernel's (H200: 6.4-16.7 
 take 1-3 *members*, weights that share x and the mask (q/k/v, gate/up; ``threshold_gemv_group``):
 the grid runs over all members' N-blocks, so siblings pay the fixed cost once.
 
+Launch: with Inductor's ``triton.enable_pdl`` on (its kernels then signal their dependents
+early), the one-row kernel is launched as a programmatic dependent and waits for its producer
+in the kernel (``ROW_PDL``), so its launch overlaps the producer's tail; without it, that
+launch measured slower in a compiled decode step, so it is off.
+
 No host synchronisation, no autotuning: the block sizes come from ``_pick_config`` (a fixed rule
 on shape and dtype, with the measurements that chose it in ``bench/NOTES.md``), so the launch
 captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")``. Besides the
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -600,11 +606,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-# Programmatic dependent launch for the one-row kernel (H200, session 7, bench/NOTES.md): back to
-# back in a CUDA graph it saves 0.4-0.7 µs per call on every decode shape, but in a compiled
-# decode step, whose GEMVs follow Inductor kernels, the step got slower (Llama-3-8B, 50%: 3.884
-# vs 3.832 ms, quartiles apart). Off by default; the knob stays for benchmarks.
-ROW_PDL = False
+# Programmatic dependent launch for the one-row kernel (H200, session 7, bench/NOTES.md). Back to
+# back in a CUDA graph it saves 0.4-0.7 µs per call on every decode shape. In a compiled decode
+# step the GEMVs follow Inductor kernels, and there it pays only when those kernels signal their
+# dependents early, i.e. with Inductor's own ``triton.enable_pdl`` (Llama-3-8B, 50%: 3.834 ->
+# 3.749 ms with it; 3.832 -> 3.884 ms without it). ``None``: follow that flag; a bool forces it.
+ROW_PDL: bool | None = None
+
+
+def _row_pdl() -> bool:
+    if ROW_PDL is not None:
+        return ROW_PDL
+    inductor = sys.modules.get("torch._inductor.config")  # never imported: no Inductor graphs
+    return bool(inductor is not None and inductor.triton.enable_pdl)
+
+
 _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v as one group)
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
@@ -636,7 +652,7 @@ def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, **over
     """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
     overrides of ``_block_config``'s parameters are for tests and benchmarks."""
     if rows == 1 and overrides.get("row_kernel", True):
-        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=ROW_PDL)
+        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=_row_pdl())
         base.update(_row_defaults(n, k, elem_size))
         return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
     return _block_config(rows, n, k, elem_size, num_sms, **{**overrides, "row_kernel": False})
