@@ -325,8 +325,8 @@ def group_markdown(env: dict, rows: list[dict]) -> str:
 def variants(rows: int, n: int, k: int, nsm: int):
     """Configurations tried by --sweep around the default heuristic (same configs dropped).
 
-    Session 7: the one-warp rules take 167 registers (sub_k 16; `bench/probe/row_sass.py`), so
-    12 programs fit an SM and grids of ~13.6 per SM ran in two waves; 8-row tiles take 95-128.
+    Session 7 (`results/gemv_sweep_row4_h200.md`): PDL, smaller tiles, fewer programs; two
+    weight tiles in flight per program, slower everywhere, was removed again (commit 671714c).
     """
     out = {}
 
@@ -338,11 +338,7 @@ def variants(rows: int, n: int, k: int, nsm: int):
     add("default")
     if rows == 1:
         add("pdl", pdl=True)
-        add("ahead 2", ahead=2)
         add("sub_k 8", sub_k=8)
-        add("sub_k 8, ahead 2", sub_k=8, ahead=2)
-        add("sub_k 8, ahead 2, pdl", sub_k=8, ahead=2, pdl=True)
-        add("sub_k 4, ahead 2", sub_k=4, ahead=2)
         add("12 per SM", programs_per_sm=12)
     return out
 

@@ -211,15 +211,13 @@ def test_block_sizes_cpu(
     one_step_max=st.sampled_from([0, 512]),
     sub_k=st.sampled_from([8, 16]),
     acc_tile=st.booleans(),
-    ahead=st.sampled_from([1, 2]),
 )
 def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
-                        sub_k: int, acc_tile: bool, ahead: int) -> None:
-    """The one-row kernel over its block sizes, splits, masking steps, accumulators and
-    pipeline depths."""
+                        sub_k: int, acc_tile: bool) -> None:
+    """The one-row kernel over its block sizes, splits, masking steps and accumulators."""
     cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
                           one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
-                          acc_tile=acc_tile, ahead=ahead)
+                          acc_tile=acc_tile)
     assert cfg.row_kernel
     run_case(c, "cpu", cfg)
 
@@ -373,16 +371,15 @@ def test_cuda_graph_replay_gpu() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
-@pytest.mark.parametrize("ahead", [1, 2])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_chain_in_cuda_graph_gpu(pdl: bool, ahead: int) -> None:
+def test_chain_in_cuda_graph_gpu(pdl: bool) -> None:
     """Each launch reads the x the previous one wrote, inside one CUDA graph: with programmatic
     dependent launch a program may start before its producer ends, so its wait must come
     before every load; an early read shows up as a wrong layer."""
     n = k = 2048
     ws = [(torch.randn(k, n, device="cuda", dtype=torch.bfloat16) * k**-0.5).t() for _ in range(6)]
     x0 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    cfg = sg._pick_config(1, n, k, 2, sg._num_sms(x0.device), pdl=pdl, ahead=ahead)
+    cfg = sg._pick_config(1, n, k, 2, sg._num_sms(x0.device), pdl=pdl)
 
     def chain():
         h = [x0]

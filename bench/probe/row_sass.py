@@ -2,7 +2,9 @@
 
 Prints, per configuration, the registers per thread and, for the weight loop (the innermost
 loop with 128-bit global loads), the order of global loads and FFMAs: whether a tile's loads
-issue before the FMAs of the tile in hand is what "tiles in flight" means in SASS.
+issue before the FMAs of the tile in hand is what "tiles in flight" means in SASS. The local
+Triton need not be the device's: 3.9 gives the small rule 167 registers, 3.6 on the lent H200
+108-112 (session 7), so check counts against ``bench/gemv.py --sweep``'s printout.
 
     python bench/probe/row_sass.py [NxK ...]      (default: the decode shapes)
 """
@@ -28,7 +30,7 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False):
     fn = sg._row_gemv_kernel
     const = dict(NUM_W=members, CENTER_MODE=0, HAS_SCALE=False, HAS_BIAS=False, HAS_CB=False,
                  BLOCK_N=cfg.block_n, CHUNK_K=cfg.chunk_k, SUB_K=cfg.sub_k,
-                 SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, AHEAD=cfg.ahead, PDL=pdl)
+                 SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -80,11 +82,10 @@ def main() -> None:
     shapes = [tuple(map(int, a.split("x"))) for a in sys.argv[1:]] or [
         (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
     for n, k in shapes:
-        for ahead in (1, 2):
-            cfg = sg._pick_config(1, n, k, 2, 132, ahead=ahead)
-            ck = compile_row(cfg)
-            text, regs = sass(ck)
-            print(f"{n}x{k} warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} ahead={ahead}: "
+        for sub_k in (16, 8):
+            cfg = sg._pick_config(1, n, k, 2, 132, sub_k=sub_k)
+            text, regs = sass(compile_row(cfg))
+            print(f"{n}x{k} warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k}: "
                   f"{regs} registers, {text.count('BAR.SYNC')} BAR.SYNC")
             print("   ", loop_order(text))
 

@@ -387,7 +387,6 @@ def _row_gemv_kernel(
     SUB_K: tl.constexpr,  # kept channels per weight tile
     SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
     ACC_TILE: tl.constexpr,  # accumulate [SUB_K, BLOCK_N] (else reduce each tile to [BLOCK_N])
-    AHEAD: tl.constexpr,  # weight tiles in flight per program: 1 or 2
     PDL: tl.constexpr,  # launched as a programmatic dependent: wait for the previous grid here
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
@@ -442,28 +441,15 @@ def _row_gemv_kernel(
     w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                      mask=s_ok[:, None] & n_ok[None, :], other=0.0)
     k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
-    if AHEAD == 2:  # tile 1 in flight too; ids of tile 2
-        s_ok = SUB_K + offs_s < n_kept
-        v_next2 = tl.load(scr_val + SUB_K + offs_s, mask=s_ok, other=0.0)
-        w_next2 = tl.load(w_ptr + k_next.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                          mask=s_ok[:, None] & n_ok[None, :], other=0.0)
-        k_next = tl.load(scr_ids + 2 * SUB_K + offs_s, mask=2 * SUB_K + offs_s < n_kept, other=0.0)
     for t in range(0, tl.cdiv(n_kept, SUB_K)):
         w = w_next
         v = v_next
-        slot = (t + AHEAD) * SUB_K + offs_s
+        slot = (t + 1) * SUB_K + offs_s
         s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
         k = k_next.to(tl.int32)
-        if AHEAD == 2:
-            w_next = w_next2
-            v_next = v_next2
-            v_next2 = tl.load(scr_val + slot, mask=s_ok, other=0.0)
-            w_next2 = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                              mask=s_ok[:, None] & n_ok[None, :], other=0.0)
-        else:
-            v_next = tl.load(scr_val + slot, mask=s_ok, other=0.0)
-            w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                             mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+        v_next = tl.load(scr_val + slot, mask=s_ok, other=0.0)
+        w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                         mask=s_ok[:, None] & n_ok[None, :], other=0.0)
         k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
         if ACC_TILE:
             acc += v[:, None] * w.to(tl.float32)
@@ -594,7 +580,6 @@ class GemvConfig:
     row_kernel: bool = False  # one row: _row_gemv_kernel (1-D phases) instead of the row-generic one
     acc_tile: bool = True  # row kernel: [SUB_K, BLOCK_N] accumulator (else reduced every tile)
     epi_floats: int = 16  # row kernel: partial sums per thread per load of the split-K epilogue
-    ahead: int = 1  # row kernel: weight tiles in flight per program (1 or 2)
     pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
 
     @property
@@ -675,7 +660,6 @@ def _block_config(
     num_warps: int = 4,
     acc_tile: bool = True,
     epi_floats: int = 16,
-    ahead: int = 1,
     pdl: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
@@ -711,7 +695,7 @@ def _block_config(
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
-                      epi_floats=epi_floats, ahead=ahead, pdl=pdl)
+                      epi_floats=epi_floats, pdl=pdl)
 
 
 @functools.lru_cache(maxsize=16)
@@ -907,7 +891,6 @@ def threshold_gemv_group(
             SUB_K=config.sub_k,
             SPLIT_GROUP=split_group,
             ACC_TILE=config.acc_tile,
-            AHEAD=config.ahead,
             PDL=pdl,
             num_warps=config.num_warps,
             launch_pdl=pdl,
