@@ -603,7 +603,7 @@ def _row_pdl() -> bool:
     if ROW_PDL is not None:
         return ROW_PDL
     inductor = sys.modules.get("torch._inductor.config")  # never imported: no Inductor graphs
-    return bool(inductor is not None and inductor.triton.enable_pdl)
+    return bool(inductor is not None and getattr(inductor.triton, "enable_pdl", False))
 
 
 _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v as one group)
