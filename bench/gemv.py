@@ -325,8 +325,9 @@ def group_markdown(env: dict, rows: list[dict]) -> str:
 def variants(rows: int, n: int, k: int, nsm: int):
     """Configurations tried by --sweep around the default heuristic (same configs dropped).
 
-    Session 7 (`results/gemv_sweep_row4_h200.md`): PDL, smaller tiles, fewer programs; two
-    weight tiles in flight per program, slower everywhere, was removed again (commit 671714c).
+    The other rules of ``_row_defaults`` on this shape (session 6, `gemv_sweep_row3_h200.md`),
+    and session 7's PDL, smaller tiles and fewer programs (`gemv_sweep_row4_h200.md`; two weight
+    tiles in flight per program, slower everywhere, was removed again: commit 671714c).
     """
     out = {}
 
@@ -340,6 +341,10 @@ def variants(rows: int, n: int, k: int, nsm: int):
         add("pdl", pdl=True)
         add("sub_k 8", sub_k=8)
         add("12 per SM", programs_per_sm=12)
+        one_warp = dict(num_warps=1, block_n=128, sub_k=16, acc_tile=False, epi_floats=64)
+        add("one warp, 128-ch splits", **one_warp, chunk_k=128)  # the other rules of _row_defaults
+        add("two warps", num_warps=2, block_n=64, sub_k=8, acc_tile=True, epi_floats=64, chunk_k=256)
+        add("one warp, 256-ch splits", **one_warp, chunk_k=256)
     return out
 
 
@@ -510,14 +515,20 @@ def main() -> None:
         print_registers()
 
 
+_ROW_KNOBS = ("NUM_W", "CENTER_MODE", "HAS_SCALE", "HAS_BIAS", "HAS_CB", "BLOCK_N", "CHUNK_K", "SUB_K",
+              "ACC_TILE", "PDL")
+
+
 def print_registers() -> None:
     """Registers and spills of every compiled one-row kernel (occupancy is what they limit)."""
+    names = sg._row_gemv_kernel.arg_names
     try:
         for cache in sg._row_gemv_kernel.device_caches.values():
             for ck in cache[0].values():
-                c = {k: v for k, v in ck.src.constants.items()} if hasattr(ck, "src") else {}
+                consts = getattr(getattr(ck, "src", None), "constants", {})
+                c = {names[i[0]]: v for i, v in consts.items() if names[i[0]] in _ROW_KNOBS}
                 print(f"  row kernel: {ck.n_regs} registers, {ck.n_spills} spills, warps "
-                      f"{ck.metadata.num_warps}, constants {c}")
+                      f"{ck.metadata.num_warps}, {c}")
     except Exception as e:  # noqa: BLE001  (Triton-version internals: informational only)
         print(f"  (registers unavailable: {type(e).__name__}: {e})")
 
