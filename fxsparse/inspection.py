@@ -95,15 +95,15 @@ def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_
                         dtype: torch.dtype) -> str:
     """Which implementation runs for which row count (the ops dispatch at run time)."""
     op = d["op"]
-    if d.get("prefill", "threshold") != "threshold":
-        return _prefill_ranges(d, device)
+    others = [n.rpartition(".")[2] for n in d.get("group", []) if n != d["name"]]
+    shared = f"; one mask and launch with {', '.join(others)}" if others else ""
+    if d.get("prefill", "threshold") != "threshold":  # grouped in decode graphs too (group.py)
+        return _prefill_ranges(d, device) + shared
     if op == "mask+linear":  # every call above the kernel's row limit (passes/lower.py)
         return "aten mask (fused into x's producer by Inductor) + " + (
             "cuBLAS" if device.type == "cuda" else "matmul") + ", every call of this graph"
     if op not in ("fxsparse.threshold_linear", "fxsparse.threshold_linear_group"):
         return "torch composition"
-    others = [n.rpartition(".")[2] for n in d.get("group", []) if n != d["name"]]
-    shared = f"; one mask and launch with {', '.join(others)}" if others else ""
     if device.type != "cuda":
         return "torch reference (mask, then matmul)" + shared
     from .kernels.sparse_gemv import max_rows

@@ -37,6 +37,11 @@ def test_explain_reports_graphs_table_and_reasons(model_plan, tmp_path):
         grouped = not name.endswith("down_proj")
         assert one_token[name].op == "fxsparse.threshold_linear" + ("_group" if grouped else "")
     assert one_token["model.layers.0.mlp.gate_proj"].kernel.endswith("one mask and launch with up_proj")
+    dense_prefill = SparsityPlan.from_dict(plan.to_dict()).set_prefill("dense")
+    decode_rows = {r.name: r for r in fxsparse.explain(model, x[:, :1], plan=dense_prefill).rows}
+    gate = decode_rows["model.layers.0.mlp.gate_proj"]  # grouped in decode whatever the prefill
+    assert gate.op == "fxsparse.threshold_linear_group"
+    assert gate.kernel.endswith("one mask and launch with up_proj"), gate.kernel
     assert rows["lm_head"].reason == "ignored_scope"
     assert rows["model.layers.0.self_attn.q_proj"].reason == "no TargetScope matches it"
     stages = report.graphs[0]["stages"]
