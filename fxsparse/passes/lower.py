@@ -327,12 +327,13 @@ def lower_linears(
         scale = lp.scale_tensor()
         center_bias = None
         real_w = _real(w_val)
-        if center is not None and real_w is not None and what not in ("dense", "mask+linear"):
+        plain = what in ("dense", "mask+linear")  # a plain linear, on x or on its aten mask
+        if center is not None and real_w is not None and not plain:
             with torch.no_grad():
                 c = center.to(device=device, dtype=real_w.dtype).expand(real_w.shape[1])
                 center_bias = F.linear(c, real_w).float()
         with graph.inserting_before(node):
-            if what in ("dense", "mask+linear"):
+            if plain:
                 op = torch._C._nn.linear
                 xm = x
                 if what == "mask+linear":  # siblings on the same x share one mask
@@ -343,19 +344,20 @@ def lower_linears(
             else:
                 c_node = None if center is None else _buffer(gm, graph, key + "_center", center.to(device))
                 s_node = None if scale is None else _buffer(gm, graph, key + "_scale", scale.to(device))
-            if lp.method == "topk":
-                k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0)
-                op = torch.ops.fxsparse.topk_linear.default
-                new = graph.call_function(op, (x, w, b, k, c_node, s_node))
-            elif what not in ("dense", "mask+linear"):
-                cb_node = _buffer(gm, graph, key + "_cbias", center_bias) if center_bias is not None else None
-                args = (x, w, b, float(lp.threshold), c_node, s_node, cb_node)
-                if what == "threshold":
-                    op = torch.ops.fxsparse.threshold_linear.default
-                else:  # 2:4 for every call, or decided per call
-                    op = torch.ops.fxsparse.prefill_linear.default
-                    args = (*args, int(lp.decode_rows), int(min_rows_24))
-                new = graph.call_function(op, args)
+                if lp.method == "topk":
+                    k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0)
+                    op = torch.ops.fxsparse.topk_linear.default
+                    new = graph.call_function(op, (x, w, b, k, c_node, s_node))
+                else:
+                    cb_node = (None if center_bias is None
+                               else _buffer(gm, graph, key + "_cbias", center_bias))
+                    args = (x, w, b, float(lp.threshold), c_node, s_node, cb_node)
+                    if what == "threshold":
+                        op = torch.ops.fxsparse.threshold_linear.default
+                    else:  # 2:4 for every call, or decided per call
+                        op = torch.ops.fxsparse.prefill_linear.default
+                        args = (*args, int(lp.decode_rows), int(min_rows_24))
+                    new = graph.call_function(op, args)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
