@@ -259,6 +259,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=6, help="lean: warm-up steps (compile, graphs)")
     ap.add_argument("--repeats", type=int, default=2, help="hf: timed generate calls (median)")
     ap.add_argument("--profile-steps", type=int, default=8, help="0: no profiler pass")
+    ap.add_argument("--top-kernels", type=int, default=8,
+                    help="lean: kernels (us and launches per step) kept in the JSON and logged")
     ap.add_argument("--sparsity-steps", type=int, default=8,
                     help="decode steps over which achieved sparsity is measured (eager hooks)")
     ap.add_argument("--calib-prompts", type=int, default=4)
@@ -384,7 +386,9 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
                 f"({row.get('sparse_grouped')} in sibling groups)")
             if row.get("profile"):
                 p = row["profile"]
-                log("  top kernels/step (us): " + "; ".join(f"{k} {v:.1f}" for k, v in p["top_kernels"][:5]))
+                counts = p.get("kernel_counts", {})
+                log("  top kernels/step (us, launches): " + "; ".join(
+                    f"{k} {v:.1f} x{counts.get(k, 0):g}" for k, v in p["top_kernels"][:max(5, args.top_kernels)]))
                 log("  host/step (us): " + "; ".join(f"{k} {v:.1f}" for k, v in p["host_top"][:5]))
                 if p.get("runtime"):
                     log("  runtime calls/step: " + ", ".join(f"{k} {v:.1f}" for k, v in p["runtime"].items()))
@@ -418,7 +422,8 @@ def run_lean(args, model, plan, prompt, mode, max_len, row, opts) -> None:
     row["step_ms_quartiles"] = statistics.quantiles(timing.step_ms, n=4) if len(timing.step_ms) > 1 else []
     if args.profile_steps:
         try:  # the timings above must survive a profiler failure
-            row["profile"] = speed.profile_lean(model, step, prompt, args.profile_steps, cache=cache)
+            row["profile"] = speed.profile_lean(model, step, prompt, args.profile_steps, cache=cache,
+                                                top=args.top_kernels)
         except Exception as e:
             traceback.print_exc()
             row["profile_error"] = f"{type(e).__name__}: {e}"

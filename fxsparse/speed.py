@@ -96,11 +96,13 @@ def summarize_trace(events: Sequence[Mapping[str, Any]], steps: int, top: int = 
     """Per-step GPU time by family from Chrome-trace events (``torch.profiler`` export).
 
     Returns ``{"kernel_us": {family: us per step}, "busy_us": sum, "kernels": launches per step,
-    "runtime": {CUDA runtime call: count per step}, "host_top": [(name, us per step)]}``.
+    "runtime": {CUDA runtime call: count per step}, "top_kernels": [(name, us per step)],
+    "kernel_counts": {name: launches per step} (of the top kernels), "host_top": [(name, us per step)]}``.
     Kernels of one stream do not overlap, so their summed duration is the GPU busy time.
     """
     fam_us: dict[str, float] = dict.fromkeys(FAMILIES, 0.0)
     kern: Counter = Counter()
+    kern_n: Counter = Counter()
     kernels = 0
     runtime: Counter = Counter()
     host: Counter = Counter()
@@ -112,6 +114,7 @@ def summarize_trace(events: Sequence[Mapping[str, Any]], steps: int, top: int = 
             fam = "memcpy" if cat != "kernel" else kernel_family(name)
             fam_us[fam] += dur
             kern[name[:90]] += dur
+            kern_n[name[:90]] += 1
             kernels += 1
         elif cat in ("cuda_runtime", "cuda_driver"):
             runtime[name] += 1
@@ -125,6 +128,7 @@ def summarize_trace(events: Sequence[Mapping[str, Any]], steps: int, top: int = 
         "kernels": kernels / n,
         "runtime": {k: v / n for k, v in runtime.most_common(top)},
         "top_kernels": [(k, v / n) for k, v in kern.most_common(top)],
+        "kernel_counts": {k: kern_n[k] / n for k, _ in kern.most_common(top)},
         "host_top": [(k, v / n) for k, v in host.most_common(top)],
     }
 
@@ -140,7 +144,7 @@ def _summarize_cpu(prof, steps: int, top: int = 8) -> dict[str, Any]:
         host[ev.key[:90]] += ev.self_cpu_time_total
     n = max(steps, 1)
     return {"kernel_us": {k: v / n for k, v in fam_us.items()}, "busy_us": sum(fam_us.values()) / n,
-            "kernels": 0.0, "runtime": {}, "top_kernels": [],
+            "kernels": 0.0, "runtime": {}, "top_kernels": [], "kernel_counts": {},
             "host_top": [(k, v / n) for k, v in host.most_common(top)]}
 
 
@@ -351,10 +355,10 @@ def lean_decode(model: nn.Module, step: Callable, prompt: torch.Tensor, new_toke
 
 
 def profile_lean(model: nn.Module, step: Callable, prompt: torch.Tensor, steps: int = 8, *,
-                 cache=None, cuda_graphs: bool | None = None) -> dict[str, Any]:
+                 cache=None, cuda_graphs: bool | None = None, top: int = 8) -> dict[str, Any]:
     """Kernel time per step by family over ``steps`` lean steps: a run of ``steps`` steps and a
     prefill-only run are profiled, and their difference divided by ``steps``
-    (``summarize_trace``; on CPU, aten ops' self time)."""
+    (``summarize_trace``; on CPU, aten ops' self time); ``top`` kernels and host ops listed."""
     dev = prompt.device.type
     if cache is None:
         cache = make_cache(model, prompt.shape[1] + steps + 1)
@@ -362,10 +366,11 @@ def profile_lean(model: nn.Module, step: Callable, prompt: torch.Tensor, steps: 
     def run(n: int) -> Callable[[], DecodeTiming]:
         return lambda: lean_decode(model, step, prompt, n, cache=cache, cuda_graphs=cuda_graphs)
 
-    return _profile_difference(run(0), run(steps), steps, dev)
+    return _profile_difference(run(0), run(steps), steps, dev, top)
 
 
-def _profile_difference(short: Callable, long: Callable, steps: int, device: str) -> dict[str, Any]:
+def _profile_difference(short: Callable, long: Callable, steps: int, device: str,
+                        top: int = 8) -> dict[str, Any]:
     """Profile ``short`` and ``long`` (``steps`` more decode steps); per-step = difference."""
     prof_a, ev_a = _profile(short, device)
     prof_b, ev_b = _profile(long, device)
@@ -377,13 +382,16 @@ def _profile_difference(short: Callable, long: Callable, steps: int, device: str
     def diff(key: str) -> list[tuple[str, float]]:
         before = dict(a[key])
         d = [(k, (v - before.get(k, 0.0)) / steps) for k, v in dict(b[key]).items()]
-        return sorted((kv for kv in d if kv[1] > 0), key=lambda kv: -kv[1])[:8]
+        return sorted((kv for kv in d if kv[1] > 0), key=lambda kv: -kv[1])[:top]
 
     out = {"kernel_us": {k: (b["kernel_us"][k] - a["kernel_us"][k]) / steps for k in FAMILIES}}
     out["busy_us"] = sum(out["kernel_us"].values())
     out["kernels"] = (b["kernels"] - a["kernels"]) / steps
     out["runtime"] = dict(diff("runtime"))
     out["top_kernels"] = diff("top_kernels")
+    counts_a = a.get("kernel_counts", {})
+    out["kernel_counts"] = {k: (n - counts_a.get(k, 0.0)) / steps for k, n in b.get("kernel_counts", {}).items()
+                            if k in dict(out["top_kernels"])}
     out["host_top"] = diff("host_top")
     if device == "cuda" and out["kernels"] <= 0:
         out["note"] = "no GPU kernels traced in the decode steps (CUDA graph replays hidden?)"
