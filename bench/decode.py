@@ -52,7 +52,8 @@ with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
 ``group_siblings=False``: q/k/v and gate/up one launch each), one with ``f`` (``0.5f``) without
 ``emulate_precision_casts`` for graphs with fused masks (batch > 1), for comparison; ``p``
 (``densep``, ``0.5p``) compiles with Inductor's programmatic dependent launch (the sparse GEMV
-follows that flag), ``g`` launches the GEMV with it in any case.
+follows that flag), ``g`` launches the GEMV with it in any case, ``a`` keeps the down
+projections' input ``silu(gate) * up`` as its own kernel (``fuse_activations=False``).
 
 Smoke test on CPU (no CUDA graphs, profiler by aten op):
 
@@ -138,11 +139,12 @@ def set_layout(model, plan, grouped: bool = True) -> None:
 
 def parse_sparsity(s: str) -> tuple[float | str, dict]:
     """``"dense"``, ``"0.5"``, or either with suffixes: ``u`` ungrouped siblings, ``f`` fused
-    masks without ``emulate_precision_casts``, ``p`` Inductor's programmatic dependent launch
+    masks without ``emulate_precision_casts``, ``a`` no activation prologue
+    (``fuse_activations=False``), ``p`` Inductor's programmatic dependent launch
     (``triton.enable_pdl``, also for dense), ``g`` the GEMV launched with it whatever Inductor
     does (``sparse_gemv.ROW_PDL``): (value, options; ``inductor_pdl`` and ``gemv_pdl`` are not
     backend options)."""
-    value = "dense" if s.startswith("dense") else s.rstrip("ufpg")
+    value = "dense" if s.startswith("dense") else s.rstrip("ufpga")
     flags = s[len(value):]
     opts = {"inductor_pdl": True} if "p" in flags else {}
     if value == "dense":
@@ -152,6 +154,8 @@ def parse_sparsity(s: str) -> tuple[float | str, dict]:
         opts["gemv_pdl"] = True
     if "f" in flags:
         opts["emulate_precision_casts"] = False
+    if "a" in flags:
+        opts["fuse_activations"] = False
     return float(value), opts
 
 
@@ -387,8 +391,9 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
             if row.get("profile"):
                 p = row["profile"]
                 counts = p.get("kernel_counts", {})
-                log("  top kernels/step (us, launches): " + "; ".join(
-                    f"{k} {v:.1f} x{counts.get(k, 0):g}" for k, v in p["top_kernels"][:max(5, args.top_kernels)]))
+                top = p["top_kernels"][:max(5, args.top_kernels)]
+                log("  top kernels/step (us, launches): "
+                    + "; ".join(f"{k} {v:.1f} x{counts.get(k, 0):g}" for k, v in top))
                 log("  host/step (us): " + "; ".join(f"{k} {v:.1f}" for k, v in p["host_top"][:5]))
                 if p.get("runtime"):
                     log("  runtime calls/step: " + ", ".join(f"{k} {v:.1f}" for k, v in p["runtime"].items()))

@@ -29,6 +29,10 @@ Options (``torch.compile(..., options={...})``):
                mask (q/k/v, gate/up) run as one ``threshold_linear_group`` call, one launch on
                CUDA (``passes/group.py``); ``dense_when_faster`` then judges the set's total width.
 
+``fuse_activations``  default ``True``: a one-row sparse layer whose input is ``act(a) * b``
+               (``silu(gate) * up``, OPT's ``relu``) computes that input in its kernel, one
+               kernel less per layer (``passes/fuse_act.py``).
+
 ``emulate_precision_casts``  default ``True``: graphs with a ``"mask+linear"`` site (below)
                compile with Inductor's option of that name, so the fused mask judges x rounded to
                its dtype as eager does; ``False`` keeps Inductor's default (x's unrounded float32
@@ -50,7 +54,7 @@ from typing import Any
 
 from torch import fx
 
-from .passes import group_siblings, insert_observers, lower_linears, match_linears
+from .passes import fuse_activations, group_siblings, insert_observers, lower_linears, match_linears
 from .plan import SparsityPlan
 
 __all__ = ["sparse_act", "BackendOptions"]
@@ -58,7 +62,7 @@ __all__ = ["sparse_act", "BackendOptions"]
 log = logging.getLogger("fxsparse")
 
 _KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record", "crossover_rows",
-          "dense_when_faster", "group_siblings", "emulate_precision_casts"}
+          "dense_when_faster", "group_siblings", "fuse_activations", "emulate_precision_casts"}
 _graph_counter = 0
 
 
@@ -95,7 +99,7 @@ class BackendOptions:
         r = self.crossover_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"sparse_act: option 'crossover_rows' must be an integer >= 0, got {r!r}")
-        for flag in ("dense_when_faster", "group_siblings", "emulate_precision_casts"):
+        for flag in ("dense_when_faster", "group_siblings", "fuse_activations", "emulate_precision_casts"):
             value = options.get(flag, True)
             if not isinstance(value, bool):
                 raise ValueError(f"sparse_act: option {flag!r} must be True or False, got {value!r}")
@@ -135,6 +139,9 @@ def sparse_act(
         if opts.group_siblings:
             gm = group_siblings(gm, opts.plan)
             stages["group"] = _code(gm)
+        if opts.fuse_activations:
+            gm = fuse_activations(gm)
+            stages["fuse_act"] = _code(gm)
     elif opts.observers is None and not _warned_no_plan:
         _warned_no_plan = True
         log.warning("sparse_act: no 'plan' option given; no linear layer is sparsified")

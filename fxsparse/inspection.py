@@ -4,7 +4,7 @@ It compiles the model with ``sparse_act`` (without Inductor, so graphs stay read
 exact probe on every planned layer, runs the given input once, and reports:
 
 * each graph Dynamo produced, as code, after every pass (``input``, ``observe``, ``lower``,
-  ``group``);
+  ``group``, ``fuse_act``);
 * a per-layer table: name, target, threshold, center, sparsity measured on this input, the op
   chosen, weight bytes a batch-1 decode step reads dense vs expected sparse, and for every linear
   left dense the reason (ignored scope, not targeted, not in the plan, not called).
@@ -102,13 +102,17 @@ def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_
     if op == "mask+linear":  # every call above the kernel's row limit (passes/lower.py)
         return "aten mask (fused into x's producer by Inductor) + " + (
             "cuBLAS" if device.type == "cuda" else "matmul") + ", every call of this graph"
-    if op not in ("fxsparse.threshold_linear", "fxsparse.threshold_linear_group"):
+    if op not in ("fxsparse.threshold_linear", "fxsparse.threshold_linear_group",
+                  "fxsparse.threshold_linear_act"):
         return "torch composition"
+    prologue = d.get("prologue")  # passes/fuse_act.py
     if device.type != "cuda":
-        return "torch reference (mask, then matmul)" + shared
+        return f"torch reference ({prologue + ', ' if prologue else ''}mask, then matmul)" + shared
     from .kernels.sparse_gemv import max_rows
 
-    return f"Triton sparse GEMV <= {max_rows(out_f, in_f, dtype)} row(s), mask + cuBLAS above" + shared
+    fused = f"; input {prologue} computed in the kernel" if prologue else ""
+    return (f"Triton sparse GEMV <= {max_rows(out_f, in_f, dtype)} row(s), mask + cuBLAS above"
+            + fused + shared)
 
 
 def _prefill_ranges(d: dict[str, Any], device: torch.device) -> str:

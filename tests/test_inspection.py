@@ -33,10 +33,11 @@ def test_explain_reports_graphs_table_and_reasons(model_plan, tmp_path):
         assert abs(rows[name].sparsity - 0.5) < 0.15  # one short input: near the target
         assert rows[name].sparse_bytes < rows[name].dense_bytes
     one_token = {r.name: r for r in fxsparse.explain(model, x[:, :1], plan=plan).rows}
-    for name in plan.layers:  # decode: the op; gate/up share their input: one mask, one launch
-        grouped = not name.endswith("down_proj")
-        assert one_token[name].op == "fxsparse.threshold_linear" + ("_group" if grouped else "")
+    for name in plan.layers:  # decode: gate/up share their input (one mask, one launch); down
+        down = name.endswith("down_proj")  # computes its input silu(gate) * up itself
+        assert one_token[name].op == "fxsparse.threshold_linear" + ("_act" if down else "_group")
     assert one_token["model.layers.0.mlp.gate_proj"].kernel.endswith("one mask and launch with up_proj")
+    assert "silu(a) * b" in one_token["model.layers.0.mlp.down_proj"].kernel
     dense_prefill = SparsityPlan.from_dict(plan.to_dict()).set_prefill("dense")
     decode_rows = {r.name: r for r in fxsparse.explain(model, x[:, :1], plan=dense_prefill).rows}
     gate = decode_rows["model.layers.0.mlp.gate_proj"]  # grouped in decode whatever the prefill
@@ -45,7 +46,7 @@ def test_explain_reports_graphs_table_and_reasons(model_plan, tmp_path):
     assert rows["lm_head"].reason == "ignored_scope"
     assert rows["model.layers.0.self_attn.q_proj"].reason == "no TargetScope matches it"
     stages = report.graphs[0]["stages"]
-    assert set(stages) == {"input", "observe", "lower", "group"}
+    assert set(stages) == {"input", "observe", "lower", "group", "fuse_act"}
     assert "fxsparse_observer_0" in stages["observe"]
     assert "torch.ops.aten.where" in stages["lower"] and "where" not in stages["input"]
     text = report.table()

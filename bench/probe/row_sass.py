@@ -30,7 +30,7 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False):
     fn = sg._row_gemv_kernel
     const = dict(NUM_W=members, CENTER_MODE=0, HAS_SCALE=False, HAS_BIAS=False, HAS_CB=False,
                  BLOCK_N=cfg.block_n, CHUNK_K=cfg.chunk_k, SUB_K=cfg.sub_k,
-                 SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl)
+                 SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl, ACT=0, GATED=False)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -43,7 +43,7 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            unspecialised = ("stride_xk", "split_k", "steps", "scr_group")
+            unspecialised = ("stride_xk", "stride_xmk", "split_k", "steps", "scr_group")
             if name not in unspecialised and not name.startswith("stride_wn"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, const, attrs)

@@ -62,6 +62,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .threshold_linear import ACTIVATIONS, activation_reference
+
 try:  # grid dependency control (Hopper's programmatic dependent launch)
     from triton.language.extra.cuda import gdc_wait
 except ImportError:  # an older Triton: configs never ask for it (_pdl_ok)
@@ -71,6 +73,8 @@ __all__ = ["MAX_MEMBERS", "GemvConfig", "masked_input", "max_rows", "reserve", "
            "threshold_gemv_group"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ACT_CODE = {"silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}  # _load_input's ACT
+assert set(_ACT_CODE) == set(ACTIVATIONS)
 _COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at BLOCK_N = 128)
 _MAX_SPLIT_K = 64
 MAX_MEMBERS = 3  # weights one launch serves (q/k/v)
@@ -87,6 +91,29 @@ def _round_to(v, DTYPE: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
     else:
         return v.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _load_input(x_ptr, xm_ptr, k, ok, stride_xk, stride_xmk, ACT: tl.constexpr, GATED: tl.constexpr):
+    """``x[k]``, or with a prologue ``act(x[k]) * xm[k]`` (``ACT``: 1 silu, 2 gelu, 3 gelu_tanh,
+    4 relu; ``GATED``: times ``xm``), rounded to x's dtype after each op as eager rounds."""
+    xv = tl.load(x_ptr + k * stride_xk, mask=ok)
+    if ACT == 0:
+        return xv
+    y = xv.to(tl.float32)
+    if ACT == 1:
+        y = y / (1.0 + tl.exp(-y))  # as torch: silu(-inf) is NaN
+    elif ACT == 2:
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    elif ACT == 3:
+        z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (2.0 / (1.0 + tl.exp(-2.0 * z)))  # 1 + tanh(z) = 2 sigmoid(2z)
+    else:
+        y = tl.where(y < 0.0, 0.0, y)  # NaN stays NaN, as torch's relu
+    y = _round_to(y, xv.dtype)
+    if GATED:
+        y = _round_to(y * tl.load(xm_ptr + k * stride_xmk, mask=ok).to(tl.float32), xv.dtype)
+    return y.to(xv.dtype)
 
 
 @triton.jit
@@ -359,7 +386,8 @@ def _store_out(
 
 @triton.jit(do_not_specialize=["stride_xk"])  # keeps x's loads scalar: no layout conversion
 def _row_gemv_kernel(
-    x_ptr,  # [K] activations (one row), stride stride_xk
+    x_ptr,  # [K] activations (one row), stride stride_xk; with a prologue, its argument a
+    xm_ptr,  # [K] with GATED: the prologue's multiplier b (x = act(a) * b), stride stride_xmk
     # members as in _threshold_gemv_kernel (weights sharing x and the mask)
     w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
     w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
@@ -372,6 +400,7 @@ def _row_gemv_kernel(
     K,
     ws_n,  # workspace row length: BLOCK_N x all members' N-blocks
     stride_xk,
+    stride_xmk,
     threshold,
     split_k,
     split_len,  # channels per K-split
@@ -388,6 +417,8 @@ def _row_gemv_kernel(
     SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
     ACC_TILE: tl.constexpr,  # accumulate [SUB_K, BLOCK_N] (else reduce each tile to [BLOCK_N])
     PDL: tl.constexpr,  # launched as a programmatic dependent: wait for the previous grid here
+    ACT: tl.constexpr,  # input prologue (_load_input): 0 none, else x = act(a) [* b]
+    GATED: tl.constexpr,
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -414,12 +445,12 @@ def _row_gemv_kernel(
     scr_val = scr_ids + split_len
     n_kept = 0
     kc = k_first + offs_c
-    xc_next = tl.load(x_ptr + kc * stride_xk, mask=kc < k_end)
+    xc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, ACT, GATED)
     for _ in range(0, steps):
         kc_ok = kc < k_end
         xc = xc_next
         kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
-        xc_next = tl.load(x_ptr + kn * stride_xk, mask=kn < k_end)
+        xc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, ACT, GATED)
         keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
         keep = keep & kc_ok
         kept = keep.to(tl.int32)
@@ -802,14 +833,23 @@ def threshold_gemv_group(
     center_biases: Sequence[Tensor | None] | None = None,
     *,
     config: GemvConfig | None = None,
+    act: str | None = None,
+    x_mul: Tensor | None = None,
 ) -> list[Tensor]:
     """``threshold_gemv`` of 1-3 weights that share ``x`` and its mask, in one launch.
 
     Sibling projections (q/k/v, gate/up) then pay the kernel's fixed cost (launch, masking,
     split-K epilogue: 4.8-9.4 µs on the H200, bench/NOTES.md) once instead of once each, and the
     small ones (k/v) ride along with a large one. Biases must be all present or all absent, and
-    so must center biases.
+    so must center biases. With ``act`` the input is ``act(x) * x_mul`` (``x_mul`` optional;
+    ``ACTIVATIONS``), which the one-row kernel computes as it loads ``x``.
     """
+    if act is not None:
+        torch._check(act in _ACT_CODE, lambda: f"threshold_gemv: unknown activation {act!r}")
+        torch._check(x_mul is None or (x_mul.shape == x.shape and x_mul.dtype == x.dtype),
+                     lambda: "threshold_gemv: x_mul must match x in shape and dtype")
+    else:
+        torch._check(x_mul is None, lambda: "threshold_gemv: x_mul without act")
     k = x.shape[-1]
     members = len(weights)
     torch._check(1 <= members <= MAX_MEMBERS,
@@ -849,6 +889,9 @@ def threshold_gemv_group(
 
     if config is None:
         config = _pick_config(rows, sum(ns), k, x.element_size(), _num_sms(x.device))
+    if act is not None and not config.row_kernel:  # only the one-row kernel has the prologue
+        x2, act, x_mul = activation_reference(x, act, x_mul).reshape(-1, k), None, None
+    xm2 = x_mul.reshape(-1, k) if x_mul is not None else x2
     n_blocks = sum(triton.cdiv(n, config.block_n) for n in ns)
     torch._check(
         config.split_k == 1 or n_blocks <= _COUNTER_CAPACITY,
@@ -876,10 +919,10 @@ def threshold_gemv_group(
     if config.row_kernel:
         pdl = config.pdl and _pdl_ok(x.device)
         _row_gemv_kernel[grid](
-            x2, *member_args,
+            x2, xm2, *member_args,
             center if center is not None else dummy,
             channel_scale if channel_scale is not None else dummy,
-            ws, cnt, scr, k, ws_n, x2.stride(1), float(threshold), config.split_k, split_len,
+            ws, cnt, scr, k, ws_n, x2.stride(1), xm2.stride(1), float(threshold), config.split_k, split_len,
             config.chunks_per_split, config.scratch_group,
             NUM_W=members,
             CENTER_MODE=center_mode,
@@ -892,6 +935,8 @@ def threshold_gemv_group(
             SPLIT_GROUP=split_group,
             ACC_TILE=config.acc_tile,
             PDL=pdl,
+            ACT=_ACT_CODE[act] if act is not None else 0,
+            GATED=x_mul is not None,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )

@@ -16,6 +16,11 @@ of being silently replaced by the center.
 every mask argument (sibling projections such as q/k/v or gate/up): one output per weight, one
 mask, and on CUDA one kernel launch for all of them.
 
+``fxsparse::threshold_linear_act`` is ``threshold_linear`` of ``act(a) * b`` (``b`` optional), the
+input of a down projection (``silu(gate) * up``, OPT's ``relu(fc1)``): on CUDA the one-row
+kernel computes that input while it loads it, so no separate kernel writes it first. Each op
+rounds to ``a``'s dtype as eager does (``act``, then the product). Inference only (no autograd).
+
 Implementations: a plain-torch reference (CPU, and any device as a named fallback), a fake
 (meta) impl for tracing, and on CUDA the fused Triton threshold-mask + sparse GEMV kernel for
 few rows (``sparse_gemv.py``), with the reference composition (mask, then cuBLAS) above that.
@@ -27,8 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["threshold_linear", "threshold_linear_cuda", "threshold_linear_group",
-           "threshold_linear_reference", "keep_mask_reference"]
+__all__ = ["ACTIVATIONS", "activation_reference", "threshold_linear", "threshold_linear_act",
+           "threshold_linear_cuda", "threshold_linear_group", "threshold_linear_reference",
+           "keep_mask_reference"]
+
+# the activations ``threshold_linear_act`` computes, by name: torch's own functions
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
+    "relu": F.relu,
+}
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -265,3 +279,65 @@ def _group_backward(ctx, grads):
 
 
 threshold_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)
+
+
+# -- activation prologue: threshold_linear(act(a) * b) -------------------------------------------
+
+
+def activation_reference(a: Tensor, act: str, b: Tensor | None = None) -> Tensor:
+    """``act(a) * b`` (``act(a)`` without ``b``) as eager computes it: each op rounds to a's dtype."""
+    torch._check(act in ACTIVATIONS, lambda: f"threshold_linear_act: unknown activation {act!r}; "
+                 f"known: {sorted(ACTIVATIONS)}")
+    y = ACTIVATIONS[act](a)
+    return y if b is None else y * b
+
+
+def _check_act_args(a, b, weight, bias, center, channel_scale, center_bias, act) -> None:
+    torch._check(act in ACTIVATIONS, lambda: f"threshold_linear_act: unknown activation {act!r}; "
+                 f"known: {sorted(ACTIVATIONS)}")
+    if b is not None:
+        torch._check(b.shape == a.shape and b.dtype == a.dtype,
+                     lambda: f"threshold_linear_act: b must match a ({tuple(a.shape)}, {a.dtype}), "
+                     f"got {tuple(b.shape)}, {b.dtype}")
+    _check_args(a, weight, bias, center, channel_scale, center_bias)
+
+
+@torch.library.custom_op("fxsparse::threshold_linear_act", mutates_args=())
+def threshold_linear_act(
+    a: Tensor,
+    b: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    threshold: float,
+    center: Tensor | None,
+    channel_scale: Tensor | None,
+    center_bias: Tensor | None,
+    act: str,
+) -> Tensor:
+    """``threshold_linear(act(a) * b, weight, bias, threshold, center, channel_scale, center_bias)``."""
+    _check_act_args(a, b, weight, bias, center, channel_scale, center_bias, act)
+    return threshold_linear_reference(activation_reference(a, act, b), weight, bias, threshold, center,
+                                      channel_scale)
+
+
+@threshold_linear_act.register_fake
+def _(a, b, weight, bias, threshold, center, channel_scale, center_bias, act):
+    _check_act_args(a, b, weight, bias, center, channel_scale, center_bias, act)
+    return a.new_empty((*a.shape[:-1], weight.shape[0]))
+
+
+def _threshold_linear_act_cuda(a, b, weight, bias, threshold, center, channel_scale, center_bias, act):
+    """The one-row kernel with the activation in its prologue; else the input, then as
+    ``threshold_linear``."""
+    _check_act_args(a, b, weight, bias, center, channel_scale, center_bias, act)
+    from . import sparse_gemv
+
+    if sparse_gemv.supports(a, weight) and (b is None or b.device == a.device):
+        (out,) = sparse_gemv.threshold_gemv_group(a, [weight], [bias], threshold, center, channel_scale,
+                                                  [center_bias], act=act, x_mul=b)
+        return out
+    return threshold_linear_cuda(activation_reference(a, act, b), weight, bias, threshold, center,
+                                 channel_scale, center_bias)
+
+
+threshold_linear_act.register_kernel("cuda")(_threshold_linear_act_cuda)

@@ -5,12 +5,15 @@
 - ``lower``: rewrite planned linears into ``fxsparse::threshold_linear`` (or, when every call has
   more rows than the fused kernel takes, the mask as aten ops + ``linear``, for Inductor to fuse)
 - ``group``: fuse sibling ``threshold_linear`` calls on one input into ``threshold_linear_group``
+- ``fuse_act``: a one-row ``threshold_linear`` of ``act(a) * b`` computes that input itself
+  (``threshold_linear_act``)
 """
 
+from .fuse_act import fuse_activations
 from .group import group_siblings
 from .lower import lower_linears
 from .match import LinearSite, linear_sites, match_linears
 from .observe import insert_observers
 
-__all__ = ["LinearSite", "group_siblings", "insert_observers", "linear_sites", "lower_linears",
-           "match_linears"]
+__all__ = ["LinearSite", "fuse_activations", "group_siblings", "insert_observers", "linear_sites",
+           "lower_linears", "match_linears"]
