@@ -389,9 +389,9 @@ def _profile_difference(short: Callable, long: Callable, steps: int, device: str
     out["kernels"] = (b["kernels"] - a["kernels"]) / steps
     out["runtime"] = dict(diff("runtime"))
     out["top_kernels"] = diff("top_kernels")
-    counts_a, top = a.get("kernel_counts", {}), dict(out["top_kernels"])
+    counts_a, listed = a.get("kernel_counts", {}), dict(out["top_kernels"])
     out["kernel_counts"] = {k: (n - counts_a.get(k, 0.0)) / steps
-                            for k, n in b.get("kernel_counts", {}).items() if k in top}
+                            for k, n in b.get("kernel_counts", {}).items() if k in listed}
     out["host_top"] = diff("host_top")
     if device == "cuda" and out["kernels"] <= 0:
         out["note"] = "no GPU kernels traced in the decode steps (CUDA graph replays hidden?)"

@@ -88,7 +88,8 @@ def _round_to(v, DTYPE: tl.constexpr):
     if DTYPE == tl.bfloat16:  # by hand: Triton 3.9's interpreter truncates bf16 casts
         bits = v.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return bits.to(tl.float32, bitcast=True)
+        # NaN kept as is: the GPU's canonical NaN (0x7FFFFFFF) would carry into the sign bit
+        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
     else:
         return v.to(DTYPE).to(tl.float32)
 
