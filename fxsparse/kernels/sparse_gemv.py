@@ -73,7 +73,7 @@ __all__ = ["MAX_MEMBERS", "GemvConfig", "masked_input", "max_rows", "reserve", "
            "threshold_gemv_group"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_ACT_CODE = {"silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}  # _load_input's ACT
+_ACT_CODE = {"silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}  # _prologue's ACT
 assert set(_ACT_CODE) == set(ACTIVATIONS)
 _COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at BLOCK_N = 128)
 _MAX_SPLIT_K = 64
@@ -95,10 +95,19 @@ def _round_to(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_input(x_ptr, xm_ptr, k, ok, stride_xk, stride_xmk, ACT: tl.constexpr, GATED: tl.constexpr):
-    """``x[k]``, or with a prologue ``act(x[k]) * xm[k]`` (``ACT``: 1 silu, 2 gelu, 3 gelu_tanh,
-    4 relu; ``GATED``: times ``xm``), rounded to x's dtype after each op as eager rounds."""
+def _load_input(x_ptr, xm_ptr, k, ok, stride_xk, stride_xmk, GATED: tl.constexpr):
+    """``x[k]`` and, with ``GATED``, the prologue's multiplier ``xm[k]`` (else ``x[k]`` again):
+    loads only, so the caller can issue them a step ahead and use them later (``_prologue``)."""
     xv = tl.load(x_ptr + k * stride_xk, mask=ok)
+    if GATED:
+        return xv, tl.load(xm_ptr + k * stride_xmk, mask=ok)
+    return xv, xv
+
+
+@triton.jit
+def _prologue(xv, mv, ACT: tl.constexpr, GATED: tl.constexpr):
+    """``xv``, or ``act(xv) * mv`` (``ACT``: 1 silu, 2 gelu, 3 gelu_tanh, 4 relu; ``GATED``: times
+    ``mv``) rounded to x's dtype after each op as eager rounds."""
     if ACT == 0:
         return xv
     y = xv.to(tl.float32)
@@ -113,7 +122,7 @@ def _load_input(x_ptr, xm_ptr, k, ok, stride_xk, stride_xmk, ACT: tl.constexpr, 
         y = tl.where(y < 0.0, 0.0, y)  # NaN stays NaN, as torch's relu
     y = _round_to(y, xv.dtype)
     if GATED:
-        y = _round_to(y * tl.load(xm_ptr + k * stride_xmk, mask=ok).to(tl.float32), xv.dtype)
+        y = _round_to(y * mv.to(tl.float32), xv.dtype)
     return y.to(xv.dtype)
 
 
@@ -418,7 +427,7 @@ def _row_gemv_kernel(
     SPLIT_GROUP: tl.constexpr,  # partial tiles summed per load in the epilogue
     ACC_TILE: tl.constexpr,  # accumulate [SUB_K, BLOCK_N] (else reduce each tile to [BLOCK_N])
     PDL: tl.constexpr,  # launched as a programmatic dependent: wait for the previous grid here
-    ACT: tl.constexpr,  # input prologue (_load_input): 0 none, else x = act(a) [* b]
+    ACT: tl.constexpr,  # input prologue (_prologue): 0 none, else x = act(a) [* b]
     GATED: tl.constexpr,
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
@@ -446,12 +455,12 @@ def _row_gemv_kernel(
     scr_val = scr_ids + split_len
     n_kept = 0
     kc = k_first + offs_c
-    xc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, ACT, GATED)
+    xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
     for _ in range(0, steps):
         kc_ok = kc < k_end
-        xc = xc_next
+        xc = _prologue(xc_next, mc_next, ACT, GATED)
         kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
-        xc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, ACT, GATED)
+        xc_next, mc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, GATED)
         keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
         keep = keep & kc_ok
         kept = keep.to(tl.int32)
