@@ -97,20 +97,21 @@ def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_
     op = d["op"]
     others = [n.rpartition(".")[2] for n in d.get("group", []) if n != d["name"]]
     shared = f"; one mask and launch with {', '.join(others)}" if others else ""
+    prologue = d.get("prologue")  # passes/fuse_act.py
+    fused = "" if not prologue else f"; input {prologue} " + (
+        "computed in the kernel" if device.type == "cuda" else "computed by the op")
     if d.get("prefill", "threshold") != "threshold":  # grouped in decode graphs too (group.py)
-        return _prefill_ranges(d, device) + shared
+        return _prefill_ranges(d, device) + fused + shared
     if op == "mask+linear":  # every call above the kernel's row limit (passes/lower.py)
         return "aten mask (fused into x's producer by Inductor) + " + (
             "cuBLAS" if device.type == "cuda" else "matmul") + ", every call of this graph"
     if op not in ("fxsparse.threshold_linear", "fxsparse.threshold_linear_group",
                   "fxsparse.threshold_linear_act"):
         return "torch composition"
-    prologue = d.get("prologue")  # passes/fuse_act.py
     if device.type != "cuda":
-        return f"torch reference ({prologue + ', ' if prologue else ''}mask, then matmul)" + shared
+        return "torch reference (mask, then matmul)" + fused + shared
     from .kernels.sparse_gemv import max_rows
 
-    fused = f"; input {prologue} computed in the kernel" if prologue else ""
     return (f"Triton sparse GEMV <= {max_rows(out_f, in_f, dtype)} row(s), mask + cuBLAS above"
             + fused + shared)
 
