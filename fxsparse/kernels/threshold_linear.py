@@ -284,17 +284,20 @@ threshold_linear_group.register_autograd(_group_backward, setup_context=_group_s
 # -- activation prologue: threshold_linear(act(a) * b) -------------------------------------------
 
 
-def activation_reference(a: Tensor, act: str, b: Tensor | None = None) -> Tensor:
-    """``act(a) * b`` (``act(a)`` without ``b``) as eager computes it: each op rounds to a's dtype."""
+def _check_act(act: str) -> None:
     torch._check(act in ACTIVATIONS, lambda: f"threshold_linear_act: unknown activation {act!r}; "
                  f"known: {sorted(ACTIVATIONS)}")
+
+
+def activation_reference(a: Tensor, act: str, b: Tensor | None = None) -> Tensor:
+    """``act(a) * b`` (``act(a)`` without ``b``) as eager computes it: each op rounds to a's dtype."""
+    _check_act(act)
     y = ACTIVATIONS[act](a)
     return y if b is None else y * b
 
 
 def _check_act_args(a, b, weight, bias, center, channel_scale, center_bias, act) -> None:
-    torch._check(act in ACTIVATIONS, lambda: f"threshold_linear_act: unknown activation {act!r}; "
-                 f"known: {sorted(ACTIVATIONS)}")
+    _check_act(act)
     if b is not None:
         torch._check(b.shape == a.shape and b.dtype == a.dtype,
                      lambda: f"threshold_linear_act: b must match a ({tuple(a.shape)}, {a.dtype}), "
