@@ -35,6 +35,11 @@ and its fixed cost (τ = ∞) was 1.3-2.1x the one-row kernel's (H200: 6.4-16.7 
 take 1-3 *members*, weights that share x and the mask (q/k/v, gate/up; ``threshold_gemv_group``):
 the grid runs over all members' N-blocks, so siblings pay the fixed cost once.
 
+Prologue: the one-row kernel can take its input as ``act(a) * b`` (silu, gelu, gelu_tanh, relu;
+``threshold_linear_act``), loading ``a`` and ``b`` a masking step ahead and computing the
+activation when the step is used, rounded per op as eager; so the down projection needs no
+kernel in front of it that writes ``silu(gate) * up``.
+
 Launch: with Inductor's ``triton.enable_pdl`` on (its kernels then signal their dependents
 early), the one-row kernel is launched as a programmatic dependent and waits for its producer
 in the kernel (``ROW_PDL``), so its launch overlaps the producer's tail; without it, that
@@ -394,7 +399,7 @@ def _store_out(
     tl.store(out, part.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.jit(do_not_specialize=["stride_xk"])  # keeps x's loads scalar: no layout conversion
+@triton.jit(do_not_specialize=["stride_xk", "stride_xmk"])  # x's loads scalar: no layout conversion
 def _row_gemv_kernel(
     x_ptr,  # [K] activations (one row), stride stride_xk; with a prologue, its argument a
     xm_ptr,  # [K] with GATED: the prologue's multiplier b (x = act(a) * b), stride stride_xmk
