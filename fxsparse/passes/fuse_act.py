@@ -44,8 +44,8 @@ def _activation(node: object) -> tuple[str, fx.Node] | None:
     if t in (F.relu, torch.relu, torch.ops.aten.relu.default) and not kw:
         return "relu", a
     if t in (F.gelu, torch._C._nn.gelu, torch.ops.aten.gelu.default) and set(kw) <= {"approximate"}:
-        approx = kw.get("approximate", "none")
-        return ({"none": "gelu", "tanh": "gelu_tanh"}.get(approx), a) if approx in ("none", "tanh") else None
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(kw.get("approximate", "none"))
+        return (name, a) if name else None
     return None
 
 
