@@ -122,13 +122,14 @@ def summarize_trace(events: Sequence[Mapping[str, Any]], steps: int, top: int = 
                 ("ProfilerStep", "PyTorch Profiler")):
             host[name[:90]] += dur
     n = max(steps, 1)
+    top_kernels = kern.most_common(top)
     return {
         "kernel_us": {k: v / n for k, v in fam_us.items()},
         "busy_us": sum(fam_us.values()) / n,
         "kernels": kernels / n,
         "runtime": {k: v / n for k, v in runtime.most_common(top)},
-        "top_kernels": [(k, v / n) for k, v in kern.most_common(top)],
-        "kernel_counts": {k: kern_n[k] / n for k, _ in kern.most_common(top)},
+        "top_kernels": [(k, v / n) for k, v in top_kernels],
+        "kernel_counts": {k: kern_n[k] / n for k, _ in top_kernels},
         "host_top": [(k, v / n) for k, v in host.most_common(top)],
     }
 
