@@ -140,11 +140,12 @@ def set_layout(model, plan, grouped: bool = True) -> None:
 def parse_sparsity(s: str) -> tuple[float | str, dict]:
     """``"dense"``, ``"0.5"``, or either with suffixes: ``u`` ungrouped siblings, ``f`` fused
     masks without ``emulate_precision_casts``, ``a`` no activation prologue
-    (``fuse_activations=False``), ``p`` Inductor's programmatic dependent launch
+    (``fuse_activations=False``), ``s`` split-K epilogue instead of float32 outputs
+    (``accumulate=False``), ``p`` Inductor's programmatic dependent launch
     (``triton.enable_pdl``, also for dense), ``g`` the GEMV launched with it whatever Inductor
     does (``sparse_gemv.ROW_PDL``): (value, options; ``inductor_pdl`` and ``gemv_pdl`` are not
     backend options)."""
-    value = "dense" if s.startswith("dense") else s.rstrip("ufpga")
+    value = "dense" if s.startswith("dense") else s.rstrip("ufpgas")
     flags = s[len(value):]
     opts = {"inductor_pdl": True} if "p" in flags else {}
     if value == "dense":
@@ -156,6 +157,8 @@ def parse_sparsity(s: str) -> tuple[float | str, dict]:
         opts["emulate_precision_casts"] = False
     if "a" in flags:
         opts["fuse_activations"] = False
+    if "s" in flags:
+        opts["accumulate"] = False
     return float(value), opts
 
 

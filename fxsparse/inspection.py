@@ -100,6 +100,8 @@ def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_
     prologue = d.get("prologue")  # passes/fuse_act.py
     fused = "" if not prologue else f"; input {prologue} " + (
         "computed in the kernel" if device.type == "cuda" else "computed by the op")
+    if d.get("accumulate"):  # passes/accumulate.py
+        fused += "; float32 output (split-K atomics), rounded by its reader"
     if d.get("prefill", "threshold") != "threshold":  # grouped in decode graphs too (group.py)
         return _prefill_ranges(d, device) + fused + shared
     if op == "mask+linear":  # every call above the kernel's row limit (passes/lower.py)

@@ -46,7 +46,7 @@ def test_explain_reports_graphs_table_and_reasons(model_plan, tmp_path):
     assert rows["lm_head"].reason == "ignored_scope"
     assert rows["model.layers.0.self_attn.q_proj"].reason == "no TargetScope matches it"
     stages = report.graphs[0]["stages"]
-    assert set(stages) == {"input", "observe", "lower", "group", "fuse_act"}
+    assert set(stages) == {"input", "observe", "lower", "group", "fuse_act", "accumulate"}
     assert "fxsparse_observer_0" in stages["observe"]
     assert "torch.ops.aten.where" in stages["lower"] and "where" not in stages["input"]
     text = report.table()

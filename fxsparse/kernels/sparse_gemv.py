@@ -110,6 +110,14 @@ def _load_input(x_ptr, xm_ptr, k, ok, stride_xk, stride_xmk, GATED: tl.constexpr
 
 
 @triton.jit
+def _as_dtype(v, DTYPE: tl.constexpr):
+    """``v`` in DTYPE, rounded to nearest-even (a float32 sum read as the layer's input)."""
+    if v.dtype == DTYPE:
+        return v
+    return _round_to(v.to(tl.float32), DTYPE).to(DTYPE)
+
+
+@triton.jit
 def _prologue(xv, mv, ACT: tl.constexpr, GATED: tl.constexpr):
     """``xv``, or ``act(xv) * mv`` (``ACT``: 1 silu, 2 gelu, 3 gelu_tanh, 4 relu; ``GATED``: times
     ``mv``) rounded to x's dtype after each op as eager rounds."""
@@ -412,6 +420,9 @@ def _row_gemv_kernel(
     ws_ptr,  # [split_k, ws_n] float32 partial sums (when split_k > 1)
     cnt_ptr,  # [n_blocks] int32 arrival counters, zero between launches (when split_k > 1)
     scr_ptr,  # [split_k x groups, 2, split_len] float32 compacted channel ids and kept values
+    zero_ptr,  # [zero_n] float32 written with zeros (with ZERO): the next accumulating call's output
+    zero_n,
+    zero_per_prog,  # zeros each program writes
     K,
     ws_n,  # workspace row length: BLOCK_N x all members' N-blocks
     stride_xk,
@@ -434,6 +445,8 @@ def _row_gemv_kernel(
     PDL: tl.constexpr,  # launched as a programmatic dependent: wait for the previous grid here
     ACT: tl.constexpr,  # input prologue (_prologue): 0 none, else x = act(a) [* b]
     GATED: tl.constexpr,
+    ACCUM: tl.constexpr,  # outputs are float32 sums: every program adds its partial (atomics)
+    ZERO: tl.constexpr,
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -441,6 +454,7 @@ def _row_gemv_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     thr = tl.cast(threshold, tl.float32)
+    WDT: tl.constexpr = w0_ptr.dtype.element_ty  # the layer's dtype (x may be a float32 sum)
     w_ptr, out_ptr, bias_ptr, cb_ptr, N, stride_wn, stride_wk, blk = _member(
         pid_n, w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
         w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
@@ -451,6 +465,11 @@ def _row_gemv_kernel(
     offs_s = tl.arange(0, SUB_K)
     if PDL:  # everything above is arithmetic; x, the scratch and the counters come after this
         gdc_wait()
+    if ZERO:  # plain stores, nothing waits on them; ordered before the next launch by its boundary
+        zb = tl.arange(0, 64)
+        z0 = (pid_k * tl.num_programs(0) + pid_n) * zero_per_prog
+        for i in range(0, zero_per_prog, 64):
+            tl.store(zero_ptr + z0 + i + zb, 0.0, mask=(i + zb < zero_per_prog) & (z0 + i + zb < zero_n))
 
     # ---- phase 1: compact this split's kept channels (ids, x - fill) into the scratch -------
     k_first = pid_k * split_len
@@ -463,7 +482,7 @@ def _row_gemv_kernel(
     xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
     for _ in range(0, steps):
         kc_ok = kc < k_end
-        xc = _prologue(xc_next, mc_next, ACT, GATED)
+        xc = _prologue(_as_dtype(xc_next, WDT), _as_dtype(mc_next, WDT), ACT, GATED)
         kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
         xc_next, mc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, GATED)
         keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
@@ -507,7 +526,14 @@ def _row_gemv_kernel(
         part = acc
 
     # ---- epilogue: the last-arriving split sums the partials in order, adds biases, stores ---
-    if split_k > 1:
+    if ACCUM:  # or every split adds its partial to the float32 output, fire and forget
+        if pid_k == 0:
+            if HAS_BIAS:
+                part += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if HAS_CB:
+                part += tl.load(cb_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.atomic_add(out_ptr + offs_n, part, mask=n_ok, sem="relaxed")
+    elif split_k > 1:
         offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(ws_ptr + pid_k.to(tl.int64) * ws_n + offs_w, part, mask=n_ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
@@ -631,6 +657,11 @@ class GemvConfig:
     @property
     def chunks_per_split(self) -> int:
         return triton.cdiv(self.split_len, self.chunk_k)
+
+
+def _uninitialised(n: int, device: torch.device) -> Tensor:
+    """float32 memory for the zeros an accumulating launch writes (tests fill it with NaN)."""
+    return torch.empty(n, dtype=torch.float32, device=device)
 
 
 def _next_pow2(n: int) -> int:
@@ -802,11 +833,13 @@ def max_rows(n: int, k: int, dtype: torch.dtype) -> int:
     return 1
 
 
-def supports(x: Tensor, weight: Tensor) -> bool:
-    """Whether the fused kernel handles this call (else the op runs mask + cuBLAS)."""
+def supports(x: Tensor, weight: Tensor, accumulate: bool = False) -> bool:
+    """Whether the fused kernel handles this call (else the op runs mask + cuBLAS); with
+    ``accumulate`` x may also be a float32 sum (rounded to the weight's dtype in the kernel)."""
     if not x.is_cuda or weight.device != x.device or weight.dim() != 2:
         return False
-    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
+    x_dtypes = (weight.dtype, torch.float32) if accumulate else (weight.dtype,)
+    if weight.dtype not in _DTYPES or x.dtype not in x_dtypes:
         return False
     n, k = weight.shape
     if n == 0 or k == 0 or x.shape[-1] != k:
@@ -850,7 +883,9 @@ def threshold_gemv_group(
     config: GemvConfig | None = None,
     act: str | None = None,
     x_mul: Tensor | None = None,
-) -> list[Tensor]:
+    accumulate: Tensor | None = None,
+    zeros_next: int = 0,
+) -> list[Tensor] | Tensor:
     """``threshold_gemv`` of 1-3 weights that share ``x`` and its mask, in one launch.
 
     Sibling projections (q/k/v, gate/up) then pay the kernel's fixed cost (launch, masking,
@@ -858,6 +893,10 @@ def threshold_gemv_group(
     small ones (k/v) ride along with a large one. Biases must be all present or all absent, and
     so must center biases. With ``act`` the input is ``act(x) * x_mul`` (``x_mul`` optional;
     ``ACTIVATIONS``), which the one-row kernel computes as it loads ``x``.
+
+    With ``accumulate`` (float32, [*x.shape[:-1], sum of N], members side by side; one row and
+    the one-row kernel only, see ``threshold_gemv_accumulate``) the outputs are added to it
+    instead, and the call returns ``zeros_next`` float32 zeros written by the same launch.
     """
     if act is not None:
         torch._check(act in _ACT_CODE, lambda: f"threshold_gemv: unknown activation {act!r}")
@@ -872,30 +911,45 @@ def threshold_gemv_group(
     center_biases = list(center_biases) if center_biases is not None else [None] * members
     torch._check(len(biases) == members and len(center_biases) == members,
                  lambda: "threshold_gemv: one bias and one center_bias per weight")
+    wdtype = weights[0].dtype
+    x_ok = (x.dtype == wdtype or (accumulate is not None and x.dtype == torch.float32)) and (
+        x_mul is None or x_mul.dtype == x.dtype)
     for w in weights:
         torch._check(w.dim() == 2 and w.shape[1] == k, lambda: "threshold_gemv: bad weight")
-        torch._check(w.dtype == x.dtype, lambda: "threshold_gemv: weight and x dtypes differ")
-    torch._check(x.dtype in _DTYPES, lambda: f"threshold_gemv: unsupported dtype {x.dtype}")
+        torch._check(w.dtype == wdtype and x_ok, lambda: "threshold_gemv: weight and x dtypes differ")
+    torch._check(wdtype in _DTYPES, lambda: f"threshold_gemv: unsupported dtype {wdtype}")
     has_bias = biases[0] is not None
     torch._check(all((b is not None) == has_bias for b in biases),
                  lambda: "threshold_gemv: biases must be all present or all absent")
     x2 = x.reshape(-1, k)  # a view for any usual layout; a tiny copy otherwise
     rows = x2.shape[0]
     ns = [w.shape[0] for w in weights]
-    outs = [torch.empty((rows, n), dtype=x.dtype, device=x.device) for n in ns]
-    shaped = [o.reshape(*x.shape[:-1], n) for o, n in zip(outs, ns, strict=True)]
-    if rows == 0 or sum(ns) == 0:
-        return shaped
-    if k == 0:
+    if accumulate is not None:
+        torch._check(accumulate.dtype == torch.float32 and accumulate.is_contiguous()
+                     and accumulate.shape == (*x.shape[:-1], sum(ns)),
+                     lambda: "threshold_gemv: accumulate must be a contiguous float32 [..., sum of N]")
+        acc2 = accumulate.view(rows, sum(ns))
+        offs = [sum(ns[:i]) for i in range(members)]
+        outs = [acc2[:, o:o + n] for o, n in zip(offs, ns, strict=True)]
+        shaped = _uninitialised(zeros_next, x.device)  # the kernel writes the zeros
+    else:
+        outs = [torch.empty((rows, n), dtype=x.dtype, device=x.device) for n in ns]
+        shaped = [o.reshape(*x.shape[:-1], n) for o, n in zip(outs, ns, strict=True)]
+    if rows == 0 or sum(ns) == 0 or k == 0:
+        if accumulate is not None:
+            shaped.zero_()
         for o, b in zip(outs, biases, strict=True):
-            o.copy_(torch.zeros_like(o) if b is None else b.expand_as(o))
+            if accumulate is None:
+                o.zero_()
+            if b is not None and rows and k == 0:
+                o += b
         return shaped
 
     center_mode = 0
     if center is not None:
         center_mode = 1 if center.dim() == 0 else 2
         if any(cb is None for cb in center_biases):  # slow path: W @ fill computed per call
-            fill = center.to(x.dtype).float().expand(k)
+            fill = center.to(wdtype).float().expand(k)
             center_biases = [torch.mv(w.float(), fill) if cb is None else cb
                              for w, cb in zip(weights, center_biases, strict=True)]
     else:
@@ -903,7 +957,9 @@ def threshold_gemv_group(
                      lambda: "threshold_gemv: center_bias without a center")
 
     if config is None:
-        config = _pick_config(rows, sum(ns), k, x.element_size(), _num_sms(x.device))
+        config = _pick_config(rows, sum(ns), k, weights[0].element_size(), _num_sms(x.device))
+    torch._check(accumulate is None or (config.row_kernel and rows == 1),
+                 lambda: "threshold_gemv: accumulate needs one row and the one-row kernel")
     if act is not None and not config.row_kernel:  # only the one-row kernel has the prologue
         x2, act, x_mul = activation_reference(x, act, x_mul).reshape(-1, k), None, None
     xm2 = x_mul.reshape(-1, k) if x_mul is not None else x2
@@ -916,7 +972,7 @@ def threshold_gemv_group(
     split_len = config.split_len
     n_scr = config.split_k * triton.cdiv(n_blocks, config.scratch_group)
     scr = torch.empty((n_scr, 1 + rows, split_len), dtype=torch.float32, device=x.device)
-    if config.split_k > 1:
+    if config.split_k > 1 and accumulate is None:
         ws = torch.empty((config.split_k, rows, ws_n), dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device)
     else:
@@ -937,7 +993,9 @@ def threshold_gemv_group(
             x2, xm2, *member_args,
             center if center is not None else dummy,
             channel_scale if channel_scale is not None else dummy,
-            ws, cnt, scr, k, ws_n, x2.stride(1), xm2.stride(1), float(threshold), config.split_k, split_len,
+            ws, cnt, scr, shaped if zeros_next else dummy, zeros_next,
+            triton.cdiv(zeros_next, grid[0] * grid[1]),
+            k, ws_n, x2.stride(1), xm2.stride(1), float(threshold), config.split_k, split_len,
             config.chunks_per_split, config.scratch_group,
             NUM_W=members,
             CENTER_MODE=center_mode,
@@ -952,6 +1010,8 @@ def threshold_gemv_group(
             PDL=pdl,
             ACT=_ACT_CODE[act] if act is not None else 0,
             GATED=x_mul is not None,
+            ACCUM=accumulate is not None,
+            ZERO=zeros_next > 0,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )

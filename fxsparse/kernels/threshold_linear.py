@@ -28,13 +28,15 @@ few rows (``sparse_gemv.py``), with the reference composition (mask, then cuBLAS
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "activation_reference", "threshold_linear", "threshold_linear_act",
-           "threshold_linear_cuda", "threshold_linear_group", "threshold_linear_reference",
-           "keep_mask_reference"]
+__all__ = ["ACTIVATIONS", "activation_reference", "keep_mask_reference", "threshold_linear",
+           "threshold_linear_acc", "threshold_linear_acc_reference", "threshold_linear_act",
+           "threshold_linear_cuda", "threshold_linear_group", "threshold_linear_reference"]
 
 # the activations ``threshold_linear_act`` computes, by name: torch's own functions
 ACTIVATIONS = {
@@ -344,3 +346,98 @@ def _threshold_linear_act_cuda(a, b, weight, bias, threshold, center, channel_sc
 
 
 threshold_linear_act.register_kernel("cuda")(_threshold_linear_act_cuda)
+
+
+# -- float32 accumulation: acc += the layers' outputs, unrounded -----------------------------------
+
+
+def _check_acc_args(acc, x, x_mul, weights, biases, center, channel_scale, center_biases, act, zeros_shape):
+    op = "threshold_linear_acc"
+    torch._check(len(weights) >= 1, lambda: f"{op}: no weights")
+    wdtype = weights[0].dtype
+    torch._check(all(w.dtype == wdtype for w in weights), lambda: f"{op}: weights of different dtypes")
+    torch._check(x.dtype in (wdtype, torch.float32),
+                 lambda: f"{op}: x must be in the weights' dtype {wdtype} or float32, got {x.dtype}")
+    n = sum(w.shape[0] for w in weights)
+    torch._check(acc.dtype == torch.float32 and acc.shape == (*x.shape[:-1], n),
+                 lambda: f"{op}: acc must be float32 of shape {(*x.shape[:-1], n)}, got {acc.dtype} "
+                 f"{tuple(acc.shape)}")
+    torch._check(all(d >= 0 for d in zeros_shape), lambda: f"{op}: negative zeros_shape {zeros_shape}")
+    if act is not None:
+        _check_act(act)
+    else:
+        torch._check(x_mul is None, lambda: f"{op}: x_mul without act")
+    if x_mul is not None:
+        torch._check(x_mul.shape == x.shape and x_mul.dtype == x.dtype,
+                     lambda: f"{op}: x_mul must match x ({tuple(x.shape)}, {x.dtype})")
+    _check_group_args(x, weights, biases, center, channel_scale, center_biases)
+
+
+def threshold_linear_acc_reference(x, x_mul, weights, biases, threshold, center, channel_scale, act):
+    """The float32 outputs side by side: x (and x_mul) rounded to the weights' dtype, the
+    activation as eager computes it, the mask, then each linear in float32 without rounding."""
+    wdtype = weights[0].dtype
+    x = _as(x, wdtype)
+    if act is not None:
+        x = activation_reference(x, act, None if x_mul is None else _as(x_mul, wdtype))
+    xm = torch.where(keep_mask_reference(x, threshold, center, channel_scale), x, fill_value(x, center))
+    xf = _as(xm, torch.float32)
+    return torch.cat([F.linear(xf, _as(w, torch.float32), _as(biases[i], torch.float32) if biases else None)
+                      for i, w in enumerate(weights)], dim=-1)
+
+
+@torch.library.custom_op("fxsparse::threshold_linear_acc", mutates_args=("acc",))
+def threshold_linear_acc(
+    acc: Tensor,
+    x: Tensor,
+    x_mul: Tensor | None,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    threshold: float,
+    center: Tensor | None,
+    channel_scale: Tensor | None,
+    center_biases: list[Tensor],
+    act: str | None,
+    zeros_shape: list[int],
+) -> Tensor:
+    """``acc += cat([threshold_linear(x', W_i, b_i, ...) for each i], -1)`` in float32, unrounded,
+    where ``x' = act(x) * x_mul`` (``act`` optional, as ``threshold_linear_act``) with ``x`` and
+    ``x_mul`` first rounded to the weights' dtype (so ``x`` may be another call's ``acc``).
+    Returns float32 zeros of ``zeros_shape``: the next such call's ``acc``, which on CUDA the
+    same launch writes, so no fill kernel precedes it.
+
+    On CUDA the one-row kernel adds each K-split's partial sum with atomics instead of having
+    the last split reload and sum them all (~1.2-2.2 µs per call on an H200 at 50% sparsity,
+    ``bench/results/gemv_accum_h200.md``); the order of those additions varies, so results are
+    not bitwise reproducible run to run. Inference only (no autograd)."""
+    _check_acc_args(acc, x, x_mul, weights, biases, center, channel_scale, center_biases, act, zeros_shape)
+    acc += threshold_linear_acc_reference(x, x_mul, weights, biases, threshold, center, channel_scale, act)
+    return acc.new_zeros(zeros_shape)
+
+
+@threshold_linear_acc.register_fake
+def _(acc, x, x_mul, weights, biases, threshold, center, channel_scale, center_biases, act, zeros_shape):
+    _check_acc_args(acc, x, x_mul, weights, biases, center, channel_scale, center_biases, act, zeros_shape)
+    return acc.new_empty(zeros_shape)
+
+
+def _threshold_linear_acc_cuda(acc, x, x_mul, weights, biases, threshold, center, channel_scale,
+                               center_biases, act, zeros_shape):
+    """The one-row kernel accumulating (``sparse_gemv.threshold_gemv_group(accumulate=...)``) when
+    it takes every weight; else the reference on the device."""
+    _check_acc_args(acc, x, x_mul, weights, biases, center, channel_scale, center_biases, act, zeros_shape)
+    from . import sparse_gemv
+
+    m = len(weights)
+    if (m <= sparse_gemv.MAX_MEMBERS and acc.is_contiguous() and (x_mul is None or x_mul.device == x.device)
+            and all(sparse_gemv.supports(x, w, accumulate=True) for w in weights)):
+        numel = math.prod(zeros_shape)
+        zeros = sparse_gemv.threshold_gemv_group(
+            x, weights, list(biases) or [None] * m, threshold, center, channel_scale,
+            list(center_biases) or [None] * m, act=act, x_mul=x_mul, accumulate=acc, zeros_next=numel)
+        return zeros.view(zeros_shape)
+    acc += threshold_linear_acc_reference(x, x_mul, weights, biases, threshold, center, channel_scale, act)
+    return acc.new_zeros(zeros_shape)
+
+
+threshold_linear_acc.register_kernel("cuda")(_threshold_linear_acc_cuda)

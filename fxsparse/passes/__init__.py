@@ -7,13 +7,16 @@
 - ``group``: fuse sibling ``threshold_linear`` calls on one input into ``threshold_linear_group``
 - ``fuse_act``: a one-row ``threshold_linear`` of ``act(a) * b`` computes that input itself
   (``threshold_linear_act``)
+- ``accumulate``: one-row sparse layers add into chained float32 outputs their readers round
+  (``threshold_linear_acc``)
 """
 
+from .accumulate import accumulate_outputs
 from .fuse_act import fuse_activations
 from .group import group_siblings
 from .lower import lower_linears
 from .match import LinearSite, linear_sites, match_linears
 from .observe import insert_observers
 
-__all__ = ["LinearSite", "fuse_activations", "group_siblings", "insert_observers", "linear_sites",
-           "lower_linears", "match_linears"]
+__all__ = ["LinearSite", "accumulate_outputs", "fuse_activations", "group_siblings", "insert_observers",
+           "linear_sites", "lower_linears", "match_linears"]
