@@ -142,6 +142,8 @@ VARIANTS = {  # overrides of sparse_gemv._pick_config for the accumulating launc
     "c512": dict(chunk_k=512, one_step_max=512),
     "w1": dict(num_warps=1, block_n=128, sub_k=16, acc_tile=False, epi_floats=64),
     "w2": dict(num_warps=2, block_n=64, sub_k=8, acc_tile=True, epi_floats=64),
+    "c128pps24": dict(chunk_k=128, programs_per_sm=24),
+    "w1c128": dict(num_warps=1, block_n=128, sub_k=16, acc_tile=False, epi_floats=64, chunk_k=128),
 }
 
 
