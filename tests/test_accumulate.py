@@ -91,6 +91,15 @@ def test_kernel_accumulates_cpu(c: Case, members: int, act, gated: bool, x_f32: 
     run_acc_case(c, ns, act, gated, x_f32, "cpu", cfg)
 
 
+def test_accumulating_launches_take_one_warp() -> None:
+    """Without the split-K epilogue one-warp programs win on the mid (8B MLP) weights too;
+    the other rules are the same either way (bench/results/gemv_accum_h200.md)."""
+    for n, k in [(4096, 4096), (6144, 4096), (4096, 14336), (14336, 4096), (28672, 4096)]:
+        plain, acc = (sg._pick_config(1, n, k, 2, 132, accumulate=a) for a in (False, True))
+        assert acc.num_warps == 1
+        assert plain == acc or (plain.num_warps == 2 and 32 * 2**20 <= n * k < 100 * 2**20)
+
+
 def test_kernel_refuses_what_it_cannot_accumulate() -> None:
     x, w = torch.randn(2, 8), torch.randn(8, 4).t()
     with pytest.raises(RuntimeError, match="accumulate must be a contiguous float32"):

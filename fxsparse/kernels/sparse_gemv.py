@@ -687,7 +687,7 @@ _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v 
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
 
-def _row_defaults(n: int, k: int, elem_size: int) -> dict:
+def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False) -> dict:
     """One-row kernel block sizes by weight size (H200 sweeps of sessions 5 and 6, bench/NOTES.md).
 
     Programs of one or two warps keep scans and reductions inside a warp: the fixed cost
@@ -701,21 +701,26 @@ def _row_defaults(n: int, k: int, elem_size: int) -> dict:
     * large (70B shapes, gate/up grouped): one warp, 256-byte runs, 256-channel splits
       (28672x8192: 0.93/1.69/5.34x).
     Every rule sums all split-K partials in one load where 64 floats per thread hold them.
+    Accumulating launches (float32 outputs, atomics, no such epilogue) take one warp for mid
+    weights too: the down projection (4096x14336, SiLU prologue) at s = 0.5 / 0.9 ran 20.5 /
+    10.7 µs against two warps' 22.4 / 11.2, and no other sweep variant beat the rules above
+    (``bench/results/gemv_accum_h200.md``).
     """
     one_warp = dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False, epi_floats=64)
     if n * k < _SMALL_WEIGHT:
         return dict(one_warp, chunk_k=128)
-    if n * k < _LARGE_WEIGHT:
+    if n * k < _LARGE_WEIGHT and not accumulate:
         return dict(num_warps=2, block_n=128 // elem_size, sub_k=8, acc_tile=True, epi_floats=64)
     return one_warp
 
 
-def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, **overrides) -> GemvConfig:
+def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, accumulate: bool = False,
+                 **overrides) -> GemvConfig:
     """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
     overrides of ``_block_config``'s parameters are for tests and benchmarks."""
     if rows == 1 and overrides.get("row_kernel", True):
         base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=_row_pdl())
-        base.update(_row_defaults(n, k, elem_size))
+        base.update(_row_defaults(n, k, elem_size, accumulate))
         return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
     return _block_config(rows, n, k, elem_size, num_sms, **{**overrides, "row_kernel": False})
 
@@ -957,7 +962,8 @@ def threshold_gemv_group(
                      lambda: "threshold_gemv: center_bias without a center")
 
     if config is None:
-        config = _pick_config(rows, sum(ns), k, weights[0].element_size(), _num_sms(x.device))
+        config = _pick_config(rows, sum(ns), k, weights[0].element_size(), _num_sms(x.device),
+                              accumulate=accumulate is not None)
     torch._check(accumulate is None or (config.row_kernel and rows == 1),
                  lambda: "threshold_gemv: accumulate needs one row and the one-row kernel")
     if act is not None and not config.row_kernel:  # only the one-row kernel has the prologue
