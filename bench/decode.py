@@ -141,12 +141,11 @@ def parse_sparsity(s: str) -> tuple[float | str, dict]:
     """``"dense"``, ``"0.5"``, or either with suffixes: ``u`` ungrouped siblings, ``f`` fused
     masks without ``emulate_precision_casts``, ``a`` no activation prologue
     (``fuse_activations=False``), ``s`` split-K epilogue instead of float32 outputs
-    (``accumulate=False``), ``x`` the GEMV's speculative first tile (``sparse_gemv.ROW_SPEC``),
-    ``p`` Inductor's programmatic dependent launch
+    (``accumulate=False``), ``p`` Inductor's programmatic dependent launch
     (``triton.enable_pdl``, also for dense), ``g`` the GEMV launched with it whatever Inductor
-    does (``sparse_gemv.ROW_PDL``): (value, options; ``inductor_pdl``, ``gemv_pdl`` and
-    ``gemv_spec`` are not backend options)."""
-    value = "dense" if s.startswith("dense") else s.rstrip("ufpgasx")
+    does (``sparse_gemv.ROW_PDL``): (value, options; ``inductor_pdl`` and ``gemv_pdl`` are not
+    backend options)."""
+    value = "dense" if s.startswith("dense") else s.rstrip("ufpgas")
     flags = s[len(value):]
     opts = {"inductor_pdl": True} if "p" in flags else {}
     if value == "dense":
@@ -160,8 +159,6 @@ def parse_sparsity(s: str) -> tuple[float | str, dict]:
         opts["fuse_activations"] = False
     if "s" in flags:
         opts["accumulate"] = False
-    if "x" in flags:
-        opts["gemv_spec"] = True
     return float(value), opts
 
 
@@ -367,10 +364,8 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
             set_layout(model, plan, opts.get("group_siblings", True))
             pdl = opts.pop("inductor_pdl", False)
             gemv_pdl = opts.pop("gemv_pdl", sparse_gemv.ROW_PDL)
-            gemv_spec = opts.pop("gemv_spec", sparse_gemv.ROW_SPEC)
             with (torch._inductor.config.patch({"triton.enable_pdl": pdl}),
-                  unittest.mock.patch.object(sparse_gemv, "ROW_PDL", gemv_pdl),
-                  unittest.mock.patch.object(sparse_gemv, "ROW_SPEC", gemv_spec)):
+                  unittest.mock.patch.object(sparse_gemv, "ROW_PDL", gemv_pdl)):
                 if loop == "lean":
                     run_lean(args, model, plan, prompts[b], mode, max_len, row, opts)
                 else:

@@ -83,11 +83,10 @@ def run_acc_case(c: Case, ns: list[int], act: str | None, gated: bool, x_f32: bo
 @cpu_only
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases(max_rows=1, max_n=90, max_k=300), members=st.integers(1, 3), act=st.sampled_from(ACTS),
-       gated=st.booleans(), x_f32=st.booleans(), chunk_k=st.sampled_from([16, 64]), spec=st.booleans())
-def test_kernel_accumulates_cpu(c: Case, members: int, act, gated: bool, x_f32: bool, chunk_k: int,
-                                spec: bool) -> None:
+       gated=st.booleans(), x_f32=st.booleans(), chunk_k=st.sampled_from([16, 64]))
+def test_kernel_accumulates_cpu(c: Case, members: int, act, gated: bool, x_f32: bool, chunk_k: int) -> None:
     ns = [c.n, max(1, c.n // 3), 17][:members]
-    cfg = sg._pick_config(1, sum(ns), c.k, c.dtype.itemsize, 4, block_n=16, chunk_k=chunk_k, spec=spec)
+    cfg = sg._pick_config(1, sum(ns), c.k, c.dtype.itemsize, 4, block_n=16, chunk_k=chunk_k)
     assert cfg.row_kernel and (cfg.split_k > 1 or c.k <= chunk_k)
     run_acc_case(c, ns, act, gated, x_f32, "cpu", cfg)
 
@@ -266,12 +265,9 @@ def test_cpu_graphs_are_left_alone_by_default() -> None:
 def test_kernel_accumulates_gpu() -> None:
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(c=cases(max_rows=1, max_n=3000, max_k=3000), members=st.integers(1, 3), act=st.sampled_from(ACTS),
-           gated=st.booleans(), x_f32=st.booleans(), spec=st.booleans())
-    def prop(c: Case, members: int, act, gated: bool, x_f32: bool, spec: bool) -> None:
-        ns = [c.n, max(1, c.n // 4), 1024][:members]
-        cfg = sg._pick_config(1, sum(ns), c.k, c.dtype.itemsize, sg._num_sms(torch.device("cuda")),
-                              accumulate=True, spec=spec)
-        run_acc_case(c, ns, act, gated, x_f32, "cuda", cfg)
+           gated=st.booleans(), x_f32=st.booleans())
+    def prop(c: Case, members: int, act, gated: bool, x_f32: bool) -> None:
+        run_acc_case(c, [c.n, max(1, c.n // 4), 1024][:members], act, gated, x_f32, "cuda")
 
     prop()
 

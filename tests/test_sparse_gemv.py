@@ -211,16 +211,14 @@ def test_block_sizes_cpu(
     one_step_max=st.sampled_from([0, 512]),
     sub_k=st.sampled_from([8, 16]),
     acc_tile=st.booleans(),
-    spec=st.booleans(),
 )
 def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
-                        sub_k: int, acc_tile: bool, spec: bool) -> None:
-    """The one-row kernel over its block sizes, splits, masking steps, accumulators and the
-    speculative first tile."""
+                        sub_k: int, acc_tile: bool) -> None:
+    """The one-row kernel over its block sizes, splits, masking steps and accumulators."""
     cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
                           one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
-                          acc_tile=acc_tile, spec=spec)
-    assert cfg.row_kernel and cfg.spec == spec
+                          acc_tile=acc_tile)
+    assert cfg.row_kernel
     run_case(c, "cpu", cfg)
 
 

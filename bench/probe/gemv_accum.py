@@ -145,7 +145,6 @@ VARIANTS = {  # overrides of sparse_gemv._pick_config for the accumulating launc
     "c128pps24": dict(chunk_k=128, programs_per_sm=24),
     "w1c128": dict(num_warps=1, block_n=128, sub_k=16, acc_tile=False, epi_floats=64, chunk_k=128),
 }
-ACC_VARIANTS = {"acc": {}, "acc+spec": dict(spec=True)}  # on the accumulating rules (``--spec``)
 
 
 def sweep(ws, x, s: float) -> dict:
@@ -162,7 +161,7 @@ def sweep(ws, x, s: float) -> dict:
     for kind, (names, xin, xm, thr, n, k) in kinds.items():
         acc = torch.zeros(1, n, device=DEV)
         for vname, over in VARIANTS.items():
-            cfg = sg._pick_config(1, n, k, 2, nsm, accumulate=vname in ACC_VARIANTS, **over)
+            cfg = sg._pick_config(1, n, k, 2, nsm, **over)
             calls = [functools.partial(sg.threshold_gemv_group, xin, [w[m] for m in names],
                                        [None] * len(names), thr, config=cfg, x_mul=xm,
                                        act="silu" if xm is not None else None, accumulate=acc) for w in ws]
@@ -175,7 +174,6 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--sweep", action="store_true", help="also time block-size variants")
-    ap.add_argument("--spec", action="store_true", help="time the speculative first tile instead")
     args = ap.parse_args()
     torch.manual_seed(0)
     env = gpu_environment()
@@ -203,19 +201,16 @@ def main() -> None:
                          f"{row[k + '_current_us']:.2f} / {row[k + '_accumulate_us']:.2f}"
                          for k in ("qkv", "o", "gu", "d"))
                      + " |")
-    if args.spec:  # the accumulating rules with and without the speculative first tile only
-        VARIANTS.clear()
-        VARIANTS.update(ACC_VARIANTS)
-    sweeps = {s: sweep(ws, x, s) for s in (0.0, 0.5, 0.9)} if args.sweep or args.spec else {}
+    sweeps = {s: sweep(ws, x, s) for s in (0.5, 0.9)} if args.sweep else {}
     if sweeps:
         table.append("")
-        table.append("Accumulating calls, µs per variant (s = 0 / 0.5 / 0.9): " + ", ".join(VARIANTS))
+        table.append("Accumulating calls, µs per variant (s = 0.5 / 0.9): " + ", ".join(VARIANTS))
         table.append("")
         table.append("| call | " + " | ".join(VARIANTS) + " |")
         table.append("|---|" + "---|" * len(VARIANTS))
         for kind in ("qkv", "o", "gu", "d"):
             table.append(f"| {kind} | " + " | ".join(
-                " / ".join(f"{sweeps[s][f'{kind}:{v}']:.2f}" for s in sweeps)
+                f"{sweeps[0.5][f'{kind}:{v}']:.2f} / {sweeps[0.9][f'{kind}:{v}']:.2f}"
                 for v in VARIANTS) + " |")
     head = ("| s | chain µs/call, current | chain, accumulate | cuBLAS chain µs per 1/4 layer | "
             "q/k/v cur / acc | o | gate/up | down |\n|---|---|---|---|---|---|---|---|")

@@ -447,7 +447,6 @@ def _row_gemv_kernel(
     GATED: tl.constexpr,
     ACCUM: tl.constexpr,  # outputs are float32 sums: every program adds its partial (atomics)
     ZERO: tl.constexpr,
-    SPEC: tl.constexpr,  # the split's first SUB_K weight rows loaded at once, before the mask
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -464,19 +463,8 @@ def _row_gemv_kernel(
     n_ok = offs_n < N
     offs_c = tl.arange(0, CHUNK_K)
     offs_s = tl.arange(0, SUB_K)
-    k_first = pid_k * split_len
-    k_end = tl.minimum(K, k_first + split_len)
-    if SPEC:  # the split's first SUB_K rows of Wᵀ, kept or not, loaded before x is known (no
-        # producer writes W, so even before the wait): they arrive during the masking instead of
-        # a DRAM round trip after it; the compacted list starts after them
-        ks = k_first + offs_s
-        ks_ok = ks < k_end
-        w_spec = tl.load(w_ptr + ks.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                         mask=ks_ok[:, None] & n_ok[None, :], other=0.0)
-    if PDL:  # everything above is arithmetic or W; x, the scratch and the counters come after this
+    if PDL:  # everything above is arithmetic; x, the scratch and the counters come after this
         gdc_wait()
-    if SPEC:
-        xs, ms = _load_input(x_ptr, xm_ptr, ks, ks_ok, stride_xk, stride_xmk, GATED)
     if ZERO:  # plain stores, nothing waits on them; ordered before the next launch by its boundary
         zb = tl.arange(0, 64)
         z0 = (pid_k * tl.num_programs(0) + pid_n) * zero_per_prog
@@ -484,6 +472,8 @@ def _row_gemv_kernel(
             tl.store(zero_ptr + z0 + i + zb, 0.0, mask=(i + zb < zero_per_prog) & (z0 + i + zb < zero_n))
 
     # ---- phase 1: compact this split's kept channels (ids, x - fill) into the scratch -------
+    k_first = pid_k * split_len
+    k_end = tl.minimum(K, k_first + split_len)
     scr_row = pid_k.to(tl.int64) * tl.cdiv(ws_n // BLOCK_N, scr_group) + pid_n // scr_group
     scr_ids = scr_ptr + scr_row * 2 * split_len
     scr_val = scr_ids + split_len
@@ -497,8 +487,6 @@ def _row_gemv_kernel(
         xc_next, mc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, GATED)
         keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
         keep = keep & kc_ok
-        if SPEC:
-            keep = keep & (kc >= k_first + SUB_K)
         kept = keep.to(tl.int32)
         slot = n_kept + tl.cumsum(kept, axis=0) - 1
         tl.store(scr_ids + slot, kc.to(tl.float32), mask=keep)
@@ -512,14 +500,6 @@ def _row_gemv_kernel(
         acc = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
     else:  # reduced every tile (fewer registers: larger tiles fit one warp)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if SPEC:  # the speculative rows, each weighted by its kept value (0 where dropped)
-        xs = _prologue(_as_dtype(xs, WDT), _as_dtype(ms, WDT), ACT, GATED)
-        keep_s, v_s = _kept_value(xs, ks, ks_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
-        prod = tl.where(keep_s & ks_ok, v_s, 0.0)[:, None] * w_spec.to(tl.float32)
-        if ACC_TILE:
-            acc += prod
-        else:
-            acc += tl.sum(prod, axis=0)
     s_ok = offs_s < n_kept
     k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
     v_next = tl.load(scr_val + offs_s, mask=s_ok, other=0.0)
@@ -673,7 +653,6 @@ class GemvConfig:
     acc_tile: bool = True  # row kernel: [SUB_K, BLOCK_N] accumulator (else reduced every tile)
     epi_floats: int = 16  # row kernel: partial sums per thread per load of the split-K epilogue
     pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
-    spec: bool = False  # row kernel: each split's first sub_k weight rows loaded before the mask
 
     @property
     def chunks_per_split(self) -> int:
@@ -703,9 +682,6 @@ def _row_pdl() -> bool:
     inductor = sys.modules.get("torch._inductor.config")  # never imported: no Inductor graphs
     return bool(inductor is not None and getattr(inductor.triton, "enable_pdl", False))
 
-
-# Speculative first tile of the one-row kernel (``GemvConfig.spec``): under measurement.
-ROW_SPEC = False
 
 _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v as one group)
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
@@ -743,8 +719,7 @@ def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, accumu
     """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
     overrides of ``_block_config``'s parameters are for tests and benchmarks."""
     if rows == 1 and overrides.get("row_kernel", True):
-        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=_row_pdl(),
-                    spec=ROW_SPEC)
+        base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=_row_pdl())
         base.update(_row_defaults(n, k, elem_size, accumulate))
         return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
     return _block_config(rows, n, k, elem_size, num_sms, **{**overrides, "row_kernel": False})
@@ -768,7 +743,6 @@ def _block_config(
     acc_tile: bool = True,
     epi_floats: int = 16,
     pdl: bool = False,
-    spec: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -803,7 +777,7 @@ def _block_config(
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
-                      epi_floats=epi_floats, pdl=pdl, spec=spec and row_kernel and rows == 1)
+                      epi_floats=epi_floats, pdl=pdl)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1044,7 +1018,6 @@ def threshold_gemv_group(
             GATED=x_mul is not None,
             ACCUM=accumulate is not None,
             ZERO=zeros_next > 0,
-            SPEC=config.spec,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )
