@@ -25,6 +25,14 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   (deterministic), adds the biases, writes the output and resets the counter to zero, so no
   memset precedes the launch. The counters live in one small per-device buffer that is zero
   between launches; launches on one stream never overlap, so they never share it at once.
+* **Or accumulate** (one-row kernel, ``threshold_gemv_group(accumulate=acc)``, what
+  ``fxsparse::threshold_linear_acc`` runs): every program adds its partial to a float32
+  output with relaxed atomics and is done; that output's reader rounds it. The zeros it must
+  start from are written by the previous accumulating launch (``zeros_next``), so again no
+  memset. Fence, counter, reload and store leave the critical path: 1.2-2.2 µs per call at 50%
+  on the H200 (``bench/results/gemv_accum_h200.md``); the price is an addition order that varies
+  from run to run. The input may then be another call's float32 sum, rounded to the weight's
+  dtype as it is loaded.
 
 Two kernels share that design. ``_row_gemv_kernel`` (one row, what the op runs) keeps every
 tensor 1-D or [SUB_K, BLOCK_N] and runs in one- or two-warp programs, so its scans and
@@ -48,8 +56,9 @@ launch measured slower in a compiled decode step, so it is off.
 No host synchronisation, no autotuning: the block sizes come from ``_pick_config`` (a fixed rule
 on shape and dtype, with the measurements that chose it in ``bench/NOTES.md``), so the launch
 captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")``. Besides the
-output, a call takes two small float32 workspaces (partials, compaction scratch) from PyTorch's
-caching allocator: no kernel, no sync, graph-safe. ``supports()`` accepts one row only: with
+output, a call takes two small float32 workspaces (partials, compaction scratch; accumulating
+calls: the scratch and the next call's zeros) from PyTorch's caching allocator: no kernel, no
+sync, graph-safe. ``supports()`` accepts one row only: with
 more rows the tensor-core path lost to cuBLAS on every measured shape (``max_rows``). The
 wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
