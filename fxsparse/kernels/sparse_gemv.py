@@ -909,7 +909,7 @@ def threshold_gemv_group(
     ``ACTIVATIONS``), which the one-row kernel computes as it loads ``x``.
 
     With ``accumulate`` (float32, [*x.shape[:-1], sum of N], members side by side; one row and
-    the one-row kernel only, see ``threshold_gemv_accumulate``) the outputs are added to it
+    the one-row kernel only, as ``fxsparse::threshold_linear_acc`` runs it) the outputs are added to it
     instead, and the call returns ``zeros_next`` float32 zeros written by the same launch.
     """
     if act is not None:

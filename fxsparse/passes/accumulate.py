@@ -5,8 +5,9 @@ Pre: ``lower_linears`` (and ``group_siblings``, ``fuse_activations``) have run. 
 one row (static), on a device in ``devices``, whose output does not require grad, becomes
 ``fxsparse::threshold_linear_acc(acc, x, ...)`` on a float32 ``acc`` (the members' outputs side by
 side), and each former output is ``narrow(acc, -1, offset, N).to(dtype)``. The ``acc`` are
-chained: the graph's first is one ``torch.zeros``; every call returns the zeros the next one
-needs (on CUDA written by the same launch, so no fill kernel runs per call). An input that is
+chained: the graph's first (per run of calls on one device) is one ``torch.zeros``; every call
+returns the zeros the next one needs (on CUDA written by the same launch, so no fill kernel runs
+per call). An input that is
 such a rounded output and is read by sparse layers only (a down projection reading gate/up) is
 passed as the float32 sum itself: the op rounds it to the weights' dtype exactly as the ``to``
 did.
@@ -104,7 +105,8 @@ def accumulate_outputs(gm: fx.GraphModule, devices: Iterable[str] = ("cuda",)) -
     acc = None
     for i, (node, _, outs, shape, device) in enumerate(sites):
         x, xm, ws, bs, thr, c, s, cbs, act = _operands(node)  # now: earlier sites' outputs were replaced
-        nxt = list(sites[i + 1][3]) if i + 1 < len(sites) else [0]
+        chained = i + 1 < len(sites) and sites[i + 1][4] == device  # several GPUs: a chain per run of one
+        nxt = list(sites[i + 1][3]) if chained else [0]
         with graph.inserting_before(node):
             if acc is None:
                 acc = graph.call_function(torch.zeros, (shape,), {"dtype": torch.float32, "device": device})
@@ -124,7 +126,7 @@ def accumulate_outputs(gm: fx.GraphModule, devices: Iterable[str] = ("cuda",)) -
             if out is not node:
                 graph.erase_node(out)
         graph.erase_node(node)
-        acc = new
+        acc = new if chained else None
         counters["fxsparse"]["accumulated"] += 1
 
     # a rounded output read only by sparse layers, as their input: give them the float32 sum
