@@ -21,6 +21,12 @@ input of a down projection (``silu(gate) * up``, OPT's ``relu(fc1)``): on CUDA t
 kernel computes that input while it loads it, so no separate kernel writes it first. Each op
 rounds to ``a``'s dtype as eager does (``act``, then the product). Inference only (no autograd).
 
+``fxsparse::threshold_linear_acc`` adds the outputs of any of those (several weights, an
+optional activation) unrounded to a float32 ``acc`` it mutates, and returns the zeros the next
+such call adds into; its ``x`` may be another call's float32 sum, rounded to the weights' dtype
+first. ``passes/accumulate.py`` chains a graph's one-row calls through it, so the kernel can add
+its split-K partials with atomics and the rounding moves to each output's reader.
+
 Implementations: a plain-torch reference (CPU, and any device as a named fallback), a fake
 (meta) impl for tracing, and on CUDA the fused Triton threshold-mask + sparse GEMV kernel for
 few rows (``sparse_gemv.py``), with the reference composition (mask, then cuBLAS) above that.
