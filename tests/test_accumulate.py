@@ -287,3 +287,26 @@ def test_inductor_decode_accumulates_gpu() -> None:
         want = model(x, use_cache=False).logits.float()
     assert all(d.get("accumulate") for g in record for d in g["decisions"] if d["op"] != "linear")
     assert (got.float() - want).norm() / want.norm() < 2e-2
+
+
+def test_one_chain_per_device() -> None:
+    """Calls on two devices in one graph (a model split over GPUs): each device's calls chain
+    from their own zeros, never through the other device's."""
+    from torch import fx
+
+    from fxsparse.passes import accumulate_outputs
+
+    tl_op = torch.ops.fxsparse.threshold_linear.default
+    graph = fx.Graph()
+    x0, w0, x1, w1 = (graph.placeholder(n) for n in ("x0", "w0", "x1", "w1"))
+    y0 = graph.call_function(tl_op, (x0, w0, None, 0.5, None, None, None))
+    y1 = graph.call_function(tl_op, (x1, w1, None, 0.5, None, None, None))
+    graph.output((y0, y1))
+    for node, shape, device in [(x0, (1, 8), "cpu"), (w0, (4, 8), "cpu"), (y0, (1, 4), "cpu"),
+                                (x1, (1, 8), "meta"), (w1, (6, 8), "meta"), (y1, (1, 6), "meta")]:
+        node.meta["val"] = torch.empty(shape, device=device)
+    gm = accumulate_outputs(fx.GraphModule(torch.nn.Module(), graph), devices=("cpu", "meta"))
+    zeros = [n for n in gm.graph.nodes if n.target is torch.zeros]
+    assert [(z.args[0], z.kwargs["device"].type) for z in zeros] == [((1, 4), "cpu"), ((1, 6), "meta")]
+    accs = [n for n in gm.graph.nodes if n.target is op]
+    assert [a.args[0] for a in accs] == zeros and [a.args[-1] for a in accs] == [[0], [0]]
