@@ -537,10 +537,7 @@ def _row_gemv_kernel(
     # ---- epilogue: the last-arriving split sums the partials in order, adds biases, stores ---
     if ACCUM:  # or every split adds its partial to the float32 output, fire and forget
         if pid_k == 0:
-            if HAS_BIAS:
-                part += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            if HAS_CB:
-                part += tl.load(cb_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
         tl.atomic_add(out_ptr + offs_n, part, mask=n_ok, sem="relaxed")
     elif split_k > 1:
         offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -563,11 +560,18 @@ def _row_gemv_kernel(
 
 
 @triton.jit
-def _store_row(part, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+def _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+    """One row's float32 ``part`` plus the bias and the center bias (where present)."""
     if HAS_BIAS:
         part += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if HAS_CB:
         part += tl.load(cb_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    return part
+
+
+@triton.jit
+def _store_row(part, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+    part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
     tl.store(out_ptr + offs_n, part.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
