@@ -96,17 +96,17 @@ def accumulate_outputs(gm: fx.GraphModule, devices: Iterable[str] = ("cuda",)) -
         if any(v.requires_grad or v.device.type not in devices or v.dtype != wdtype for _, v in outs):
             continue
         shape = (*outs[0][1].shape[:-1], sum(v.shape[-1] for _, v in outs))
-        sites.append((node, ops, outs, shape, outs[0][1].device))
+        sites.append((node, outs, shape, outs[0][1].device))
     if not sites:
         return gm
 
     rounded: dict[fx.Node, tuple[fx.Node, torch.dtype]] = {}  # ``to`` node -> (float32 slice, dtype)
     renamed: dict[str, str] = {}
     acc = None
-    for i, (node, _, outs, shape, device) in enumerate(sites):
+    for i, (node, outs, shape, device) in enumerate(sites):
         x, xm, ws, bs, thr, c, s, cbs, act = _operands(node)  # now: earlier sites' outputs were replaced
-        chained = i + 1 < len(sites) and sites[i + 1][4] == device  # several GPUs: a chain per run of one
-        nxt = list(sites[i + 1][3]) if chained else [0]
+        chained = i + 1 < len(sites) and sites[i + 1][3] == device  # several GPUs: a chain per run of one
+        nxt = list(sites[i + 1][2]) if chained else [0]
         with graph.inserting_before(node):
             if acc is None:
                 acc = graph.call_function(torch.zeros, (shape,), {"dtype": torch.float32, "device": device})
