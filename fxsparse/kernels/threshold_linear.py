@@ -304,12 +304,16 @@ def activation_reference(a: Tensor, act: str, b: Tensor | None = None) -> Tensor
     return y if b is None else y * b
 
 
-def _check_act_args(a, b, weight, bias, center, channel_scale, center_bias, act) -> None:
-    _check_act(act)
+def _check_multiplier(op: str, a: Tensor, b: Tensor | None, names: str = "b must match a") -> None:
+    """The prologue's multiplier ``b`` has ``a``'s shape and dtype."""
     if b is not None:
         torch._check(b.shape == a.shape and b.dtype == a.dtype,
-                     lambda: f"threshold_linear_act: b must match a ({tuple(a.shape)}, {a.dtype}), "
-                     f"got {tuple(b.shape)}, {b.dtype}")
+                     lambda: f"{op}: {names} ({tuple(a.shape)}, {a.dtype}), got {tuple(b.shape)}, {b.dtype}")
+
+
+def _check_act_args(a, b, weight, bias, center, channel_scale, center_bias, act) -> None:
+    _check_act(act)
+    _check_multiplier("threshold_linear_act", a, b)
     _check_args(a, weight, bias, center, channel_scale, center_bias)
 
 
@@ -373,9 +377,7 @@ def _check_acc_args(acc, x, x_mul, weights, biases, center, channel_scale, cente
         _check_act(act)
     else:
         torch._check(x_mul is None, lambda: f"{op}: x_mul without act")
-    if x_mul is not None:
-        torch._check(x_mul.shape == x.shape and x_mul.dtype == x.dtype,
-                     lambda: f"{op}: x_mul must match x ({tuple(x.shape)}, {x.dtype})")
+    _check_multiplier(op, x, x_mul, "x_mul must match x")
     _check_group_args(x, weights, biases, center, channel_scale, center_biases)
 
 
