@@ -276,17 +276,11 @@ def test_kernel_accumulates_gpu() -> None:
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
 def test_inductor_decode_accumulates_gpu() -> None:
     """Compiled through Inductor on the GPU (defaults), a one-token Llama step equals the hooks."""
-    from conftest import calibrated_tiny_llama
+    from conftest import gpu_decode_step
 
-    model, plan = calibrated_tiny_llama()
-    model = model.cuda().to(torch.bfloat16)
-    fxsparse.prepare_weights(model, plan)
-    x = torch.randint(0, 96, (1, 1), device="cuda")
-    got, record = _compiled(model, plan, x, dense_when_faster=False)
-    with torch.no_grad(), plan_hooks(model, plan):
-        want = model(x, use_cache=False).logits.float()
-    assert all(d.get("accumulate") for g in record for d in g["decisions"] if d["op"] != "linear")
-    assert (got.float() - want).norm() / want.norm() < 2e-2
+    got, want, decisions = gpu_decode_step()
+    assert all(d.get("accumulate") for d in decisions if d["op"] != "linear")
+    assert (got - want).norm() / want.norm() < 2e-2
 
 
 def test_one_chain_per_device() -> None:

@@ -244,18 +244,8 @@ def test_prologue_matches_reference_gpu(act: str) -> None:
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
 def test_inductor_decode_with_prologue_gpu() -> None:
     """Compiled through Inductor on the GPU, a one-token Llama step equals the eager hooks."""
-    from conftest import calibrated_tiny_llama
+    from conftest import gpu_decode_step
 
-    model, plan = calibrated_tiny_llama()
-    model = model.cuda().to(torch.bfloat16)
-    fxsparse.prepare_weights(model, plan)
-    record = []
-    fast = torch.compile(model, backend="sparse_act",  # tiny layers lose to cuBLAS: keep them sparse
-                         options={"plan": plan, "record": record, "dense_when_faster": False})
-    x = torch.randint(0, 96, (1, 1), device="cuda")
-    with torch.no_grad():
-        got = fast(x, use_cache=False).logits.float()
-        with plan_hooks(model, plan):
-            want = model(x, use_cache=False).logits.float()
-    assert any(d.get("prologue") == "silu(a) * b" for g in record for d in g["decisions"])
+    got, want, decisions = gpu_decode_step()
+    assert any(d.get("prologue") == "silu(a) * b" for d in decisions)
     assert (got - want).norm() / want.norm() < 2e-2
