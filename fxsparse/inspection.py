@@ -4,7 +4,7 @@ It compiles the model with ``sparse_act`` (without Inductor, so graphs stay read
 exact probe on every planned layer, runs the given input once, and reports:
 
 * each graph Dynamo produced, as code, after every pass (``input``, ``observe``, ``lower``,
-  ``group``, ``fuse_act``);
+  ``group``, ``fuse_act``, ``accumulate``);
 * a per-layer table: name, target, threshold, center, sparsity measured on this input, the op
   chosen, weight bytes a batch-1 decode step reads dense vs expected sparse, and for every linear
   left dense the reason (ignored scope, not targeted, not in the plan, not called).
