@@ -1,0 +1,97 @@
+"""Probe: L2 prefetch of the kept weight rows in the one-row kernel (session 10).
+
+Session 3's tracer showed the weight loop of the 8B shapes latency-bound (each 16-row tile a
+DRAM round trip, one tile in flight per program), and deeper register pipelines lost to their
+register cost. ``prefetch.global.L2`` writes no register: (a) ``prefetch_compact`` asks for
+every kept row as phase 1 finds it, so DRAM works while the split is still being masked;
+(b) ``prefetch_tiles=P`` asks for the tile P ahead of the one being loaded. Each variant
+replaces the accumulating rules' defaults; times Llama-3-8B's decode chain (q/k/v, o, gate/up,
+down with SiLU; 8 layers, CUDA graphs) at s = 0 / 0.5 / 0.9 and each call kind at 0.5,
+after checking the chain against the non-accumulating path.
+
+    PYTHONPATH=. python bench/probe/gemv_prefetch.py [--layers 8] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import unittest.mock
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gemv_accum as ga  # noqa: E402
+
+from fxsparse.kernels import sparse_gemv as sg  # noqa: E402
+from fxsparse.kernels.timing import gpu_environment, time_calls  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "pfc": dict(prefetch_compact=True),
+    "pfc32": dict(prefetch_compact=True, prefetch_bytes=32),
+    "pft2": dict(prefetch_tiles=2),
+    "pft4": dict(prefetch_tiles=4),
+    "pft8": dict(prefetch_tiles=8),
+    "pft4_32": dict(prefetch_tiles=4, prefetch_bytes=32),
+}
+KINDS = ("qkv", "o", "gu", "d")
+
+
+def patched(over: dict):
+    base = sg._row_defaults
+
+    def rows(n, k, elem_size, accumulate=False):
+        return {**base(n, k, elem_size, accumulate), **over}
+    return unittest.mock.patch.object(sg, "_row_defaults", rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    env = gpu_environment()
+    print(env, flush=True)
+    ws = ga.build(args.layers)
+    x = torch.randn(1, ga.H, device=ga.DEV, dtype=ga.DT)
+    calls = 4 * args.layers
+    res: dict[str, dict] = {}
+    for name, over in VARIANTS.items():
+        sg._block_config.cache_clear()
+        with patched(over):
+            r = res[name] = {}
+            for s in (0.0, 0.5, 0.9):
+                _, accumulate, dense, errs = ga.chains(ws, x, s)
+                if not all(e < 2e-2 for e in errs):
+                    sys.exit(f"!!!! MISMATCH {name} s={s}: {errs}")
+                r[f"chain_{s}"] = time_calls([accumulate], graphs=True)[0] / calls
+                if name == "default":
+                    r[f"dense_{s}"] = time_calls([dense], graphs=True)[0] / calls
+            for kind, (_, acc) in ga.single_calls(ws, x, 0.5).items():
+                r[kind] = time_calls(acc, graphs=True)[0]
+        print(name, {k: round(v, 2) for k, v in r.items()}, flush=True)
+    sg._block_config.cache_clear()
+    head = ("| variant | chain s=0 | chain s=0.5 | chain s=0.9 | "
+            + " | ".join(f"{k} @0.5" for k in KINDS) + " |")
+    lines = [f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {args.layers} layers; "
+             "accumulating one-row calls, µs per call (chain: average of the 4 calls per layer); "
+             f"cuBLAS chain {res['default']['dense_0.0']:.2f} µs per call", "", head,
+             "|---" * (4 + len(KINDS)) + "|"]
+    for name, r in res.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[f'chain_{s}']:.2f}" for s in (0.0, 0.5, 0.9))
+                     + " | " + " | ".join(f"{r[k]:.2f}" for k in KINDS) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gemv_prefetch.json").write_text(json.dumps(dict(env=env, variants=VARIANTS, rows=res),
+                                                                indent=1))
+        (args.out / "gemv_prefetch.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
