@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_sparse_gemv import HAS_CUDA, INTERPRETED, TOL, Case, cases, cpu_only, make_inputs
@@ -92,12 +93,17 @@ def test_kernel_accumulates_cpu(c: Case, members: int, act, gated: bool, x_f32: 
 
 
 def test_accumulating_launches_take_one_warp() -> None:
-    """Without the split-K epilogue one-warp programs win on the mid (8B MLP) weights too;
-    the other rules are the same either way (bench/results/gemv_accum_h200.md)."""
+    """Without the split-K epilogue one-warp programs win on the mid (8B MLP) weights too, with
+    32-row tiles on grids of 8 programs per SM (one wave); the rest of the rules is the same
+    (bench/results/gemv_accum_h200.md, gemv_rules_h200.md)."""
     for n, k in [(4096, 4096), (6144, 4096), (4096, 14336), (14336, 4096), (28672, 4096)]:
-        plain, acc = (sg._pick_config(1, n, k, 2, 132, accumulate=a) for a in (False, True))
-        assert acc.num_warps == 1
-        assert plain == acc or (plain.num_warps == 2 and 32 * 2**20 <= n * k < 100 * 2**20)
+        plain = sg._pick_config(1, n, k, 2, 132)
+        acc = sg._pick_config(1, n, k, 2, 132, accumulate=True)
+        assert acc.num_warps == 1 and acc.sub_k == 32
+        assert triton.cdiv(n, acc.block_n) * acc.split_k <= 8 * 132
+        same = sg._pick_config(1, n, k, 2, 132, sub_k=32, programs_per_sm=8)
+        assert same == acc or (plain.num_warps == 2 and 32 * 2**20 <= n * k < 100 * 2**20)
+    assert sg._pick_config(1, 4096, 4096, 2, 132, accumulate=True, sub_k=16).sub_k == 16  # overrides win
 
 
 def test_kernel_refuses_what_it_cannot_accumulate() -> None:

@@ -119,21 +119,6 @@ def _load_input(x_ptr, xm_ptr, k, ok, stride_xk, stride_xmk, GATED: tl.constexpr
 
 
 @triton.jit
-def _prefetch_rows(w_ptr, k, ok, cols, n_ok_cols, stride_wk, stride_wn, LINES: tl.constexpr,
-                   LINE: tl.constexpr):
-    """Ask L2 for this program's part of Wᵀ rows ``k`` (where ``ok``), one request per ``LINE``
-    elements: nothing is written to registers, so unlike a load it holds no registers while the
-    bytes are in flight, and the weight loop's loads of those rows later hit L2."""
-    base = w_ptr + k.to(tl.int64) * stride_wk
-    for j in tl.static_range(LINES):
-        col = cols + j * LINE
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; }\n\tmov.u32 $0, 0;",
-            "=r,l,r", [base + col * stride_wn, (ok & (col < n_ok_cols)).to(tl.int32)],
-            dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _as_dtype(v, DTYPE: tl.constexpr):
     """``v`` in DTYPE, rounded to nearest-even (a float32 sum read as the layer's input)."""
     if v.dtype == DTYPE:
@@ -471,9 +456,6 @@ def _row_gemv_kernel(
     GATED: tl.constexpr,
     ACCUM: tl.constexpr,  # outputs are float32 sums: every program adds its partial (atomics)
     ZERO: tl.constexpr,
-    PF_COMPACT: tl.constexpr,  # L2 prefetch of every kept row as phase 1 finds it
-    PF_TILES: tl.constexpr,  # L2 prefetch of the weight tiles this many ahead of the loads (0: off)
-    PF_LINE: tl.constexpr,  # elements per prefetch request
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -514,9 +496,6 @@ def _row_gemv_kernel(
         xc_next, mc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, GATED)
         keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
         keep = keep & kc_ok
-        if PF_COMPACT:  # DRAM starts on this step's rows while the rest of the split is masked
-            _prefetch_rows(w_ptr, kc, keep, blk * BLOCK_N, N, stride_wk, stride_wn, BLOCK_N // PF_LINE,
-                           PF_LINE)
         kept = keep.to(tl.int32)
         slot = n_kept + tl.cumsum(kept, axis=0) - 1
         tl.store(scr_ids + slot, kc.to(tl.float32), mask=keep)
@@ -536,19 +515,7 @@ def _row_gemv_kernel(
     w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                      mask=s_ok[:, None] & n_ok[None, :], other=0.0)
     k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
-    if PF_TILES > 0:  # tiles 1..PF_TILES now; tile t + 1 + PF_TILES in iteration t, its ids a step early
-        offs_p = SUB_K + tl.arange(0, PF_TILES * SUB_K)
-        k_pf = tl.load(scr_ids + offs_p, mask=offs_p < n_kept, other=0.0).to(tl.int32)
-        _prefetch_rows(w_ptr, k_pf, offs_p < n_kept, blk * BLOCK_N, N, stride_wk, stride_wn,
-                       BLOCK_N // PF_LINE, PF_LINE)
-        slot_pf = (1 + PF_TILES) * SUB_K + offs_s
-        k_pf = tl.load(scr_ids + slot_pf, mask=slot_pf < n_kept, other=0.0).to(tl.int32)
     for t in range(0, tl.cdiv(n_kept, SUB_K)):
-        if PF_TILES > 0:
-            slot_pf = (t + 1 + PF_TILES) * SUB_K + offs_s
-            _prefetch_rows(w_ptr, k_pf, slot_pf < n_kept, blk * BLOCK_N, N, stride_wk, stride_wn,
-                           BLOCK_N // PF_LINE, PF_LINE)
-            k_pf = tl.load(scr_ids + SUB_K + slot_pf, mask=SUB_K + slot_pf < n_kept, other=0.0).to(tl.int32)
         w = w_next
         v = v_next
         slot = (t + 1) * SUB_K + offs_s
@@ -699,9 +666,6 @@ class GemvConfig:
     acc_tile: bool = True  # row kernel: [SUB_K, BLOCK_N] accumulator (else reduced every tile)
     epi_floats: int = 16  # row kernel: partial sums per thread per load of the split-K epilogue
     pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
-    prefetch_compact: bool = False  # row kernel: L2 prefetch of kept rows during masking
-    prefetch_tiles: int = 0  # row kernel: L2 prefetch of weight tiles this many ahead (power of 2)
-    prefetch_bytes: int = 128  # row kernel: bytes per prefetch request
 
     @property
     def chunks_per_split(self) -> int:
@@ -752,10 +716,16 @@ def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False) -> d
     Every rule sums all split-K partials in one load where 64 floats per thread hold them.
     Accumulating launches (float32 outputs, atomics, no such epilogue) take one warp for mid
     weights too: the down projection (4096x14336, SiLU prologue) at s = 0.5 / 0.9 ran 20.5 /
-    10.7 µs against two warps' 22.4 / 11.2, and no other sweep variant beat the rules above
-    (``bench/results/gemv_accum_h200.md``).
+    10.7 µs against two warps' 22.4 / 11.2 (``bench/results/gemv_accum_h200.md``). They also
+    take 32-row tiles, whose registers allow ~8 one-warp programs per SM, on grids sized for 8
+    per SM, i.e. one wave with half the serial tile round trips: Llama-3-8B's decode chain
+    18.29 -> 18.24 µs per call at s = 0.5, 8.89 -> 8.10 at 0.9, 29.38 -> 29.37 at 0; 32-row
+    tiles on the 16-per-SM grids (two waves) lost 0.5-1 µs per call
+    (``bench/results/gemv_rules_h200.md``, two runs).
     """
     one_warp = dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False, epi_floats=64)
+    if accumulate:
+        one_warp.update(sub_k=32, programs_per_sm=8)
     if n * k < _SMALL_WEIGHT:
         return dict(one_warp, chunk_k=128)
     if n * k < _LARGE_WEIGHT and not accumulate:
@@ -792,9 +762,6 @@ def _block_config(
     acc_tile: bool = True,
     epi_floats: int = 16,
     pdl: bool = False,
-    prefetch_compact: bool = False,
-    prefetch_tiles: int = 0,
-    prefetch_bytes: int = 128,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -829,8 +796,7 @@ def _block_config(
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
-                      epi_floats=epi_floats, pdl=pdl, prefetch_compact=prefetch_compact,
-                      prefetch_tiles=prefetch_tiles, prefetch_bytes=prefetch_bytes)
+                      epi_floats=epi_floats, pdl=pdl)
 
 
 @functools.lru_cache(maxsize=16)
@@ -851,11 +817,6 @@ def _pdl_ok(device: torch.device) -> bool:
     """Programmatic dependent launch needs sm_90+ and a Triton with grid dependency control."""
     return (gdc_wait is not None and not _INTERPRET and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-def _prefetch_ok(device: torch.device) -> bool:
-    """L2 prefetches are inline PTX: CUDA devices only, never under the interpreter."""
-    return not _INTERPRET and device.type == "cuda"
 
 
 _counters: dict[torch.device, Tensor] = {}
@@ -1053,8 +1014,6 @@ def threshold_gemv_group(
     grid = (n_blocks, config.split_k)
     if config.row_kernel:
         pdl = config.pdl and _pdl_ok(x.device)
-        prefetch = _prefetch_ok(x.device)  # PTX: not for the interpreter
-        pf_line = max(1, min(config.block_n, config.prefetch_bytes // weights[0].element_size()))
         _row_gemv_kernel[grid](
             x2, xm2, *member_args,
             center if center is not None else dummy,
@@ -1078,9 +1037,6 @@ def threshold_gemv_group(
             GATED=x_mul is not None,
             ACCUM=accumulate is not None,
             ZERO=zeros_next > 0,
-            PF_COMPACT=config.prefetch_compact and prefetch,
-            PF_TILES=config.prefetch_tiles if prefetch else 0,
-            PF_LINE=pf_line,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )

@@ -1,15 +1,14 @@
-"""Probe: L2 prefetch of the kept weight rows in the one-row kernel (session 10).
+"""Probe: variants of the one-row kernel's accumulating rules, in a decode chain and per call.
 
-Session 3's tracer showed the weight loop of the 8B shapes latency-bound (each 16-row tile a
-DRAM round trip, one tile in flight per program), and deeper register pipelines lost to their
-register cost. ``prefetch.global.L2`` writes no register: (a) ``prefetch_compact`` asks for
-every kept row as phase 1 finds it, so DRAM works while the split is still being masked;
-(b) ``prefetch_tiles=P`` asks for the tile P ahead of the one being loaded. Each variant
-replaces the accumulating rules' defaults; times Llama-3-8B's decode chain (q/k/v, o, gate/up,
-down with SiLU; 8 layers, CUDA graphs) at s = 0 / 0.5 / 0.9 and each call kind at 0.5,
-after checking the chain against the non-accumulating path.
+Each variant's overrides replace ``_row_defaults``' block sizes for every call kind; times
+Llama-3-8B's decode chain (q/k/v, o, gate/up, down with SiLU; 8 layers, CUDA graphs) at
+s = 0 / 0.5 / 0.9 and each call kind at 0.5, after checking the chain against the
+non-accumulating path. Session 10 asked whether the mid and small weights starve for bytes in
+flight (the down projection has half gate/up's programs per SM and streams 2.7 against 3.3 TB/s
+at 50%): more programs per SM, narrower N-blocks, larger or smaller tiles; then 32-row tiles
+with grids small enough for one wave at their ~8 one-warp programs per SM.
 
-    PYTHONPATH=. python bench/probe/gemv_prefetch.py [--layers 8] [--out DIR]
+    PYTHONPATH=. python bench/probe/gemv_rules.py [--layers 8] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,14 +27,15 @@ import gemv_accum as ga  # noqa: E402
 from fxsparse.kernels import sparse_gemv as sg  # noqa: E402
 from fxsparse.kernels.timing import gpu_environment, time_calls  # noqa: E402
 
-VARIANTS = {
+VARIANTS = {  # run 1: pps24 ... c512 (results/gemv_rules_h200.md); run 2: 32-row tiles in one wave
     "default": {},
-    "pfc": dict(prefetch_compact=True),
-    "pfc32": dict(prefetch_compact=True, prefetch_bytes=32),
-    "pft2": dict(prefetch_tiles=2),
-    "pft4": dict(prefetch_tiles=4),
-    "pft8": dict(prefetch_tiles=8),
-    "pft4_32": dict(prefetch_tiles=4, prefetch_bytes=32),
+    "sk16": dict(sub_k=16),
+    "sk32": dict(sub_k=32),
+    "pps8": dict(programs_per_sm=8),
+    "pps8sk32": dict(programs_per_sm=8, sub_k=32),
+    "c256sk32": dict(chunk_k=256, sub_k=32),
+    "pps4sk32": dict(programs_per_sm=4, sub_k=32),
+    "sk64pps4": dict(programs_per_sm=4, sub_k=64),
 }
 KINDS = ("qkv", "o", "gu", "d")
 
@@ -88,9 +88,9 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gemv_prefetch.json").write_text(json.dumps(dict(env=env, variants=VARIANTS, rows=res),
+        (args.out / "gemv_rules.json").write_text(json.dumps(dict(env=env, variants=VARIANTS, rows=res),
                                                                 indent=1))
-        (args.out / "gemv_prefetch.md").write_text(text + "\n")
+        (args.out / "gemv_rules.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
