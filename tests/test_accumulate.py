@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_sparse_gemv import HAS_CUDA, INTERPRETED, TOL, Case, cases, cpu_only, make_inputs
@@ -84,25 +83,25 @@ def run_acc_case(c: Case, ns: list[int], act: str | None, gated: bool, x_f32: bo
 @cpu_only
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases(max_rows=1, max_n=90, max_k=300), members=st.integers(1, 3), act=st.sampled_from(ACTS),
-       gated=st.booleans(), x_f32=st.booleans(), chunk_k=st.sampled_from([16, 64]))
-def test_kernel_accumulates_cpu(c: Case, members: int, act, gated: bool, x_f32: bool, chunk_k: int) -> None:
+       gated=st.booleans(), x_f32=st.booleans(), chunk_k=st.sampled_from([16, 64]),
+       stages=st.sampled_from([0, 3]))
+def test_kernel_accumulates_cpu(c: Case, members: int, act, gated: bool, x_f32: bool, chunk_k: int,
+                                stages: int) -> None:
     ns = [c.n, max(1, c.n // 3), 17][:members]
-    cfg = sg._pick_config(1, sum(ns), c.k, c.dtype.itemsize, 4, block_n=16, chunk_k=chunk_k)
+    cfg = sg._pick_config(1, sum(ns), c.k, c.dtype.itemsize, 4, block_n=16, chunk_k=chunk_k,
+                          programs_per_sm=16, tile_bytes=0, sub_k=8, stages=stages)
     assert cfg.row_kernel and (cfg.split_k > 1 or c.k <= chunk_k)
     run_acc_case(c, ns, act, gated, x_f32, "cpu", cfg)
 
 
-def test_accumulating_launches_take_one_warp() -> None:
-    """Without the split-K epilogue one-warp programs win on the mid (8B MLP) weights too, with
-    32-row tiles on grids of 8 programs per SM (one wave); the rest of the rules is the same
-    (bench/results/gemv_accum_h200.md, gemv_rules_h200.md)."""
+def test_accumulating_launches_take_the_stream_rule() -> None:
+    """Accumulating launches are never deterministic, so they take the stream rule whatever
+    ``torch.use_deterministic_algorithms`` says (the backend skips the pass under it instead)."""
     for n, k in [(4096, 4096), (6144, 4096), (4096, 14336), (14336, 4096), (28672, 4096)]:
-        plain = sg._pick_config(1, n, k, 2, 132)
-        acc = sg._pick_config(1, n, k, 2, 132, accumulate=True)
-        assert acc.num_warps == 1 and acc.sub_k == 32
-        assert triton.cdiv(n, acc.block_n) * acc.split_k <= 8 * 132
-        same = sg._pick_config(1, n, k, 2, 132, sub_k=32, programs_per_sm=8)
-        assert same == acc or (plain.num_warps == 2 and 32 * 2**20 <= n * k < 100 * 2**20)
+        for deterministic in (False, True):
+            acc = sg._pick_config(1, n, k, 2, 132, accumulate=True, deterministic=deterministic)
+            assert acc == sg._pick_config(1, n, k, 2, 132, deterministic=False, programs_per_sm=2)
+            assert acc.num_warps == 8 and acc.stages > 0 and acc.atomic_epilogue
     assert sg._pick_config(1, 4096, 4096, 2, 132, accumulate=True, sub_k=16).sub_k == 16  # overrides win
 
 

@@ -209,17 +209,55 @@ def test_block_sizes_cpu(
     block_n=st.sampled_from([16, 64]),
     chunk_k=st.sampled_from([16, 64]),
     one_step_max=st.sampled_from([0, 512]),
-    sub_k=st.sampled_from([8, 16]),
+    sub_k=st.sampled_from([1, 8, 16]),
     acc_tile=st.booleans(),
+    stages=st.sampled_from([0, 3]),
+    atomic_epilogue=st.booleans(),
 )
 def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
-                        sub_k: int, acc_tile: bool) -> None:
-    """The one-row kernel over its block sizes, splits, masking steps and accumulators."""
+                        sub_k: int, acc_tile: bool, stages: int, atomic_epilogue: bool) -> None:
+    """The one-row kernel over its block sizes, splits, masking steps, accumulators, weight
+    loops (by hand or Triton's pipeline) and split-K epilogues (partials or atomics); the
+    atomic one leaves its sums and counters zero for the next launch."""
     cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
                           one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
-                          acc_tile=acc_tile)
-    assert cfg.row_kernel
+                          acc_tile=acc_tile, stages=stages, atomic_epilogue=atomic_epilogue, tile_bytes=0)
+    assert cfg.row_kernel and cfg.stages == stages
     run_case(c, "cpu", cfg)
+    if cfg.atomic_epilogue:
+        assert not sg._split_sums(torch.device("cpu")).any()
+        assert not sg._arrival_counters(torch.device("cpu")).any()
+
+
+def test_stream_rule_and_deterministic_rules() -> None:
+    """One-row launches stream 4 KB runs in one eight-warp program per SM with one masking
+    step, split-K by atomics; under ``torch.use_deterministic_algorithms`` the partials rules
+    (one or two warps, fixed summation order) run instead (bench/NOTES.md, session 11)."""
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]:
+        cfg = sg._pick_config(1, n, k, 2, 132, deterministic=False)
+        assert cfg.num_warps == 8 and cfg.block_n * 2 == 4096 and cfg.sub_k * cfg.block_n * 2 == 16384
+        assert cfg.chunks_per_split == 1 and cfg.stages == 4 and cfg.atomic_epilogue
+        assert 0.9 * 132 <= -(-n // cfg.block_n) * cfg.split_k <= 1.1 * 132
+        exact = sg._pick_config(1, n, k, 2, 132, deterministic=True)
+        assert exact.num_warps in (1, 2) and not exact.atomic_epilogue and exact.stages == 0
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert sg._pick_config(1, n, k, 2, 132) == exact
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert sg._pick_config(1, n, k, 2, 132) == cfg
+    assert sg._pick_config(1, 1024, 4096, 2, 132).sub_k == 8  # narrow weight: tiles keep 16 KB
+
+
+@cpu_only
+def test_wide_launch_falls_back_to_partials_cpu(monkeypatch) -> None:
+    """More columns than the atomic epilogue's workspace holds: the deterministic rules run."""
+    monkeypatch.setattr(sg, "_SUM_CAPACITY", 64)
+    picked = []
+    real = sg._pick_config
+    monkeypatch.setattr(sg, "_pick_config", lambda *a, **kw: picked.append(real(*a, **kw)) or picked[-1])
+    run_case(Case(1, 100, 300, torch.bfloat16, 0.5, "none", False, True, False, "contiguous", 0, 5), "cpu")
+    assert picked[0].atomic_epilogue and not picked[-1].atomic_epilogue and len(picked) == 2
 
 
 @cpu_only

@@ -27,24 +27,33 @@ import gemv_accum as ga  # noqa: E402
 from fxsparse.kernels import sparse_gemv as sg  # noqa: E402
 from fxsparse.kernels.timing import gpu_environment, time_calls  # noqa: E402
 
+
+def _session10(n: int, k: int, elem_size: int) -> dict:
+    """The accumulating rule before the stream rule: one warp, 32-row tiles, 8 programs per SM."""
+    return dict(num_warps=1, block_n=256 // elem_size, acc_tile=False, epi_floats=64, sub_k=32,
+                chunk_k=128 if n * k < sg._SMALL_WEIGHT else 256, programs_per_sm=8, one_step_max=256,
+                scratch_group=8, stages=0, tile_bytes=0, max_split=64, atomic_epilogue=False)
+
+
 VARIANTS = {  # run 1: pps24 ... c512 (results/gemv_rules_h200.md); run 2: 32-row tiles in one wave
+    # (gemv_rules2_h200.md); run 3 (session 11): the stream rule against session 10's
     "default": {},
-    "sk16": dict(sub_k=16),
-    "sk32": dict(sub_k=32),
-    "pps8": dict(programs_per_sm=8),
-    "pps8sk32": dict(programs_per_sm=8, sub_k=32),
-    "c256sk32": dict(chunk_k=256, sub_k=32),
-    "pps4sk32": dict(programs_per_sm=4, sub_k=32),
-    "sk64pps4": dict(programs_per_sm=4, sub_k=64),
+    "session10": _session10,
+    "bn1024": dict(block_n=1024),
+    "pps2": dict(programs_per_sm=2),
+    "bn1024pps2": dict(block_n=1024, programs_per_sm=2),
+    "st3": dict(stages=3),
 }
 KINDS = ("qkv", "o", "gu", "d")
 
 
-def patched(over: dict):
+def patched(over):
     base = sg._row_defaults
 
-    def rows(n, k, elem_size, accumulate=False):
-        return {**base(n, k, elem_size, accumulate), **over}
+    def rows(n, k, elem_size, accumulate=False, deterministic=False):
+        if callable(over):
+            return over(n, k, elem_size)
+        return {**base(n, k, elem_size, accumulate, deterministic), **over}
     return unittest.mock.patch.object(sg, "_row_defaults", rows)
 
 
@@ -88,7 +97,8 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gemv_rules.json").write_text(json.dumps(dict(env=env, variants=VARIANTS, rows=res),
+        variants = {k: str(v) for k, v in VARIANTS.items()}
+        (args.out / "gemv_rules.json").write_text(json.dumps(dict(env=env, variants=variants, rows=res),
                                                                 indent=1))
         (args.out / "gemv_rules.md").write_text(text + "\n")
 

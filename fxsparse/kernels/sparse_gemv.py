@@ -14,17 +14,21 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   scratch, one copy per split and group of ``scratch_group`` N-blocks: channel ids and each
   row's kept value ``x - fill`` (0 where that row drops it, so every row keeps its exact mask).
   Phase 2 walks that list in ``SUB_K``-row tiles and loads only those rows of ``Wᵀ``,
-  software-pipelined (ids two tiles ahead, weights one), so loads, conversions and FMAs scale
-  with the kept count, not with ``K``.
+  software-pipelined (by Triton: a ring of tiles in shared memory; or by hand, ids two tiles
+  ahead, weights one), so loads, conversions and FMAs scale with the kept count, not with ``K``.
+  Each program reads a long run of every kept row (4 KB in the default rule): DRAM streams
+  such runs at the rate of dense reads, 128-256-byte runs at 70-85% of it.
 * **Center as bias.** Dropped entries snap to the center ``c``; with ``c`` folded out,
   ``out = Σ_kept W[:, i] (x_i - c_i) + (b + W c)``. ``W c`` (``center_bias``) is computed once
   by the caller when preparing the model; without it the wrapper computes it (slow, correct).
 * **Split-K without a zeroing pass.** The grid is (N-blocks x K-splits). With several splits,
-  every program writes its float32 partial tile to a workspace, then bumps a per-N-block
-  arrival counter; the last program to arrive sums the partials in a fixed order
-  (deterministic), adds the biases, writes the output and resets the counter to zero, so no
-  memset precedes the launch. The counters live in one small per-device buffer that is zero
-  between launches; launches on one stream never overlap, so they never share it at once.
+  every program adds its float32 partial to a per-device sums buffer with atomics, then bumps a
+  per-N-block arrival counter; the last program to arrive reads the sums, zeroes them again,
+  adds the biases, writes the output and resets the counter, so no memset precedes the launch.
+  Under ``torch.use_deterministic_algorithms`` (and for launches wider than the sums buffer)
+  programs write their partials to a workspace instead and the last one sums them in a fixed
+  order. Counters and sums live in small per-device buffers that are zero between launches;
+  launches on one stream never overlap, so they never share them at once.
 * **Or accumulate** (one-row kernel, ``threshold_gemv_group(accumulate=acc)``, what
   ``fxsparse::threshold_linear_acc`` runs): every program adds its partial to a float32
   output with relaxed atomics and is done; that output's reader rounds it. The zeros it must
@@ -35,7 +39,8 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   dtype as it is loaded.
 
 Two kernels share that design. ``_row_gemv_kernel`` (one row, what the op runs) keeps every
-tensor 1-D or [SUB_K, BLOCK_N] and runs in one- or two-warp programs, so its scans and
+tensor 1-D or [SUB_K, BLOCK_N]; it runs one eight-warp program per SM streaming 4 KB runs
+(``_row_defaults``' stream rule), or, deterministic, one- or two-warp programs whose scans and
 reductions stay inside a warp: the row-generic ``_threshold_gemv_kernel`` ([BLOCK_R, C] shapes,
 four warps, tensor cores for several rows) spent ~28 barriers of layout conversions per launch,
 and its fixed cost (τ = ∞) was 1.3-2.1x the one-row kernel's (H200: 6.4-16.7 vs 4.8-9.4 µs,
@@ -56,9 +61,9 @@ launch measured slower in a compiled decode step, so it is off.
 No host synchronisation, no autotuning: the block sizes come from ``_pick_config`` (a fixed rule
 on shape and dtype, with the measurements that chose it in ``bench/NOTES.md``), so the launch
 captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")``. Besides the
-output, a call takes two small float32 workspaces (partials, compaction scratch; accumulating
-calls: the scratch and the next call's zeros) from PyTorch's caching allocator: no kernel, no
-sync, graph-safe. ``supports()`` accepts one row only: with
+output, a call takes small float32 workspaces (compaction scratch; partials when
+deterministic; accumulating calls: the next call's zeros) from PyTorch's caching allocator: no
+kernel, no sync, graph-safe. ``supports()`` accepts one row only: with
 more rows the tensor-core path lost to cuBLAS on every measured shape (``max_rows``). The
 wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -456,6 +461,8 @@ def _row_gemv_kernel(
     GATED: tl.constexpr,
     ACCUM: tl.constexpr,  # outputs are float32 sums: every program adds its partial (atomics)
     ZERO: tl.constexpr,
+    STAGES: tl.constexpr,  # weight loop: 0 hand-pipelined one tile ahead, else Triton's, this deep
+    ATOMIC_EPI: tl.constexpr,  # split-K by atomics into ws (zero between launches), not partials
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -504,31 +511,44 @@ def _row_gemv_kernel(
         kc = kn
     tl.debug_barrier()  # the scratch is read back by other threads of this program
 
-    # ---- phase 2: the kept rows of Wᵀ; ids two tiles ahead, weights one --------------------
+    # ---- phase 2: the kept rows of Wᵀ ------------------------------------------------------
     if ACC_TILE:  # per-slot partial sums, reduced once at the end
         acc = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
     else:  # reduced every tile (fewer registers: larger tiles fit one warp)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    s_ok = offs_s < n_kept
-    k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
-    v_next = tl.load(scr_val + offs_s, mask=s_ok, other=0.0)
-    w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=s_ok[:, None] & n_ok[None, :], other=0.0)
-    k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
-    for t in range(0, tl.cdiv(n_kept, SUB_K)):
-        w = w_next
-        v = v_next
-        slot = (t + 1) * SUB_K + offs_s
-        s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
-        k = k_next.to(tl.int32)
-        v_next = tl.load(scr_val + slot, mask=s_ok, other=0.0)
+    if STAGES > 0:  # Triton's pipeline: a cp.async ring of STAGES - 1 tiles in shared memory
+        for t in tl.range(0, tl.cdiv(n_kept, SUB_K), num_stages=STAGES):
+            slot = t * SUB_K + offs_s
+            s_ok = slot < n_kept
+            k = tl.load(scr_ids + slot, mask=s_ok, other=0.0).to(tl.int32)
+            v = tl.load(scr_val + slot, mask=s_ok, other=0.0)
+            w = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+            if ACC_TILE:
+                acc += v[:, None] * w.to(tl.float32)
+            else:
+                acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+    else:  # by hand: ids two tiles ahead, weights one
+        s_ok = offs_s < n_kept
+        k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
+        v_next = tl.load(scr_val + offs_s, mask=s_ok, other=0.0)
         w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                          mask=s_ok[:, None] & n_ok[None, :], other=0.0)
-        k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
-        if ACC_TILE:
-            acc += v[:, None] * w.to(tl.float32)
-        else:
-            acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+        k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
+        for t in range(0, tl.cdiv(n_kept, SUB_K)):
+            w = w_next
+            v = v_next
+            slot = (t + 1) * SUB_K + offs_s
+            s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
+            k = k_next.to(tl.int32)
+            v_next = tl.load(scr_val + slot, mask=s_ok, other=0.0)
+            w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                             mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+            k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
+            if ACC_TILE:
+                acc += v[:, None] * w.to(tl.float32)
+            else:
+                acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
     if ACC_TILE:
         part = tl.sum(acc, axis=0)  # [BLOCK_N]
     else:
@@ -539,6 +559,19 @@ def _row_gemv_kernel(
         if pid_k == 0:
             part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
         tl.atomic_add(out_ptr + offs_n, part, mask=n_ok, sem="relaxed")
+    elif split_k > 1 and ATOMIC_EPI:  # partials summed by atomics; the last split rounds them
+        offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.atomic_add(ws_ptr + offs_w, part, mask=n_ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's additions are issued before the release below
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            total = tl.load(ws_ptr + offs_w, mask=n_ok, other=0.0, cache_modifier=".cg")
+            # threads holding copies of a column (replicated layouts) all load it before any
+            # zeroes it: without this barrier the copy that stores the output could read 0
+            tl.debug_barrier()
+            tl.store(ws_ptr + offs_w, 0.0, mask=n_ok)  # zero again for the next launch
+            _store_row(total, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     elif split_k > 1:
         offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(ws_ptr + pid_k.to(tl.int64) * ws_n + offs_w, part, mask=n_ok)
@@ -666,6 +699,8 @@ class GemvConfig:
     acc_tile: bool = True  # row kernel: [SUB_K, BLOCK_N] accumulator (else reduced every tile)
     epi_floats: int = 16  # row kernel: partial sums per thread per load of the split-K epilogue
     pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
+    stages: int = 0  # row kernel: weight loop pipelined by Triton this deep (0: by hand, one ahead)
+    atomic_epilogue: bool = False  # row kernel: split-K sums by atomics into a zeroed workspace
 
     @property
     def chunks_per_split(self) -> int:
@@ -700,8 +735,29 @@ _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v 
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
 
-def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False) -> dict:
-    """One-row kernel block sizes by weight size (H200 sweeps of sessions 5 and 6, bench/NOTES.md).
+# One-row launches that stream 4 KB runs of each kept row (session 11, H200,
+# ``bench/results/gemv_stream_h200.md``; the "stream" rule below).
+_STREAM = dict(num_warps=8, block_n=4096, sub_k=1, tile_bytes=16384, programs_per_sm=1, chunk_k=32,
+               one_step_max=1024, scratch_group=1, max_split=256, stages=4, acc_tile=True,
+               atomic_epilogue=True)
+
+
+def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False,
+                  deterministic: bool = False) -> dict:
+    """One-row kernel block sizes: the stream rule, or by weight size the rules below.
+
+    **Stream** (every launch but deterministic ones): one eight-warp program per SM, each an
+    N-block of 4 KB of every kept row of Wᵀ over a short K-split (32-1024 channels), its rows
+    streamed through a 4-deep cp.async ring of 16 KB tiles; the split-K partials are summed by
+    float32 atomics (into the output when accumulating, else into a zeroed workspace whose
+    last-arriving split rounds and stores them). On the H200 the op ran 0.95-1.08x cuBLAS at
+    s = 0, 1.29-1.95x at 0.5 and 2.0-6.7x at 0.9 on the five benchmark shapes (``gemv_h200.md``),
+    the rules below 0.84-0.95x, 1.15-1.69x and 1.8-5.3x: what limited those was not bytes in
+    flight but the DRAM efficiency of 128-256-byte runs scattered over rows (``bench/NOTES.md``,
+    session 11; ``gemv_stream_long_h200.md``). The addition order of atomics varies from run to
+    run, so under ``torch.use_deterministic_algorithms`` the rules below run instead.
+
+    By weight size (H200 sweeps of sessions 5 and 6, bench/NOTES.md), deterministic:
 
     Programs of one or two warps keep scans and reductions inside a warp: the fixed cost
     (τ = ∞) fell from 6.4-16.7 µs (four warps) to 4.8-9.4 µs. What separates the rules is bytes
@@ -714,32 +770,34 @@ def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False) -> d
     * large (70B shapes, gate/up grouped): one warp, 256-byte runs, 256-channel splits
       (28672x8192: 0.93/1.69/5.34x).
     Every rule sums all split-K partials in one load where 64 floats per thread hold them.
-    Accumulating launches (float32 outputs, atomics, no such epilogue) take one warp for mid
-    weights too: the down projection (4096x14336, SiLU prologue) at s = 0.5 / 0.9 ran 20.5 /
-    10.7 µs against two warps' 22.4 / 11.2 (``bench/results/gemv_accum_h200.md``). They also
-    take 32-row tiles, whose registers allow ~8 one-warp programs per SM, on grids sized for 8
-    per SM, i.e. one wave with half the serial tile round trips: Llama-3-8B's decode chain
-    18.29 -> 18.24 µs per call at s = 0.5, 8.89 -> 8.10 at 0.9, 29.38 -> 29.37 at 0; 32-row
-    tiles on the 16-per-SM grids (two waves) lost 0.5-1 µs per call (``gemv_rules_h200.md``,
-    ``gemv_rules2_h200.md``); a compiled decode step's GEMVs took 2.378 -> 2.28 ms.
+    (Accumulating launches are never deterministic; before the stream rule they took 32-row
+    one-warp tiles at 8 programs per SM, ``gemv_rules2_h200.md``.)
     """
+    if accumulate or not deterministic:
+        # two programs per SM when accumulating: in Llama-3-8B's decode chain 28.96 / 18.17 / 7.60
+        # µs per call at s = 0 / 0.5 / 0.9 against one per SM's 29.71 / 18.26 / 7.41 and the
+        # previous rule's 29.39 / 18.25 / 8.07 (gemv_rules3_h200.md): q/k/v as one group has
+        # N-blocks of unequal width (4096 + 1024 + 1024), which one program per SM leaves uneven
+        return dict(_STREAM, block_n=_STREAM["block_n"] // elem_size, programs_per_sm=2 if accumulate else 1)
     one_warp = dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False, epi_floats=64)
-    if accumulate:
-        one_warp.update(sub_k=32, programs_per_sm=8)
     if n * k < _SMALL_WEIGHT:
         return dict(one_warp, chunk_k=128)
-    if n * k < _LARGE_WEIGHT and not accumulate:
+    if n * k < _LARGE_WEIGHT:
         return dict(num_warps=2, block_n=128 // elem_size, sub_k=8, acc_tile=True, epi_floats=64)
     return one_warp
 
 
 def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, accumulate: bool = False,
-                 **overrides) -> GemvConfig:
+                 deterministic: bool | None = None, **overrides) -> GemvConfig:
     """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
-    overrides of ``_block_config``'s parameters are for tests and benchmarks."""
+    overrides of ``_block_config``'s parameters are for tests and benchmarks. ``deterministic``
+    (default: ``torch.are_deterministic_algorithms_enabled()``) picks rules whose result does
+    not depend on the order in which programs finish."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     if rows == 1 and overrides.get("row_kernel", True):
         base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=_row_pdl())
-        base.update(_row_defaults(n, k, elem_size, accumulate))
+        base.update(_row_defaults(n, k, elem_size, accumulate, deterministic))
         return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
     return _block_config(rows, n, k, elem_size, num_sms, **{**overrides, "row_kernel": False})
 
@@ -762,6 +820,10 @@ def _block_config(
     acc_tile: bool = True,
     epi_floats: int = 16,
     pdl: bool = False,
+    stages: int = 0,
+    atomic_epilogue: bool = False,
+    tile_bytes: int = 0,
+    max_split: int = _MAX_SPLIT_K,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -777,17 +839,20 @@ def _block_config(
     within 1-4%; one copy per split 1.15-1.3x slower at s = 0.9, one per program up to 7%
     slower at s = 0). ``row_kernel``: one row through ``_row_gemv_kernel`` (``num_warps``,
     ``acc_tile``, ``epi_floats``: partial sums per thread per epilogue load, each load an L2
-    round trip of the last-arriving program).
+    round trip of the last-arriving program). ``tile_bytes``: at least this many bytes per weight
+    tile (``sub_k`` grows when ``block_n`` is clipped to a narrow weight). ``stages``,
+    ``atomic_epilogue``: see ``GemvConfig``; ``max_split``: most K-splits.
     """
     use_dot = rows > 1
     if block_n is None:
         block_n = (512 if use_dot else 256) // elem_size
     block_n = max(16, min(block_n, _next_pow2(n)))
+    sub_k = max(sub_k, _next_pow2(tile_bytes // (block_n * elem_size)))
     block_r = max(16, _next_pow2(rows)) if use_dot else 1
     n_blocks = triton.cdiv(n, block_n)
     n_chunks = max(1, triton.cdiv(k, chunk_k))
     split = max(1, round(programs_per_sm * num_sms / n_blocks))
-    split = min(split, n_chunks, _MAX_SPLIT_K)
+    split = min(split, n_chunks, max_split)
     if n_blocks > _COUNTER_CAPACITY:
         split = 1
     chunks_per_split = triton.cdiv(n_chunks, split)
@@ -796,7 +861,8 @@ def _block_config(
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
-                      epi_floats=epi_floats, pdl=pdl)
+                      epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
+                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -804,6 +870,11 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a small grid that still exercises split-K
+
+
+def _ws_columns(config: GemvConfig, ns: Sequence[int]) -> int:
+    """Split-K workspace row length: BLOCK_N x all members' N-blocks."""
+    return sum(triton.cdiv(n, config.block_n) for n in ns) * config.block_n
 
 
 def _split_group(config: GemvConfig, epi_r: int) -> int:
@@ -820,6 +891,8 @@ def _pdl_ok(device: torch.device) -> bool:
 
 
 _counters: dict[torch.device, Tensor] = {}
+_sums: dict[torch.device, Tensor] = {}
+_SUM_CAPACITY = 1 << 18  # float32 columns of the atomic epilogue's workspace (1 MB per device)
 
 
 def reserve(device: torch.device) -> None:
@@ -831,6 +904,7 @@ def reserve(device: torch.device) -> None:
     """
     if device.type == "cuda":
         _arrival_counters(device)
+        _split_sums(device)
 
 
 def _arrival_counters(device: torch.device) -> Tensor:
@@ -838,6 +912,15 @@ def _arrival_counters(device: torch.device) -> Tensor:
     buf = _counters.get(device)
     if buf is None:
         buf = _counters[device] = torch.zeros(_COUNTER_CAPACITY, dtype=torch.int32, device=device)
+    return buf
+
+
+def _split_sums(device: torch.device) -> Tensor:
+    """Per-device float32 sums of the atomic split-K epilogue; zeroed once, then zeroed again
+    column by column by the last split that reads them."""
+    buf = _sums.get(device)
+    if buf is None:
+        buf = _sums[device] = torch.zeros(_SUM_CAPACITY, dtype=torch.float32, device=device)
     return buf
 
 
@@ -981,8 +1064,11 @@ def threshold_gemv_group(
                      lambda: "threshold_gemv: center_bias without a center")
 
     if config is None:
-        config = _pick_config(rows, sum(ns), k, weights[0].element_size(), _num_sms(x.device),
-                              accumulate=accumulate is not None)
+        pick = functools.partial(_pick_config, rows, sum(ns), k, weights[0].element_size(),
+                                 _num_sms(x.device), accumulate=accumulate is not None)
+        config = pick()
+        if config.atomic_epilogue and accumulate is None and _ws_columns(config, ns) > _SUM_CAPACITY:
+            config = pick(deterministic=True)  # wider than the sums workspace: partials instead
     torch._check(accumulate is None or (config.row_kernel and rows == 1),
                  lambda: "threshold_gemv: accumulate needs one row and the one-row kernel")
     if act is not None and not config.row_kernel:  # only the one-row kernel has the prologue
@@ -993,11 +1079,16 @@ def threshold_gemv_group(
         config.split_k == 1 or n_blocks <= _COUNTER_CAPACITY,
         lambda: "threshold_gemv: too many N-blocks for split-K",
     )
-    ws_n = n_blocks * config.block_n
+    ws_n = _ws_columns(config, ns)
     split_len = config.split_len
     n_scr = config.split_k * triton.cdiv(n_blocks, config.scratch_group)
     scr = torch.empty((n_scr, 1 + rows, split_len), dtype=torch.float32, device=x.device)
-    if config.split_k > 1 and accumulate is None:
+    atomic_epi = config.atomic_epilogue and config.split_k > 1 and accumulate is None
+    if atomic_epi:
+        torch._check(ws_n <= _SUM_CAPACITY,
+                     lambda: "threshold_gemv: too many columns for the atomic epilogue")
+        ws, cnt = _split_sums(x.device), _arrival_counters(x.device)
+    elif config.split_k > 1 and accumulate is None:
         ws = torch.empty((config.split_k, rows, ws_n), dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device)
     else:
@@ -1037,6 +1128,8 @@ def threshold_gemv_group(
             GATED=x_mul is not None,
             ACCUM=accumulate is not None,
             ZERO=zeros_next > 0,
+            STAGES=config.stages,
+            ATOMIC_EPI=atomic_epi,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )
