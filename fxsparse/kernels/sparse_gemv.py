@@ -736,7 +736,7 @@ _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one
 
 
 # One-row launches that stream 4 KB runs of each kept row (session 11, H200,
-# ``bench/results/gemv_stream_h200.md``; the "stream" rule below).
+# ``bench/results/gemv_stream_long_h200.md``; the "stream" rule below). block_n in bytes here.
 _STREAM = dict(num_warps=8, block_n=4096, sub_k=1, tile_bytes=16384, programs_per_sm=1, chunk_k=32,
                one_step_max=1024, scratch_group=1, max_split=256, stages=4, acc_tile=True,
                atomic_epilogue=True)
@@ -776,8 +776,8 @@ def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False,
     if accumulate or not deterministic:
         # two programs per SM when accumulating: in Llama-3-8B's decode chain 28.96 / 18.17 / 7.60
         # µs per call at s = 0 / 0.5 / 0.9 against one per SM's 29.71 / 18.26 / 7.41 and the
-        # previous rule's 29.39 / 18.25 / 8.07 (gemv_rules3_h200.md): q/k/v as one group has
-        # N-blocks of unequal width (4096 + 1024 + 1024), which one program per SM leaves uneven
+        # previous rule's 29.39 / 18.25 / 8.07 (gemv_rules3_h200.md): in q/k/v as one group k's
+        # and v's N-blocks are half as wide as q's, which one program per SM leaves uneven
         return dict(_STREAM, block_n=_STREAM["block_n"] // elem_size, programs_per_sm=2 if accumulate else 1)
     one_warp = dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False, epi_floats=64)
     if n * k < _SMALL_WEIGHT:
