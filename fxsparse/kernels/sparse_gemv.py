@@ -566,8 +566,8 @@ def _row_gemv_kernel(
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == split_k - 1:
             total = tl.load(ws_ptr + offs_w, mask=n_ok, other=0.0, cache_modifier=".cg")
-            # threads holding copies of a column (replicated layouts) all load it before any
-            # zeroes it: without this barrier the copy that stores the output could read 0
+            # Triton loads the sums and stores the zeros in different thread layouts, so a
+            # column's zero could land before its load (outputs of 0: seen on the H200)
             tl.debug_barrier()
             tl.store(ws_ptr + offs_w, 0.0, mask=n_ok)  # zero again for the next launch
             _store_row(total, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
