@@ -522,18 +522,13 @@ def _row_gemv_kernel(
             s_ok = slot < n_kept
             k = tl.load(scr_ids + slot, mask=s_ok, other=0.0).to(tl.int32)
             v = tl.load(scr_val + slot, mask=s_ok, other=0.0)
-            w = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=s_ok[:, None] & n_ok[None, :], other=0.0)
-            if ACC_TILE:
-                acc += v[:, None] * w.to(tl.float32)
-            else:
-                acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+            w = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
+            acc = _accumulate(acc, v, w, ACC_TILE)
     else:  # by hand: ids two tiles ahead, weights one
         s_ok = offs_s < n_kept
         k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
         v_next = tl.load(scr_val + offs_s, mask=s_ok, other=0.0)
-        w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                         mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+        w_next = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
         k_next = tl.load(scr_ids + SUB_K + offs_s, mask=SUB_K + offs_s < n_kept, other=0.0)
         for t in range(0, tl.cdiv(n_kept, SUB_K)):
             w = w_next
@@ -542,13 +537,9 @@ def _row_gemv_kernel(
             s_ok = slot < n_kept  # past the end: fully masked loads, no memory traffic
             k = k_next.to(tl.int32)
             v_next = tl.load(scr_val + slot, mask=s_ok, other=0.0)
-            w_next = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                             mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+            w_next = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
             k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
-            if ACC_TILE:
-                acc += v[:, None] * w.to(tl.float32)
-            else:
-                acc += tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+            acc = _accumulate(acc, v, w, ACC_TILE)
     if ACC_TILE:
         part = tl.sum(acc, axis=0)  # [BLOCK_N]
     else:
@@ -590,6 +581,21 @@ def _row_gemv_kernel(
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")  # ready for the next launch
     else:
         _store_row(part, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+
+
+@triton.jit
+def _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn):
+    """[SUB_K, BLOCK_N] tile of Wᵀ: rows ``k`` (``s_ok``: slot in use; others move no bytes)."""
+    return tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                   mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _accumulate(acc, v, w, ACC_TILE: tl.constexpr):
+    """``acc`` plus the tile's products in float32: per slot (ACC_TILE) or reduced over slots."""
+    if ACC_TILE:
+        return acc + v[:, None] * w.to(tl.float32)
+    return acc + tl.sum(v[:, None] * w.to(tl.float32), axis=0)
 
 
 @triton.jit
@@ -1074,12 +1080,12 @@ def threshold_gemv_group(
     if act is not None and not config.row_kernel:  # only the one-row kernel has the prologue
         x2, act, x_mul = activation_reference(x, act, x_mul).reshape(-1, k), None, None
     xm2 = x_mul.reshape(-1, k) if x_mul is not None else x2
-    n_blocks = sum(triton.cdiv(n, config.block_n) for n in ns)
+    ws_n = _ws_columns(config, ns)
+    n_blocks = ws_n // config.block_n
     torch._check(
         config.split_k == 1 or n_blocks <= _COUNTER_CAPACITY,
         lambda: "threshold_gemv: too many N-blocks for split-K",
     )
-    ws_n = _ws_columns(config, ns)
     split_len = config.split_len
     n_scr = config.split_k * triton.cdiv(n_blocks, config.scratch_group)
     scr = torch.empty((n_scr, 1 + rows, split_len), dtype=torch.float32, device=x.device)
