@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_sparse_gemv import HAS_CUDA, INTERPRETED, TOL, Case, cases, cpu_only, make_inputs
+from test_sparse_gemv import HAS_CUDA, INTERPRETED, TOL, Case, cases, cpu_only, make_inputs, reference_f64
 
 import fxsparse
 import fxsparse.backend
 from fxsparse.kernels import sparse_gemv as sg
-from fxsparse.kernels.threshold_linear import ACTIVATIONS, activation_reference, threshold_linear_reference
+from fxsparse.kernels.threshold_linear import ACTIVATIONS, activation_reference
 from fxsparse.reference import plan_hooks
 
 op = torch.ops.fxsparse.threshold_linear_acc.default
@@ -68,11 +68,10 @@ def run_acc_case(c: Case, ns: list[int], act: str | None, gated: bool, x_f32: bo
     xr = x.to(c.dtype)
     if act is not None:
         xr = activation_reference(xr, act, None if xm is None else xm.to(c.dtype))
-    up = lambda t: None if t is None else t.double()
     offset = 0
     for w, b in zip(weights, biases, strict=True):
         n = w.shape[0]
-        want = threshold_linear_reference(up(xr), up(w), up(b), c.threshold, up(center), up(scale))
+        want = reference_f64(xr, w, b, c.threshold, center, scale)
         _compare(acc[..., offset:offset + n] - acc0[..., offset:offset + n], want, TOL[c.dtype])
         offset += n
 
