@@ -221,15 +221,20 @@ def test_block_sizes_cpu(
     acc_tile=st.booleans(),
     stages=st.sampled_from([0, 3]),
     atomic_epilogue=st.booleans(),
+    split_align=st.sampled_from([0, 8]),
+    whole_wave=st.booleans(),
 )
 def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
-                        sub_k: int, acc_tile: bool, stages: int, atomic_epilogue: bool) -> None:
-    """The one-row kernel over its block sizes, splits, masking steps, accumulators, weight
-    loops (by hand or Triton's pipeline) and split-K epilogues (partials or atomics); the
-    atomic one leaves its sums and counters zero for the next launch."""
+                        sub_k: int, acc_tile: bool, stages: int, atomic_epilogue: bool, split_align: int,
+                        whole_wave: bool) -> None:
+    """The one-row kernel over its block sizes, splits (any multiple of 8 channels, not only of
+    the masking step), masking steps, accumulators, weight loops (by hand or Triton's pipeline)
+    and split-K epilogues (partials or atomics); the atomic one leaves its sums and counters
+    zero for the next launch."""
     cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
                           one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
-                          acc_tile=acc_tile, stages=stages, atomic_epilogue=atomic_epilogue, tile_bytes=0)
+                          acc_tile=acc_tile, stages=stages, atomic_epilogue=atomic_epilogue, tile_bytes=0,
+                          split_align=split_align, whole_wave=whole_wave)
     assert cfg.row_kernel and cfg.stages == stages
     run_case(c, "cpu", cfg)
     if cfg.atomic_epilogue:
@@ -255,6 +260,19 @@ def test_stream_rule_and_deterministic_rules() -> None:
             torch.use_deterministic_algorithms(False)
         assert sg._pick_config(1, n, k, 2, 132) == cfg
     assert sg._pick_config(1, 1024, 4096, 2, 132).sub_k == 8  # narrow weight: tiles keep 16 KB
+
+
+def test_whole_wave_grids() -> None:
+    """``whole_wave`` never launches more programs than programs_per_sm x SMs, and with
+    8-channel splits it fills that wave closely (14336x4096: 126 programs, not round()'s 133)."""
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672), (6144, 4096)]:
+        for pps in (1, 2):
+            cfg = sg._pick_config(1, n, k, 2, 132, deterministic=False, programs_per_sm=pps,
+                                  split_align=8, whole_wave=True)
+            programs = -(-n // cfg.block_n) * cfg.split_k
+            assert 0.9 * pps * 132 <= programs <= pps * 132
+            assert cfg.split_len % 8 == 0
+            assert (cfg.split_k - 1) * cfg.split_len < k <= cfg.split_k * cfg.split_len  # no empty split
 
 
 @cpu_only

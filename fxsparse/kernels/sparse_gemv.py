@@ -830,6 +830,8 @@ def _block_config(
     atomic_epilogue: bool = False,
     tile_bytes: int = 0,
     max_split: int = _MAX_SPLIT_K,
+    split_align: int = 0,
+    whole_wave: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -847,7 +849,9 @@ def _block_config(
     ``acc_tile``, ``epi_floats``: partial sums per thread per epilogue load, each load an L2
     round trip of the last-arriving program). ``tile_bytes``: at least this many bytes per weight
     tile (``sub_k`` grows when ``block_n`` is clipped to a narrow weight). ``stages``,
-    ``atomic_epilogue``: see ``GemvConfig``; ``max_split``: most K-splits.
+    ``atomic_epilogue``: see ``GemvConfig``; ``max_split``: most K-splits. ``split_align``:
+    splits are a multiple of this many channels (0: of ``chunk_k``); ``whole_wave``: no more
+    programs than ``programs_per_sm`` x SMs (split count rounded down, not to nearest).
     """
     use_dot = rows > 1
     if block_n is None:
@@ -856,14 +860,16 @@ def _block_config(
     sub_k = max(sub_k, _next_pow2(tile_bytes // (block_n * elem_size)))
     block_r = max(16, _next_pow2(rows)) if use_dot else 1
     n_blocks = triton.cdiv(n, block_n)
-    n_chunks = max(1, triton.cdiv(k, chunk_k))
-    split = max(1, round(programs_per_sm * num_sms / n_blocks))
+    align = split_align or chunk_k
+    n_chunks = max(1, triton.cdiv(k, align))
+    waves = programs_per_sm * num_sms / n_blocks
+    split = max(1, int(waves) if whole_wave else round(waves))
     split = min(split, n_chunks, max_split)
     if n_blocks > _COUNTER_CAPACITY:
         split = 1
     chunks_per_split = triton.cdiv(n_chunks, split)
     split = triton.cdiv(n_chunks, chunks_per_split)  # no empty splits
-    split_len = chunks_per_split * chunk_k
+    split_len = chunks_per_split * align
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
