@@ -223,21 +223,39 @@ def test_block_sizes_cpu(
     atomic_epilogue=st.booleans(),
     split_align=st.sampled_from([0, 8]),
     whole_wave=st.booleans(),
+    early_last=st.booleans(),
 )
 def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
                         sub_k: int, acc_tile: bool, stages: int, atomic_epilogue: bool, split_align: int,
-                        whole_wave: bool) -> None:
+                        whole_wave: bool, early_last: bool) -> None:
     """The one-row kernel over its block sizes, splits (any multiple of 8 channels, not only of
     the masking step), masking steps, accumulators, weight loops (by hand or Triton's pipeline)
-    and split-K epilogues (partials or atomics); the atomic one leaves its sums and counters
-    zero for the next launch."""
+    and split-K epilogues (partials or atomics, the last split knowing it is last before it adds
+    or after); the atomic one leaves its sums and counters zero for the next launch."""
     cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
                           one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
                           acc_tile=acc_tile, stages=stages, atomic_epilogue=atomic_epilogue, tile_bytes=0,
-                          split_align=split_align, whole_wave=whole_wave)
+                          split_align=split_align, whole_wave=whole_wave, early_last=early_last)
     assert cfg.row_kernel and cfg.stages == stages
     run_case(c, "cpu", cfg)
     if cfg.atomic_epilogue:
+        assert not sg._split_sums(torch.device("cpu")).any()
+        assert not sg._arrival_counters(torch.device("cpu")).any()
+
+
+@cpu_only
+@pytest.mark.parametrize("early_last", [False, True])
+def test_atomic_epilogue_with_biases_cpu(early_last: bool) -> None:
+    """Atomic split-K (several splits per N-block; with ``early_last`` the last split finishes
+    without adding its own partial) with bias, center bias and channel scale, twice in a row:
+    the second launch starts from the sums and counters the first one left zero."""
+    c = Case(rows=1, n=70, k=300, dtype=torch.bfloat16, threshold=0.3, center="channel", scale=True,
+             bias=True, center_bias=True, layout="strided", specials=0, seed=3)
+    cfg = sg._pick_config(1, c.n, c.k, 2, 4, block_n=32, chunk_k=16, programs_per_sm=4, num_warps=1,
+                          stages=3, atomic_epilogue=True, tile_bytes=0, early_last=early_last)
+    assert cfg.split_k > 1 and cfg.atomic_epilogue and cfg.early_last == early_last
+    for seed in (3, 4):
+        run_case(dataclasses.replace(c, seed=seed), "cpu", cfg)
         assert not sg._split_sums(torch.device("cpu")).any()
         assert not sg._arrival_counters(torch.device("cpu")).any()
 

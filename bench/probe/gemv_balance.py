@@ -8,7 +8,10 @@ variant that removes it alone, on the same weights in one run:
   s = 0.5, so the heaviest of 64 splits reads ~30% more than the mean). ``regular`` masks keep
   exactly the same count in every window of channels (a low-discrepancy pattern), same sparsity.
 * **epilogue**: ``accum`` adds the partials into a float32 output and stops (no fence, counter,
-  reload or rounding store).
+  reload or rounding store); ``early``: each split reads its N-block's counter after its weight
+  loop, and one that finds every other split arrived finishes without adding its own partial,
+  so the fence and the counter atomic leave the critical path (sm_90 SASS: an acquire load,
+  ``LDG.E.STRONG.GPU`` + ``CCTL.IVALL``, in place of ``MEMBAR.ALL.GPU`` + ``ATOMG``).
 * **grid**: ``wave`` never launches more programs than SMs (14336x4096: 126 instead of 133);
   ``pps2`` two programs per SM; ``pdl`` programmatic dependent launch back to back;
   ``runs2KB`` / ``runs1KB`` narrower N-blocks, hence longer K-splits whose kept counts vary
@@ -83,6 +86,7 @@ def one_row(st: gb.Setup, nsm: int, dense: float, record) -> None:
         "wave": sg._pick_config(1, n, k, 2, nsm, split_align=8, whole_wave=True),
         "pps2": sg._pick_config(1, n, k, 2, nsm, programs_per_sm=2),
         "pdl": sg._pick_config(1, n, k, 2, nsm, pdl=True),
+        "early": sg._pick_config(1, n, k, 2, nsm, early_last=True),
         "runs2KB": sg._pick_config(1, n, k, 2, nsm, block_n=1024),  # longer splits: less binomial spread
         "runs1KB": sg._pick_config(1, n, k, 2, nsm, block_n=512),
     }

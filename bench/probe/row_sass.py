@@ -32,7 +32,8 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumul
                  BLOCK_N=cfg.block_n, CHUNK_K=cfg.chunk_k, SUB_K=cfg.sub_k,
                  SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl, ACT=0, GATED=False,
                  ACCUM=accumulate, ZERO=accumulate, STAGES=cfg.stages,
-                 ATOMIC_EPI=cfg.atomic_epilogue and not accumulate)
+                 ATOMIC_EPI=cfg.atomic_epilogue and not accumulate,
+                 EARLY_LAST=cfg.early_last and not accumulate)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -84,12 +85,14 @@ def main() -> None:
     shapes = [tuple(map(int, a.split("x"))) for a in sys.argv[1:]] or [
         (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
     for n, k in shapes:
-        for acc, det in ((True, False), (False, False), (False, True)):  # accumulating, op, deterministic op
-            cfg = sg._pick_config(1, n, k, 2, 132, accumulate=acc, deterministic=det)
+        # accumulating, op, op with the early-last epilogue, deterministic op
+        for acc, det, early in ((True, False, False), (False, False, False), (False, False, True),
+                                (False, True, False)):
+            cfg = sg._pick_config(1, n, k, 2, 132, accumulate=acc, deterministic=det, early_last=early)
             text, regs = sass(compile_row(cfg, accumulate=acc))
-            print(f"{n}x{k} accumulate={acc} deterministic={det} warps={cfg.num_warps} "
-                  f"block_n={cfg.block_n} sub_k={cfg.sub_k} stages={cfg.stages}: {regs} registers, "
-                  f"{text.count('BAR.SYNC')} BAR.SYNC")
+            print(f"{n}x{k} accumulate={acc} deterministic={det} early_last={cfg.early_last} "
+                  f"warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} stages={cfg.stages}: "
+                  f"{regs} registers, {text.count('BAR.SYNC')} BAR.SYNC, {text.count('MEMBAR')} MEMBAR")
             print("   ", loop_order(text))
 
 

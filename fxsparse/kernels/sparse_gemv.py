@@ -463,6 +463,7 @@ def _row_gemv_kernel(
     ZERO: tl.constexpr,
     STAGES: tl.constexpr,  # weight loop: 0 hand-pipelined one tile ahead, else Triton's, this deep
     ATOMIC_EPI: tl.constexpr,  # split-K by atomics into ws (zero between launches), not partials
+    EARLY_LAST: tl.constexpr,  # ATOMIC_EPI: read the counter first; if all others are in, finish
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -540,6 +541,9 @@ def _row_gemv_kernel(
             w_next = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
             k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
             acc = _accumulate(acc, v, w, ACC_TILE)
+    others = 0
+    if ATOMIC_EPI and EARLY_LAST:  # in flight while the accumulator is reduced
+        others = tl.atomic_add(cnt_ptr + pid_n, 0, sem="acquire")
     if ACC_TILE:
         part = tl.sum(acc, axis=0)  # [BLOCK_N]
     else:
@@ -552,17 +556,17 @@ def _row_gemv_kernel(
         tl.atomic_add(out_ptr + offs_n, part, mask=n_ok, sem="relaxed")
     elif split_k > 1 and ATOMIC_EPI:  # partials summed by atomics; the last split rounds them
         offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.atomic_add(ws_ptr + offs_w, part, mask=n_ok, sem="relaxed")
-        tl.debug_barrier()  # every thread's additions are issued before the release below
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == split_k - 1:
-            total = tl.load(ws_ptr + offs_w, mask=n_ok, other=0.0, cache_modifier=".cg")
-            # Triton loads the sums and stores the zeros in different thread layouts, so a
-            # column's zero could land before its load (outputs of 0: seen on the H200)
-            tl.debug_barrier()
-            tl.store(ws_ptr + offs_w, 0.0, mask=n_ok)  # zero again for the next launch
-            _store_row(total, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+        if others == split_k - 1:  # (EARLY_LAST) every other split has added: this one is last,
+            # and neither its own additions nor the fence that would publish them are needed
+            _finish_sums(part, ws_ptr, offs_w, cnt_ptr + pid_n, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok,
+                         HAS_BIAS, HAS_CB)
+        else:
+            tl.atomic_add(ws_ptr + offs_w, part, mask=n_ok, sem="relaxed")
+            tl.debug_barrier()  # every thread's additions are issued before the release below
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == split_k - 1:
+                _finish_sums(0.0, ws_ptr, offs_w, cnt_ptr + pid_n, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok,
+                             HAS_BIAS, HAS_CB)
     elif split_k > 1:
         offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(ws_ptr + pid_k.to(tl.int64) * ws_n + offs_w, part, mask=n_ok)
@@ -581,6 +585,20 @@ def _row_gemv_kernel(
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")  # ready for the next launch
     else:
         _store_row(part, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+
+
+@triton.jit
+def _finish_sums(part, ws_ptr, offs_w, cnt_ptr, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok,
+                 HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+    """The last split: the column sums (plus its own ``part`` where it did not add it), zeroed
+    again for the next launch, then biases, rounding and the store; the counter reset last."""
+    total = part + tl.load(ws_ptr + offs_w, mask=n_ok, other=0.0, cache_modifier=".cg")
+    # Triton loads the sums and stores the zeros in different thread layouts, so a column's
+    # zero could land before its load (outputs of 0: seen on the H200)
+    tl.debug_barrier()
+    tl.store(ws_ptr + offs_w, 0.0, mask=n_ok)
+    _store_row(total, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+    tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -707,6 +725,7 @@ class GemvConfig:
     pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
     stages: int = 0  # row kernel: weight loop pipelined by Triton this deep (0: by hand, one ahead)
     atomic_epilogue: bool = False  # row kernel: split-K sums by atomics into a zeroed workspace
+    early_last: bool = False  # atomic epilogue: the last split may know it is last before adding
 
     @property
     def chunks_per_split(self) -> int:
@@ -832,6 +851,7 @@ def _block_config(
     max_split: int = _MAX_SPLIT_K,
     split_align: int = 0,
     whole_wave: bool = False,
+    early_last: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -849,7 +869,7 @@ def _block_config(
     ``acc_tile``, ``epi_floats``: partial sums per thread per epilogue load, each load an L2
     round trip of the last-arriving program). ``tile_bytes``: at least this many bytes per weight
     tile (``sub_k`` grows when ``block_n`` is clipped to a narrow weight). ``stages``,
-    ``atomic_epilogue``: see ``GemvConfig``; ``max_split``: most K-splits. ``split_align``:
+    ``atomic_epilogue``, ``early_last``: see ``GemvConfig``; ``max_split``: most K-splits. ``split_align``:
     splits are a multiple of this many channels (0: of ``chunk_k``); ``whole_wave``: no more
     programs than ``programs_per_sm`` x SMs (split count rounded down, not to nearest).
     """
@@ -874,7 +894,8 @@ def _block_config(
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
                       epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
-                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1)
+                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1,
+                      early_last=early_last and atomic_epilogue and row_kernel and split > 1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1142,6 +1163,7 @@ def threshold_gemv_group(
             ZERO=zeros_next > 0,
             STAGES=config.stages,
             ATOMIC_EPI=atomic_epi,
+            EARLY_LAST=atomic_epi and config.early_last,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )
