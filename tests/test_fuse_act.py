@@ -60,6 +60,18 @@ def test_prologue_matches_reference_cpu(c: Case, act: str, gated: bool, chunk_k:
 
 
 @cpu_only
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=cases(max_rows=sg.MAX_ROW_KERNEL_ROWS, max_n=60, max_k=200), act=st.sampled_from(ACTS),
+       gated=st.booleans())
+def test_prologue_several_rows_cpu(c: Case, act: str, gated: bool) -> None:
+    """Several rows in the one-row kernel: act(a) * b computed per row as it is loaded."""
+    cfg = sg._pick_config(c.rows, c.n, c.k, c.dtype.itemsize, 4, row_kernel=True, num_warps=1, block_n=16,
+                          chunk_k=32, tile_bytes=0, programs_per_sm=4)
+    assert cfg.row_kernel
+    run_act_case(c, act, gated, "cpu", cfg)
+
+
+@cpu_only
 @pytest.mark.parametrize("act", ACTS)
 def test_prologue_rounds_like_eager_cpu(act: str) -> None:
     """Identity weight, nothing dropped: the output is the kernel's input, which must equal

@@ -17,8 +17,11 @@ variant that removes it alone, on the same weights in one run:
   ``runs2KB`` / ``runs1KB`` narrower N-blocks, hence longer K-splits whose kept counts vary
   less (4096²: 64-channel splits at 4 KB runs, 128 at 2 KB, 256 at 1 KB).
 
-Several rows: the row-generic tensor-core kernel with long runs (512-2048 columns per program,
-1-2 programs per SM) against the op's mask kernel + cuBLAS and plain cuBLAS, rows = 4.
+Several rows (rows = 4, against the op's mask kernel + cuBLAS and plain cuBLAS): the
+row-generic tensor-core kernel with long runs (512-2048 columns per program, 1-2 programs per
+SM), and the one-row kernel's stream with [4, ...] masks and FMA accumulators
+(``row_kernel=True``; sm_90: 128-162 registers, 4 barriers per weight tile for the values'
+layout).
 
     PYTHONPATH=. python bench/probe/gemv_balance.py [--out DIR] [--shapes 4096x4096 ...]
 """
@@ -125,6 +128,11 @@ def rows4(st: gb.Setup, nsm: int, record) -> None:
     for bn, nw, pps in ((512, 4, 2), (512, 8, 1), (1024, 8, 1), (1024, 8, 2), (1024, 4, 2), (2048, 8, 1)):
         configs[f"g{bn}w{nw}p{pps}"] = sg._block_config(rows, n, k, 2, nsm, block_n=bn, num_warps=nw,
                                                         programs_per_sm=pps, scratch_group=1)
+    stream = dict(row_kernel=True, deterministic=False)  # the one-row kernel's stream, four rows
+    configs["stream"] = sg._pick_config(rows, n, k, 2, nsm, **stream)
+    configs["stream early"] = sg._pick_config(rows, n, k, 2, nsm, **stream, early_last=True)
+    configs["stream pps2"] = sg._pick_config(rows, n, k, 2, nsm, **stream, programs_per_sm=2)
+    configs["stream 2KB"] = sg._pick_config(rows, n, k, 2, nsm, **stream, block_n=1024)
     for s in (0.0, 0.5, 0.8, 0.9):
         inputs = gb.sparse_inputs(st, rows, s)
         us, e = time_fn(st, inputs, lambda x, w, thr: F.linear(sg.masked_input(x, thr), w))

@@ -28,7 +28,8 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumulate: bool = True):
     fn = sg._row_gemv_kernel
-    const = dict(NUM_W=members, CENTER_MODE=0, HAS_SCALE=False, HAS_BIAS=False, HAS_CB=False,
+    const = dict(NUM_W=members, BLOCK_R=cfg.block_r, CENTER_MODE=0, HAS_SCALE=False, HAS_BIAS=False,
+                 HAS_CB=False,
                  BLOCK_N=cfg.block_n, CHUNK_K=cfg.chunk_k, SUB_K=cfg.sub_k,
                  SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl, ACT=0, GATED=False,
                  ACCUM=accumulate, ZERO=accumulate, STAGES=cfg.stages,
@@ -46,7 +47,8 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumul
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            unspecialised = ("stride_xk", "stride_xmk", "split_k", "steps", "scr_group")
+            unspecialised = ("stride_xk", "stride_xmk", "split_k", "steps", "scr_group", "R", "stride_xr",
+                             "stride_xmr")
             if name not in unspecialised and not name.startswith("stride_wn"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, const, attrs)
@@ -94,6 +96,11 @@ def main() -> None:
                   f"warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} stages={cfg.stages}: "
                   f"{regs} registers, {text.count('BAR.SYNC')} BAR.SYNC, {text.count('MEMBAR')} MEMBAR")
             print("   ", loop_order(text))
+        cfg = sg._pick_config(4, n, k, 2, 132, deterministic=False, row_kernel=True)  # four rows
+        text, regs = sass(compile_row(cfg, accumulate=False))
+        print(f"{n}x{k} rows=4 warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} "
+              f"stages={cfg.stages}: {regs} registers, {text.count('BAR.SYNC')} BAR.SYNC")
+        print("   ", loop_order(text))
 
 
 if __name__ == "__main__":

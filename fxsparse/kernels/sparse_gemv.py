@@ -25,10 +25,13 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   every program adds its float32 partial to a per-device sums buffer with atomics, then bumps a
   per-N-block arrival counter; the last program to arrive reads the sums, zeroes them again,
   adds the biases, writes the output and resets the counter, so no memset precedes the launch.
-  Under ``torch.use_deterministic_algorithms`` (and for launches wider than the sums buffer)
-  programs write their partials to a workspace instead and the last one sums them in a fixed
-  order. Counters and sums live in small per-device buffers that are zero between launches;
-  launches on one stream never overlap, so they never share them at once.
+  (Option ``early_last``, off until measured: each program first reads its counter; one that
+  finds every other split arrived is the last, adds its own partial in registers and skips
+  the fence and the counter atomic.) Under ``torch.use_deterministic_algorithms`` (and for
+  launches wider than the sums buffer) programs write their partials to a workspace instead
+  and the last one sums them in a fixed order. Counters and sums live in small per-device
+  buffers that are zero between launches; launches on one stream never overlap, so they never
+  share them at once.
 * **Or accumulate** (one-row kernel, ``threshold_gemv_group(accumulate=acc)``, what
   ``fxsparse::threshold_linear_acc`` runs): every program adds its partial to a float32
   output with relaxed atomics and is done; that output's reader rounds it. The zeros it must
@@ -46,7 +49,10 @@ four warps, tensor cores for several rows) spent ~28 barriers of layout conversi
 and its fixed cost (τ = ∞) was 1.3-2.1x the one-row kernel's (H200: 6.4-16.7 vs 4.8-9.4 µs,
 ``bench/results/gemv_sweep_row_h200.md``; stage by stage: ``gemv_fixed_h200.md``). Both
 take 1-3 *members*, weights that share x and the mask (q/k/v, gate/up; ``threshold_gemv_group``):
-the grid runs over all members' N-blocks, so siblings pay the fixed cost once.
+the grid runs over all members' N-blocks, so siblings pay the fixed cost once. Asked for
+(``row_kernel=True``), the one-row kernel also streams up to ``MAX_ROW_KERNEL_ROWS`` rows with
+[rows, ...] masks and FMA accumulators: a row of Wᵀ is read if any row keeps its channel. Not
+dispatched to yet (``max_rows`` is 1 until it is measured against mask + cuBLAS).
 
 Prologue: the one-row kernel can take its input as ``act(a) * b`` (silu, gelu, gelu_tanh, relu;
 ``threshold_linear_act``), loading ``a`` and ``b`` a masking step ahead and computing the
@@ -97,6 +103,7 @@ assert set(_ACT_CODE) == set(ACTIVATIONS)
 _COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at BLOCK_N = 128)
 _MAX_SPLIT_K = 64
 MAX_MEMBERS = 3  # weights one launch serves (q/k/v)
+MAX_ROW_KERNEL_ROWS = 4  # rows the one-row kernel's stream takes when asked (config row_kernel=True)
 # Triton 3.9's interpreter mis-multiplies bf16 in tl.dot: it gets float32 operands instead.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -441,12 +448,16 @@ def _row_gemv_kernel(
     ws_n,  # workspace row length: BLOCK_N x all members' N-blocks
     stride_xk,
     stride_xmk,
+    R,  # rows (BLOCK_R > 1)
+    stride_xr,
+    stride_xmr,
     threshold,
     split_k,
     split_len,  # channels per K-split
     steps,  # masking steps per split: cdiv(split_len, CHUNK_K)
     scr_group,  # N-blocks per scratch copy
     NUM_W: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # 1, or rows padded to a power of two (<= MAX_ROW_KERNEL_ROWS)
     CENTER_MODE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -467,7 +478,11 @@ def _row_gemv_kernel(
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
-    one- or two-warp programs, whose scans and reductions stay inside a warp."""
+    one- or two-warp programs, whose scans and reductions stay inside a warp.
+
+    With ``BLOCK_R > 1`` (a few rows; Triton's weight pipeline and the atomic or single-split
+    epilogue only) the same stream with [BLOCK_R, ...] masks, values and accumulators: a row of
+    Wᵀ is read once if any row keeps its channel, and each row adds only the values it keeps."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     thr = tl.cast(threshold, tl.float32)
@@ -492,32 +507,50 @@ def _row_gemv_kernel(
     k_first = pid_k * split_len
     k_end = tl.minimum(K, k_first + split_len)
     scr_row = pid_k.to(tl.int64) * tl.cdiv(ws_n // BLOCK_N, scr_group) + pid_n // scr_group
-    scr_ids = scr_ptr + scr_row * 2 * split_len
-    scr_val = scr_ids + split_len
-    n_kept = 0
-    kc = k_first + offs_c
-    xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
-    for _ in range(0, steps):
-        kc_ok = kc < k_end
-        xc = _prologue(_as_dtype(xc_next, WDT), _as_dtype(mc_next, WDT), ACT, GATED)
-        kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
-        xc_next, mc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, GATED)
-        keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
-        keep = keep & kc_ok
-        kept = keep.to(tl.int32)
-        slot = n_kept + tl.cumsum(kept, axis=0) - 1
-        tl.store(scr_ids + slot, kc.to(tl.float32), mask=keep)
-        tl.store(scr_val + slot, v, mask=keep)
-        n_kept += tl.sum(kept, axis=0)
-        kc = kn
+    scr_ids = scr_ptr + scr_row * (1 + BLOCK_R) * split_len
+    scr_val = scr_ids + split_len  # BLOCK_R rows of kept values follow the ids
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    if BLOCK_R == 1:
+        n_kept = 0
+        kc = k_first + offs_c
+        xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
+        for _ in range(0, steps):
+            kc_ok = kc < k_end
+            xc = _prologue(_as_dtype(xc_next, WDT), _as_dtype(mc_next, WDT), ACT, GATED)
+            kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
+            xc_next, mc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, GATED)
+            keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
+            keep = keep & kc_ok
+            kept = keep.to(tl.int32)
+            slot = n_kept + tl.cumsum(kept, axis=0) - 1
+            tl.store(scr_ids + slot, kc.to(tl.float32), mask=keep)
+            tl.store(scr_val + slot, v, mask=keep)
+            n_kept += tl.sum(kept, axis=0)
+            kc = kn
+    else:
+        n_kept = _compact_rows(x_ptr, xm_ptr, k_first, k_end, steps, offs_r, r_ok, stride_xr, stride_xk,
+                               stride_xmr, stride_xmk, center_ptr, scale_ptr, thr, scr_ids, scr_val,
+                               split_len, WDT, CHUNK_K, CENTER_MODE, HAS_SCALE, ACT, GATED)
     tl.debug_barrier()  # the scratch is read back by other threads of this program
 
     # ---- phase 2: the kept rows of Wᵀ ------------------------------------------------------
-    if ACC_TILE:  # per-slot partial sums, reduced once at the end
+    if BLOCK_R > 1:  # [BLOCK_R, BLOCK_N], reduced over each tile's slots
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    elif ACC_TILE:  # per-slot partial sums, reduced once at the end
         acc = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
     else:  # reduced every tile (fewer registers: larger tiles fit one warp)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if STAGES > 0:  # Triton's pipeline: a cp.async ring of STAGES - 1 tiles in shared memory
+    if BLOCK_R > 1:
+        for t in tl.range(0, tl.cdiv(n_kept, SUB_K), num_stages=STAGES):
+            slot = t * SUB_K + offs_s
+            s_ok = slot < n_kept
+            k = tl.load(scr_ids + slot, mask=s_ok, other=0.0).to(tl.int32)
+            v = tl.load(scr_val + offs_r[:, None] * split_len + slot[None, :],
+                        mask=r_ok[:, None] & s_ok[None, :], other=0.0)  # [BLOCK_R, SUB_K]
+            w = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
+            acc += tl.sum(v[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    elif STAGES > 0:  # Triton's pipeline: a cp.async ring of STAGES - 1 tiles in shared memory
         for t in tl.range(0, tl.cdiv(n_kept, SUB_K), num_stages=STAGES):
             slot = t * SUB_K + offs_s
             s_ok = slot < n_kept
@@ -544,31 +577,31 @@ def _row_gemv_kernel(
     others = 0
     if ATOMIC_EPI and EARLY_LAST:  # in flight while the accumulator is reduced
         others = tl.atomic_add(cnt_ptr + pid_n, 0, sem="acquire")
-    if ACC_TILE:
+    if ACC_TILE and BLOCK_R == 1:
         part = tl.sum(acc, axis=0)  # [BLOCK_N]
     else:
-        part = acc
+        part = acc  # [BLOCK_N], or [BLOCK_R, BLOCK_N]
 
     # ---- epilogue: the last-arriving split sums the partials in order, adds biases, stores ---
+    offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # this N-block's workspace columns
     if ACCUM:  # or every split adds its partial to the float32 output, fire and forget
         if pid_k == 0:
             part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
         tl.atomic_add(out_ptr + offs_n, part, mask=n_ok, sem="relaxed")
-    elif split_k > 1 and ATOMIC_EPI:  # partials summed by atomics; the last split rounds them
-        offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if others == split_k - 1:  # (EARLY_LAST) every other split has added: this one is last,
-            # and neither its own additions nor the fence that would publish them are needed
-            _finish_sums(part, ws_ptr, offs_w, cnt_ptr + pid_n, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok,
-                         HAS_BIAS, HAS_CB)
-        else:
-            tl.atomic_add(ws_ptr + offs_w, part, mask=n_ok, sem="relaxed")
-            tl.debug_barrier()  # every thread's additions are issued before the release below
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if arrived == split_k - 1:
-                _finish_sums(0.0, ws_ptr, offs_w, cnt_ptr + pid_n, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok,
+    elif BLOCK_R > 1:  # sums and outputs [R, ws_n] and [R, N]; atomic split-K or a single split
+        out_tile = out_ptr + offs_r[:, None] * N + offs_n[None, :]
+        ok = r_ok[:, None] & n_ok[None, :]
+        if ATOMIC_EPI:
+            _atomic_epilogue(part, others, ws_ptr + offs_r[:, None] * ws_n + offs_w[None, :], ok,
+                             cnt_ptr + pid_n, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
                              HAS_BIAS, HAS_CB)
+        else:
+            part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+            tl.store(out_tile, part.to(out_ptr.dtype.element_ty), mask=ok)
+    elif split_k > 1 and ATOMIC_EPI:  # partials summed by atomics; the last split rounds them
+        _atomic_epilogue(part, others, ws_ptr + offs_w, n_ok, cnt_ptr + pid_n, split_k, out_ptr + offs_n,
+                         bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
     elif split_k > 1:
-        offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(ws_ptr + pid_k.to(tl.int64) * ws_n + offs_w, part, mask=n_ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
@@ -588,16 +621,62 @@ def _row_gemv_kernel(
 
 
 @triton.jit
-def _finish_sums(part, ws_ptr, offs_w, cnt_ptr, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok,
+def _atomic_epilogue(part, others, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
+                     HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+    """Split-K by float32 atomics into the zeroed sums ``ws_tile``; the split that arrives last
+    (by the counter, or already known from ``others``: every other split had arrived) rounds."""
+    if others == split_k - 1:  # (EARLY_LAST) every other split has added: this one is last,
+        # and neither its own additions nor the fence that would publish them are needed
+        _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+    else:
+        tl.atomic_add(ws_tile, part, mask=ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's additions are issued before the release below
+        arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            _finish_sums(0.0, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
+                         HAS_BIAS, HAS_CB)
+
+
+@triton.jit
+def _compact_rows(x_ptr, xm_ptr, k_first, k_end, steps, offs_r, r_ok, stride_xr, stride_xk, stride_xmr,
+                  stride_xmk, center_ptr, scale_ptr, thr, scr_ids, scr_val, split_len, WDT: tl.constexpr,
+                  CHUNK_K: tl.constexpr, CENTER_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  ACT: tl.constexpr, GATED: tl.constexpr):
+    """Phase 1 for several rows: the split's channels that any row keeps, compacted (ids, and
+    per row its kept value or 0); the list's length."""
+    n_kept = 0
+    kc = k_first + tl.arange(0, CHUNK_K)
+    for _ in range(0, steps):
+        kc_ok = kc < k_end
+        ok = r_ok[:, None] & kc_ok[None, :]
+        xv = tl.load(x_ptr + offs_r[:, None] * stride_xr + kc[None, :] * stride_xk, mask=ok, other=0.0)
+        mv = xv
+        if GATED:
+            mv = tl.load(xm_ptr + offs_r[:, None] * stride_xmr + kc[None, :] * stride_xmk, mask=ok, other=0.0)
+        xc = _prologue(_as_dtype(xv, WDT), _as_dtype(mv, WDT), ACT, GATED)
+        keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
+        any_keep = tl.max((keep & ok).to(tl.int32), axis=0)  # [CHUNK_K]
+        slot = n_kept + tl.cumsum(any_keep, axis=0) - 1
+        tl.store(scr_ids + slot, kc.to(tl.float32), mask=any_keep != 0)
+        tl.store(scr_val + offs_r[:, None] * split_len + slot[None, :], v,
+                 mask=r_ok[:, None] & (any_keep != 0)[None, :])
+        n_kept += tl.sum(any_keep, axis=0)
+        kc += CHUNK_K
+    return n_kept
+
+
+@triton.jit
+def _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
                  HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
     """The last split: the column sums (plus its own ``part`` where it did not add it), zeroed
     again for the next launch, then biases, rounding and the store; the counter reset last."""
-    total = part + tl.load(ws_ptr + offs_w, mask=n_ok, other=0.0, cache_modifier=".cg")
+    total = part + tl.load(ws_tile, mask=ok, other=0.0, cache_modifier=".cg")
     # Triton loads the sums and stores the zeros in different thread layouts, so a column's
     # zero could land before its load (outputs of 0: seen on the H200)
     tl.debug_barrier()
-    tl.store(ws_ptr + offs_w, 0.0, mask=n_ok)
-    _store_row(total, out_ptr, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+    tl.store(ws_tile, 0.0, mask=ok)
+    total = _with_biases(total, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+    tl.store(out_tile, total.to(out_tile.dtype.element_ty), mask=ok)
     tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
 
 
@@ -820,7 +899,8 @@ def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, accumu
     not depend on the order in which programs finish."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if rows == 1 and overrides.get("row_kernel", True):
+    several = 1 < rows <= MAX_ROW_KERNEL_ROWS and overrides.get("row_kernel", False) and not deterministic
+    if (rows == 1 and overrides.get("row_kernel", True)) or several:
         base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=_row_pdl())
         base.update(_row_defaults(n, k, elem_size, accumulate, deterministic))
         return _block_config(rows, n, k, elem_size, num_sms, **{**base, **overrides})
@@ -873,12 +953,13 @@ def _block_config(
     splits are a multiple of this many channels (0: of ``chunk_k``); ``whole_wave``: no more
     programs than ``programs_per_sm`` x SMs (split count rounded down, not to nearest).
     """
-    use_dot = rows > 1
+    row_kernel = row_kernel and rows <= MAX_ROW_KERNEL_ROWS
+    use_dot = rows > 1 and not row_kernel
     if block_n is None:
         block_n = (512 if use_dot else 256) // elem_size
     block_n = max(16, min(block_n, _next_pow2(n)))
     sub_k = max(sub_k, _next_pow2(tile_bytes // (block_n * elem_size)))
-    block_r = max(16, _next_pow2(rows)) if use_dot else 1
+    block_r = max(16, _next_pow2(rows)) if use_dot else _next_pow2(rows)
     n_blocks = triton.cdiv(n, block_n)
     align = split_align or chunk_k
     n_chunks = max(1, triton.cdiv(k, align))
@@ -892,7 +973,7 @@ def _block_config(
     split_len = chunks_per_split * align
     step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
-                      row_kernel=row_kernel and rows == 1, num_warps=num_warps, acc_tile=acc_tile,
+                      row_kernel=row_kernel, num_warps=num_warps, acc_tile=acc_tile,
                       epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
                       atomic_epilogue=atomic_epilogue and row_kernel and split > 1,
                       early_last=early_last and atomic_epilogue and row_kernel and split > 1)
@@ -1100,10 +1181,12 @@ def threshold_gemv_group(
         pick = functools.partial(_pick_config, rows, sum(ns), k, weights[0].element_size(),
                                  _num_sms(x.device), accumulate=accumulate is not None)
         config = pick()
-        if config.atomic_epilogue and accumulate is None and _ws_columns(config, ns) > _SUM_CAPACITY:
+        if config.atomic_epilogue and accumulate is None and rows * _ws_columns(config, ns) > _SUM_CAPACITY:
             config = pick(deterministic=True)  # wider than the sums workspace: partials instead
     torch._check(accumulate is None or (config.row_kernel and rows == 1),
                  lambda: "threshold_gemv: accumulate needs one row and the one-row kernel")
+    torch._check(not config.row_kernel or _next_pow2(rows) == config.block_r,
+                 lambda: f"threshold_gemv: config for {config.block_r} rows, x has {rows}")
     if act is not None and not config.row_kernel:  # only the one-row kernel has the prologue
         x2, act, x_mul = activation_reference(x, act, x_mul).reshape(-1, k), None, None
     xm2 = x_mul.reshape(-1, k) if x_mul is not None else x2
@@ -1115,10 +1198,15 @@ def threshold_gemv_group(
     )
     split_len = config.split_len
     n_scr = config.split_k * triton.cdiv(n_blocks, config.scratch_group)
-    scr = torch.empty((n_scr, 1 + rows, split_len), dtype=torch.float32, device=x.device)
+    scr_rows = config.block_r if config.row_kernel else rows  # value rows per scratch copy
+    scr = torch.empty((n_scr, 1 + scr_rows, split_len), dtype=torch.float32, device=x.device)
     atomic_epi = config.atomic_epilogue and config.split_k > 1 and accumulate is None
+    torch._check(not config.row_kernel or rows == 1
+                 or (config.stages > 0 and (atomic_epi or config.split_k == 1)),
+                 lambda: "threshold_gemv: several rows in the one-row kernel need its pipelined loop and "
+                         "the atomic split-K epilogue")
     if atomic_epi:
-        torch._check(ws_n <= _SUM_CAPACITY,
+        torch._check(rows * ws_n <= _SUM_CAPACITY,
                      lambda: "threshold_gemv: too many columns for the atomic epilogue")
         ws, cnt = _split_sums(x.device), _arrival_counters(x.device)
     elif config.split_k > 1 and accumulate is None:
@@ -1144,9 +1232,11 @@ def threshold_gemv_group(
             channel_scale if channel_scale is not None else dummy,
             ws, cnt, scr, shaped if zeros_next else dummy, zeros_next,
             triton.cdiv(zeros_next, grid[0] * grid[1]),
-            k, ws_n, x2.stride(1), xm2.stride(1), float(threshold), config.split_k, split_len,
+            k, ws_n, x2.stride(1), xm2.stride(1), rows, x2.stride(0), xm2.stride(0), float(threshold),
+            config.split_k, split_len,
             config.chunks_per_split, config.scratch_group,
             NUM_W=members,
+            BLOCK_R=config.block_r,
             CENTER_MODE=center_mode,
             HAS_SCALE=channel_scale is not None,
             HAS_BIAS=has_bias,
