@@ -34,7 +34,9 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumul
                  SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl, ACT=0, GATED=False,
                  ACCUM=accumulate, ZERO=accumulate, STAGES=cfg.stages,
                  ATOMIC_EPI=cfg.atomic_epilogue and not accumulate,
-                 EARLY_LAST=cfg.early_last and not accumulate)
+                 EARLY_LAST=cfg.early_last and not accumulate,
+                 # column-major weights: launches pass stride 1, which Triton's JIT specialises
+                 stride_wn0=1, stride_wn1=1, stride_wn2=1)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -49,7 +51,7 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumul
             sig[name] = "i32"
             unspecialised = ("stride_xk", "stride_xmk", "split_k", "steps", "scr_group", "R", "stride_xr",
                              "stride_xmr")
-            if name not in unspecialised and not name.startswith("stride_wn"):
+            if name not in unspecialised:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, const, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
