@@ -254,16 +254,21 @@ def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_s
     one_step_max=st.sampled_from([0, 512]),
     sub_k=st.sampled_from([1, 4, 8]),
     early_last=st.booleans(),
+    row_dot=st.booleans(),
 )
 def test_row_kernel_several_rows_cpu(c: Case, num_sms: int, programs_per_sm: int, block_n: int, chunk_k: int,
-                                     one_step_max: int, sub_k: int, early_last: bool) -> None:
-    """Up to four rows through the one-row kernel's stream (``row_kernel=True``): a channel is
-    compacted if any row keeps it and each row adds only what it keeps (its own mask exactly),
-    over splits, masking steps, tiles and both atomic epilogues; sums and counters end zero."""
+                                     one_step_max: int, sub_k: int, early_last: bool, row_dot: bool) -> None:
+    """Up to 16 rows through the one-row kernel's stream (``row_kernel=True``; FMAs up to four
+    rows, tensor-core products above or with ``row_dot``): a channel is compacted if any row
+    keeps it and each row adds only what it keeps (its own mask exactly), over splits, masking
+    steps, tiles and both atomic epilogues; sums and counters end zero."""
     cfg = sg._pick_config(c.rows, c.n, c.k, c.dtype.itemsize, num_sms, row_kernel=True, num_warps=1,
                           programs_per_sm=programs_per_sm, block_n=block_n, chunk_k=chunk_k,
-                          one_step_max=one_step_max, sub_k=sub_k, tile_bytes=0, early_last=early_last)
-    assert cfg.row_kernel and cfg.block_r == 1 << (c.rows - 1).bit_length() and not cfg.use_dot
+                          one_step_max=one_step_max, sub_k=sub_k, tile_bytes=0, early_last=early_last,
+                          row_dot=row_dot)
+    dot = c.rows > 1 and (row_dot or c.rows > sg.MAX_FMA_ROWS)
+    assert cfg.row_kernel and cfg.use_dot == dot
+    assert cfg.block_r == (max(16, 1 << (c.rows - 1).bit_length()) if dot else 1 << (c.rows - 1).bit_length())
     run_case(c, "cpu", cfg)
     assert not sg._split_sums(torch.device("cpu")).any()
     assert not sg._arrival_counters(torch.device("cpu")).any()
@@ -276,7 +281,8 @@ def test_several_rows_pick() -> None:
     stream = sg._pick_config(4, 4096, 4096, 2, 132, row_kernel=True, deterministic=False)
     assert stream.row_kernel and stream.block_r == 4 and stream.atomic_epilogue and stream.stages == 4
     assert not sg._pick_config(4, 4096, 4096, 2, 132, row_kernel=True, deterministic=True).row_kernel
-    assert not sg._pick_config(5, 4096, 4096, 2, 132, row_kernel=True, deterministic=False).row_kernel
+    assert sg._pick_config(16, 4096, 4096, 2, 132, row_kernel=True, deterministic=False).use_dot
+    assert not sg._pick_config(17, 4096, 4096, 2, 132, row_kernel=True, deterministic=False).row_kernel
     assert sg.max_rows(4096, 4096, torch.bfloat16) == 1
 
 
@@ -442,19 +448,20 @@ def test_matches_reference_gpu(dtype: torch.dtype, center: str) -> None:
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("early_last", [False, True])
 def test_several_rows_and_early_last_gpu(early_last: bool) -> None:
-    """The stream rule on real hardware (programs race, unlike the interpreter's): 1-4 rows in
-    the one-row kernel, the early-last epilogue on and off, and the decode shapes' grids."""
+    """The stream rule on real hardware (programs race, unlike the interpreter's): 1-16 rows in
+    the one-row kernel (FMAs or tensor cores), the early-last epilogue on and off, and the
+    decode shapes' grids."""
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(c=cases(max_rows=sg.MAX_ROW_KERNEL_ROWS, max_n=5000, max_k=5000))
-    def prop(c: Case) -> None:
+    @given(c=cases(max_rows=sg.MAX_ROW_KERNEL_ROWS, max_n=5000, max_k=5000), row_dot=st.booleans())
+    def prop(c: Case, row_dot: bool) -> None:
         cfg = sg._pick_config(c.rows, c.n, c.k, c.dtype.itemsize, sg._num_sms(torch.device("cuda")),
-                              row_kernel=True, early_last=early_last)
+                              row_kernel=True, early_last=early_last, row_dot=row_dot)
         run_case(c, "cuda", cfg)
 
     prop()
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336)]:
-        for rows in (1, 3, 4):
+        for rows in (1, 3, 4, 16):
             c = Case(rows, n, k, torch.bfloat16, 0.7, "channel", True, True, True, "contiguous", 2, n + rows)
             cfg = sg._pick_config(rows, n, k, 2, sg._num_sms(torch.device("cuda")), row_kernel=True,
                                   early_last=early_last)

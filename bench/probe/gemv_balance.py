@@ -19,9 +19,10 @@ variant that removes it alone, on the same weights in one run:
 
 Several rows (rows = 4, against the op's mask kernel + cuBLAS and plain cuBLAS): the
 row-generic tensor-core kernel with long runs (512-2048 columns per program, 1-2 programs per
-SM), and the one-row kernel's stream with [4, ...] masks and FMA accumulators
-(``row_kernel=True``; sm_90: 128-162 registers, 4 barriers per weight tile for the values'
-layout).
+SM), and the one-row kernel's stream with [4, ...] masks (``row_kernel=True``): FMA
+accumulators (``stream``; sm_90: 128-140 registers, 398 instructions per warp per 16 KB tile,
+the one-row loop 216) or tensor cores (``dot``: [16, 16] x [16, 1024] tiles, 236 registers,
+206 instructions per 32 KB tile).
 
     PYTHONPATH=. python bench/probe/gemv_balance.py [--out DIR] [--shapes 4096x4096 ...]
 """
@@ -133,6 +134,10 @@ def rows4(st: gb.Setup, nsm: int, record) -> None:
     configs["stream early"] = sg._pick_config(rows, n, k, 2, nsm, **stream, early_last=True)
     configs["stream pps2"] = sg._pick_config(rows, n, k, 2, nsm, **stream, programs_per_sm=2)
     configs["stream 2KB"] = sg._pick_config(rows, n, k, 2, nsm, **stream, block_n=1024)
+    dot = dict(stream, row_dot=True, block_n=1024)  # tensor cores: [16, SUB_K=16] x [16, 1024] tiles
+    configs["dot"] = sg._pick_config(rows, n, k, 2, nsm, **dot)
+    configs["dot early"] = sg._pick_config(rows, n, k, 2, nsm, **dot, early_last=True)
+    configs["dot 4KB st3"] = sg._pick_config(rows, n, k, 2, nsm, **dict(dot, block_n=2048), stages=3)
     for s in (0.0, 0.5, 0.8, 0.9):
         inputs = gb.sparse_inputs(st, rows, s)
         us, e = time_fn(st, inputs, lambda x, w, thr: F.linear(sg.masked_input(x, thr), w))

@@ -28,7 +28,8 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumulate: bool = True):
     fn = sg._row_gemv_kernel
-    const = dict(NUM_W=members, BLOCK_R=cfg.block_r, CENTER_MODE=0, HAS_SCALE=False, HAS_BIAS=False,
+    const = dict(NUM_W=members, BLOCK_R=cfg.block_r, USE_DOT=cfg.use_dot, DOT_FP32=False,
+                 CENTER_MODE=0, HAS_SCALE=False, HAS_BIAS=False,
                  HAS_CB=False,
                  BLOCK_N=cfg.block_n, CHUNK_K=cfg.chunk_k, SUB_K=cfg.sub_k,
                  SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl, ACT=0, GATED=False,
@@ -98,11 +99,14 @@ def main() -> None:
                   f"warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} stages={cfg.stages}: "
                   f"{regs} registers, {text.count('BAR.SYNC')} BAR.SYNC, {text.count('MEMBAR')} MEMBAR")
             print("   ", loop_order(text))
-        cfg = sg._pick_config(4, n, k, 2, 132, deterministic=False, row_kernel=True)  # four rows
-        text, regs = sass(compile_row(cfg, accumulate=False))
-        print(f"{n}x{k} rows=4 warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} "
-              f"stages={cfg.stages}: {regs} registers, {text.count('BAR.SYNC')} BAR.SYNC")
-        print("   ", loop_order(text))
+        for rows, dot, bn in ((4, False, None), (4, True, 1024), (16, True, 1024)):  # several rows
+            cfg = sg._pick_config(rows, n, k, 2, 132, deterministic=False, row_kernel=True, row_dot=dot,
+                                  **({"block_n": bn} if bn else {}))
+            text, regs = sass(compile_row(cfg, accumulate=False))
+            print(f"{n}x{k} rows={rows} dot={cfg.use_dot} warps={cfg.num_warps} block_n={cfg.block_n} "
+                  f"sub_k={cfg.sub_k} stages={cfg.stages}: {regs} registers, "
+                  f"{text.count('BAR.SYNC')} BAR.SYNC, {text.count('HMMA')} HMMA")
+            print("   ", loop_order(text))
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ and its fixed cost (τ = ∞) was 1.3-2.1x the one-row kernel's (H200: 6.4-16.7 
 take 1-3 *members*, weights that share x and the mask (q/k/v, gate/up; ``threshold_gemv_group``):
 the grid runs over all members' N-blocks, so siblings pay the fixed cost once. Asked for
 (``row_kernel=True``), the one-row kernel also streams up to ``MAX_ROW_KERNEL_ROWS`` rows with
-[rows, ...] masks and FMA accumulators: a row of Wᵀ is read if any row keeps its channel. Not
-dispatched to yet (``max_rows`` is 1 until it is measured against mask + cuBLAS).
+[rows, ...] masks, FMA accumulators up to ``MAX_FMA_ROWS`` rows and tensor-core products above
+(or with ``row_dot``): a row of Wᵀ is read if any row keeps its channel. Not dispatched to yet
+(``max_rows`` is 1 until it is measured against mask + cuBLAS).
 
 Prologue: the one-row kernel can take its input as ``act(a) * b`` (silu, gelu, gelu_tanh, relu;
 ``threshold_linear_act``), loading ``a`` and ``b`` a masking step ahead and computing the
@@ -103,7 +104,8 @@ assert set(_ACT_CODE) == set(ACTIVATIONS)
 _COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at BLOCK_N = 128)
 _MAX_SPLIT_K = 64
 MAX_MEMBERS = 3  # weights one launch serves (q/k/v)
-MAX_ROW_KERNEL_ROWS = 4  # rows the one-row kernel's stream takes when asked (config row_kernel=True)
+MAX_ROW_KERNEL_ROWS = 16  # rows the one-row kernel's stream takes when asked (config row_kernel=True)
+MAX_FMA_ROWS = 4  # above it (or with row_dot) that stream multiplies on tensor cores
 # Triton 3.9's interpreter mis-multiplies bf16 in tl.dot: it gets float32 operands instead.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -347,15 +349,7 @@ def _threshold_gemv_kernel(
         k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
         # accumulate in float32
         if USE_DOT:
-            if DOT_FP32:  # fp32 weights (exact FMA products), or the CPU interpreter
-                acc = tl.dot(v, w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                v_hi = v.to(w.dtype)
-                acc = tl.dot(v_hi, w, acc)
-                if CENTER_MODE > 0:  # x - c is not exact in 16 bits: add the rounding error
-                    v_lo = v - v_hi.to(tl.float32)
-                    v_lo = tl.where(v_lo == v_lo, v_lo, 0.0)  # inf - inf: hi carries the inf
-                    acc = tl.dot(v_lo.to(w.dtype), w, acc)
+            acc = _dot_acc(acc, v, w, DOT_FP32, CENTER_MODE > 0)
         else:
             acc += tl.sum(v, axis=0)[:, None] * w.to(tl.float32)
 
@@ -404,6 +398,23 @@ def _threshold_gemv_kernel(
             HAS_BIAS,
             HAS_CB,
         )
+
+
+@triton.jit
+def _dot_acc(acc, v, w, DOT_FP32: tl.constexpr, SPLIT_LO: tl.constexpr):
+    """``acc + v @ w`` on tensor cores, float32 accumulation: ``v`` ([rows, SUB_K] float32) in
+    the weight's 16-bit dtype plus, with ``SPLIT_LO`` (x - c is not exact in 16 bits), its
+    rounding error in a second product; ``DOT_FP32`` (fp32 weights, or the CPU interpreter,
+    which mis-multiplies 16-bit dots): exact IEEE products."""
+    if DOT_FP32:
+        return tl.dot(v, w.to(tl.float32), acc, input_precision="ieee")
+    v_hi = v.to(w.dtype)
+    acc = tl.dot(v_hi, w, acc)
+    if SPLIT_LO:
+        v_lo = v - v_hi.to(tl.float32)
+        v_lo = tl.where(v_lo == v_lo, v_lo, 0.0)  # inf - inf: hi carries the inf
+        acc = tl.dot(v_lo.to(w.dtype), w, acc)
+    return acc
 
 
 @triton.jit
@@ -457,7 +468,9 @@ def _row_gemv_kernel(
     steps,  # masking steps per split: cdiv(split_len, CHUNK_K)
     scr_group,  # N-blocks per scratch copy
     NUM_W: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # 1, or rows padded to a power of two (<= MAX_ROW_KERNEL_ROWS)
+    BLOCK_R: tl.constexpr,  # 1, or rows padded to a power of two (>= 16 with USE_DOT)
+    USE_DOT: tl.constexpr,  # several rows: tensor-core products (else FMAs, BLOCK_R <= 4)
+    DOT_FP32: tl.constexpr,
     CENTER_MODE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -480,9 +493,10 @@ def _row_gemv_kernel(
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
     one- or two-warp programs, whose scans and reductions stay inside a warp.
 
-    With ``BLOCK_R > 1`` (a few rows; Triton's weight pipeline and the atomic or single-split
-    epilogue only) the same stream with [BLOCK_R, ...] masks, values and accumulators: a row of
-    Wᵀ is read once if any row keeps its channel, and each row adds only the values it keeps."""
+    With ``BLOCK_R > 1`` (several rows; Triton's weight pipeline and the atomic or single-split
+    epilogue only) the same stream with [BLOCK_R, ...] masks, values and accumulators (FMAs, or
+    ``USE_DOT``: tensor cores): a row of Wᵀ is read once if any row keeps its channel, and each
+    row adds only the values it keeps."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     thr = tl.cast(threshold, tl.float32)
@@ -549,7 +563,10 @@ def _row_gemv_kernel(
             v = tl.load(scr_val + offs_r[:, None] * split_len + slot[None, :],
                         mask=r_ok[:, None] & s_ok[None, :], other=0.0)  # [BLOCK_R, SUB_K]
             w = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
-            acc += tl.sum(v[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            if USE_DOT:
+                acc = _dot_acc(acc, v, w, DOT_FP32, CENTER_MODE > 0)
+            else:
+                acc += tl.sum(v[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     elif STAGES > 0:  # Triton's pipeline: a cp.async ring of STAGES - 1 tiles in shared memory
         for t in tl.range(0, tl.cdiv(n_kept, SUB_K), num_stages=STAGES):
             slot = t * SUB_K + offs_s
@@ -820,6 +837,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _rows_block(rows: int, use_dot: bool) -> int:
+    """Rows padded to a power of two; tensor-core products need at least 16."""
+    return max(16, _next_pow2(rows)) if use_dot else _next_pow2(rows)
+
+
 # Programmatic dependent launch for the one-row kernel (H200, session 7, bench/NOTES.md). Back to
 # back in a CUDA graph it saves 0.4-0.7 µs per call on every decode shape. In a compiled decode
 # step the GEMVs follow Inductor kernels, and there it pays only when those kernels signal their
@@ -932,6 +954,7 @@ def _block_config(
     split_align: int = 0,
     whole_wave: bool = False,
     early_last: bool = False,
+    row_dot: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -949,17 +972,19 @@ def _block_config(
     ``acc_tile``, ``epi_floats``: partial sums per thread per epilogue load, each load an L2
     round trip of the last-arriving program). ``tile_bytes``: at least this many bytes per weight
     tile (``sub_k`` grows when ``block_n`` is clipped to a narrow weight). ``stages``,
-    ``atomic_epilogue``, ``early_last``: see ``GemvConfig``; ``max_split``: most K-splits. ``split_align``:
-    splits are a multiple of this many channels (0: of ``chunk_k``); ``whole_wave``: no more
-    programs than ``programs_per_sm`` x SMs (split count rounded down, not to nearest).
+    ``atomic_epilogue``, ``early_last``: see ``GemvConfig``; ``row_dot``: several rows through
+    the one-row kernel on tensor cores even at ``MAX_FMA_ROWS`` or fewer; ``max_split``: most
+    K-splits. ``split_align``: splits are a multiple of this many channels (0: of ``chunk_k``);
+    ``whole_wave``: no more programs than ``programs_per_sm`` x SMs (split count rounded down,
+    not to nearest).
     """
     row_kernel = row_kernel and rows <= MAX_ROW_KERNEL_ROWS
-    use_dot = rows > 1 and not row_kernel
+    use_dot = rows > 1 and (not row_kernel or row_dot or rows > MAX_FMA_ROWS)
     if block_n is None:
         block_n = (512 if use_dot else 256) // elem_size
     block_n = max(16, min(block_n, _next_pow2(n)))
-    sub_k = max(sub_k, _next_pow2(tile_bytes // (block_n * elem_size)))
-    block_r = max(16, _next_pow2(rows)) if use_dot else _next_pow2(rows)
+    sub_k = max(sub_k, _next_pow2(tile_bytes // (block_n * elem_size)), 16 if use_dot and row_kernel else 1)
+    block_r = _rows_block(rows, use_dot)
     n_blocks = triton.cdiv(n, block_n)
     align = split_align or chunk_k
     n_chunks = max(1, triton.cdiv(k, align))
@@ -971,7 +996,10 @@ def _block_config(
     chunks_per_split = triton.cdiv(n_chunks, split)
     split = triton.cdiv(n_chunks, chunks_per_split)  # no empty splits
     split_len = chunks_per_split * align
-    step = _next_pow2(split_len) if split_len <= one_step_max and not use_dot else chunk_k
+    one_step = split_len <= one_step_max and (row_kernel or not use_dot)
+    step = _next_pow2(split_len) if one_step else chunk_k
+    if row_kernel and block_r > 1:  # at most 8192 [rows, channels] values per masking step
+        step = min(step, max(chunk_k, 8192 // block_r))
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel, num_warps=num_warps, acc_tile=acc_tile,
                       epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
@@ -1185,7 +1213,7 @@ def threshold_gemv_group(
             config = pick(deterministic=True)  # wider than the sums workspace: partials instead
     torch._check(accumulate is None or (config.row_kernel and rows == 1),
                  lambda: "threshold_gemv: accumulate needs one row and the one-row kernel")
-    torch._check(not config.row_kernel or _next_pow2(rows) == config.block_r,
+    torch._check(not config.row_kernel or _rows_block(rows, config.use_dot) == config.block_r,
                  lambda: f"threshold_gemv: config for {config.block_r} rows, x has {rows}")
     if act is not None and not config.row_kernel:  # only the one-row kernel has the prologue
         x2, act, x_mul = activation_reference(x, act, x_mul).reshape(-1, k), None, None
@@ -1237,6 +1265,8 @@ def threshold_gemv_group(
             config.chunks_per_split, config.scratch_group,
             NUM_W=members,
             BLOCK_R=config.block_r,
+            USE_DOT=config.use_dot,
+            DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
             CENTER_MODE=center_mode,
             HAS_SCALE=channel_scale is not None,
             HAS_BIAS=has_bias,
