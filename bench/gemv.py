@@ -15,6 +15,8 @@ in the same run. A correctness check runs first and aborts the benchmark on any 
 ``--group`` times sibling projections that share x and the mask (Llama-3-8B's q/k/v and
 gate/up): one ``threshold_gemv_group`` launch against the members launched one by one, against
 cuBLAS per member, and against one cuBLAS call on the members' weights concatenated.
+``--crossover`` times the fused kernel forced on at 2-16 rows (the one-row kernel's stream, not
+yet what the op dispatches to) against cuBLAS at s = 0 / 0.5 / 0.9.
 ``--compiled`` times RMSNorm -> linear pairs compiled by Inductor (dense) and by ``sparse_act``
 (where a multi-row call's mask fuses into the norm).
 """
@@ -78,7 +80,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30))
 
 
-def correctness_check(sweep: bool = False) -> None:
+def correctness_check(sweep: bool = False, crossover: bool = False) -> None:
     """Kernel vs float64 reference on a few shapes, dtypes and centers; abort on mismatch."""
     torch.manual_seed(0)
     tol = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
@@ -106,6 +108,9 @@ def correctness_check(sweep: bool = False) -> None:
                     # variants: bf16, one row, an aligned and an odd shape (each compiles per case)
                     if sweep and (dtype, rows, n) in SWEEP_CHECK and center != "scalar":
                         cfgs.update(variants(rows, n, k, nsm))
+                    if crossover and rows > 1:  # what --crossover times
+                        cfgs["stream"] = sg._pick_config(rows, n, k, x.element_size(), nsm, row_kernel=True,
+                                                         deterministic=False)
                     for name, cfg in cfgs.items():
                         out = sg.threshold_gemv(x, w, b, 0.7, c, sc, cb, config=cfg)
                         e = rel_err(out, ref)
@@ -394,7 +399,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--sweep", action="store_true", help="also time block-size variants")
-    ap.add_argument("--crossover", action="store_true", help="rows 1..16 against cuBLAS")
+    ap.add_argument("--crossover", action="store_true",
+                    help="the fused kernel forced on at 2-16 rows against cuBLAS")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-table", action="store_true", help="skip the default-config table")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
@@ -419,7 +425,7 @@ def main() -> None:
     )
     tag = gpu_tag()
     print(env, flush=True)
-    correctness_check(args.sweep)
+    correctness_check(args.sweep, args.crossover)
     env["copy_tbps"] = copy_bandwidth()
     print(f"copy bandwidth {env['copy_tbps']:.2f} TB/s", flush=True)
     nsm = props.multi_processor_count
@@ -484,16 +490,16 @@ def main() -> None:
                     f"  spread {spread:.1%}",
                     flush=True,
                 )
-        if args.crossover:
-            for rows in (2, 16):  # rows 1 and 4 are in the main table
+        if args.crossover:  # the fused kernel forced on for several rows: the one-row kernel's stream
+            for rows in (2, 4, 8, 16):
                 d = time_dense(st, rows)
-                for s in (0.0,):
+                cfg = sg._pick_config(rows, n, k, 2, nsm, row_kernel=True, deterministic=False)
+                for s in (0.0, 0.5, 0.9):
                     inputs = sparse_inputs(st, rows, s)
-                    us, _ = time_sparse(st, rows, inputs)
+                    us, _ = time_sparse(st, rows, inputs, cfg)
                     su = statistics.mean(i[3] for i in inputs)
-                    crossover.append(
-                        dict(n=n, k=k, rows=rows, s=s, s_union=su, us=us, dense_us=d, speedup=d / us)
-                    )
+                    crossover.append(dict(n=n, k=k, rows=rows, s=s, s_union=su, us=us, dense_us=d,
+                                          speedup=d / us, dot=cfg.use_dot))
                     print(
                         f"  crossover rows={rows:2d} s={s:.1f} (union {su:.2f}) {us:8.1f} us"
                         f" dense {d:8.1f} us  x{d / us:.2f}",
@@ -572,13 +578,16 @@ def markdown(env: dict, results: list[dict], crossover: list[dict]) -> str:
     if crossover:
         lines += [
             "",
-            "Rows crossover (kernel forced on, dense input, s = 0):",
+            "Rows crossover: the fused kernel forced on (the one-row kernel's stream, `row_kernel=True`: "
+            "FMAs up to 4 rows, tensor cores above), against cuBLAS:",
             "",
-            "| N x K | rows | dense µs | kernel µs | speedup |",
-            "|---|---|---|---|---|",
+            "| N x K | rows | s | s_union | products | dense µs | kernel µs | speedup | of ideal |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {c['n']}x{c['k']} | {c['rows']} | {c['dense_us']:.1f} | {c['us']:.1f} | {c['speedup']:.2f} |"
+            f"| {c['n']}x{c['k']} | {c['rows']} | {c['s']:.1f} | {c['s_union']:.3f} | "
+            f"{'tensor cores' if c['dot'] else 'FMA'} | {c['dense_us']:.1f} | {c['us']:.1f} | "
+            f"{c['speedup']:.2f} | {c['speedup'] * (1 - c['s_union']):.2f} |"
             for c in crossover
         ]
     return "\n".join(lines) + "\n"
