@@ -118,7 +118,8 @@ def one_row(st: gb.Setup, nsm: int, dense: float, record) -> None:
                 sg.threshold_gemv_group(x0, [st.w_cm[0]], [None], thr0, accumulate=buf)
                 e = check(buf, x0, thr0, st.w_cm[0])
                 us = gb.time_graph([lambda i=i, w=w: accum(i[0], w, i[1]) for i, w in pairs])[0]
-                record(1, s, mask, "accum", us, e, inputs, dense, configs["default"])
+                acc_cfg = sg._pick_config(1, n, k, 2, nsm, accumulate=True)
+                record(1, s, mask, "accum", us, e, inputs, dense, acc_cfg)
 
 
 def rows4(st: gb.Setup, nsm: int, record) -> None:

@@ -918,7 +918,9 @@ def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, accumu
     """Deterministic block sizes from shape and dtype (no autotuning at call time); keyword
     overrides of ``_block_config``'s parameters are for tests and benchmarks. ``deterministic``
     (default: ``torch.are_deterministic_algorithms_enabled()``) picks rules whose result does
-    not depend on the order in which programs finish."""
+    not depend on the order in which programs finish. Several rows (up to
+    ``MAX_ROW_KERNEL_ROWS``) take the one-row kernel's stream only with ``row_kernel=True`` and
+    not deterministic; otherwise the row-generic kernel."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     several = 1 < rows <= MAX_ROW_KERNEL_ROWS and overrides.get("row_kernel", False) and not deterministic
