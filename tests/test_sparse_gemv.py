@@ -224,19 +224,22 @@ def test_block_sizes_cpu(
     split_align=st.sampled_from([0, 8]),
     whole_wave=st.booleans(),
     early_last=st.booleans(),
+    balance=st.booleans(),
 )
 def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
                         sub_k: int, acc_tile: bool, stages: int, atomic_epilogue: bool, split_align: int,
-                        whole_wave: bool, early_last: bool) -> None:
+                        whole_wave: bool, early_last: bool, balance: bool) -> None:
     """The one-row kernel over its block sizes, splits (any multiple of 8 channels, not only of
-    the masking step), masking steps, accumulators, weight loops (by hand or Triton's pipeline)
-    and split-K epilogues (partials or atomics, the last split knowing it is last before it adds
-    or after); the atomic one leaves its sums and counters zero for the next launch."""
+    the masking step, or equal shares of the kept channels), masking steps, accumulators, weight
+    loops (by hand or Triton's pipeline) and split-K epilogues (partials or atomics, the last
+    split knowing it is last before it adds or after); the atomic one leaves its sums and
+    counters zero for the next launch."""
     cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
                           one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
                           acc_tile=acc_tile, stages=stages, atomic_epilogue=atomic_epilogue, tile_bytes=0,
-                          split_align=split_align, whole_wave=whole_wave, early_last=early_last)
-    assert cfg.row_kernel and cfg.stages == stages
+                          split_align=split_align, whole_wave=whole_wave, early_last=early_last,
+                          balance=balance)
+    assert cfg.row_kernel and cfg.stages == stages and cfg.balance == balance
     run_case(c, "cpu", cfg)
     if cfg.atomic_epilogue:
         assert not sg._split_sums(torch.device("cpu")).any()
@@ -449,14 +452,15 @@ def test_matches_reference_gpu(dtype: torch.dtype, center: str) -> None:
 @pytest.mark.parametrize("early_last", [False, True])
 def test_several_rows_and_early_last_gpu(early_last: bool) -> None:
     """The stream rule on real hardware (programs race, unlike the interpreter's): 1-16 rows in
-    the one-row kernel (FMAs or tensor cores), the early-last epilogue on and off, and the
-    decode shapes' grids."""
+    the one-row kernel (FMAs or tensor cores), balanced splits, the early-last epilogue on and
+    off, and the decode shapes' grids."""
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(c=cases(max_rows=sg.MAX_ROW_KERNEL_ROWS, max_n=5000, max_k=5000), row_dot=st.booleans())
-    def prop(c: Case, row_dot: bool) -> None:
+    @given(c=cases(max_rows=sg.MAX_ROW_KERNEL_ROWS, max_n=5000, max_k=5000), row_dot=st.booleans(),
+           balance=st.booleans())
+    def prop(c: Case, row_dot: bool, balance: bool) -> None:
         cfg = sg._pick_config(c.rows, c.n, c.k, c.dtype.itemsize, sg._num_sms(torch.device("cuda")),
-                              row_kernel=True, early_last=early_last, row_dot=row_dot)
+                              row_kernel=True, early_last=early_last, row_dot=row_dot, balance=balance)
         run_case(c, "cuda", cfg)
 
     prop()

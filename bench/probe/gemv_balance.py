@@ -6,7 +6,9 @@ variant that removes it alone, on the same weights in one run:
 
 * **balance**: a K-split's kept count is binomial (4096²: 64-channel splits, 32 ± 4 kept at
   s = 0.5, so the heaviest of 64 splits reads ~30% more than the mean). ``regular`` masks keep
-  exactly the same count in every window of channels (a low-discrepancy pattern), same sparsity.
+  exactly the same count in every window of channels (a low-discrepancy pattern), same sparsity;
+  ``balance`` (option ``balance``, K <= 8192) splits by kept count instead: every program masks
+  all of x and compacts an equal share of the kept list.
 * **epilogue**: ``accum`` adds the partials into a float32 output and stops (no fence, counter,
   reload or rounding store); ``early``: each split reads its N-block's counter after its weight
   loop, and one that finds every other split arrived finishes without adding its own partial,
@@ -91,6 +93,7 @@ def one_row(st: gb.Setup, nsm: int, dense: float, record) -> None:
         "pps2": sg._pick_config(1, n, k, 2, nsm, programs_per_sm=2),
         "pdl": sg._pick_config(1, n, k, 2, nsm, pdl=True),
         "early": sg._pick_config(1, n, k, 2, nsm, early_last=True),
+        "balance": sg._pick_config(1, n, k, 2, nsm, balance=True),  # K <= 8192: equal kept shares
         "runs2KB": sg._pick_config(1, n, k, 2, nsm, block_n=1024),  # longer splits: less binomial spread
         "runs1KB": sg._pick_config(1, n, k, 2, nsm, block_n=512),
     }

@@ -17,7 +17,9 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   software-pipelined (by Triton: a ring of tiles in shared memory; or by hand, ids two tiles
   ahead, weights one), so loads, conversions and FMAs scale with the kept count, not with ``K``.
   Each program reads a long run of every kept row (4 KB in the default rule): DRAM streams
-  such runs at the rate of dense reads, 128-256-byte runs at 70-85% of it.
+  such runs at the rate of dense reads, 128-256-byte runs at 70-85% of it. (Option
+  ``balance``, off until measured: splits by kept count, not by channel range; see
+  ``_compact_share``.)
 * **Center as bias.** Dropped entries snap to the center ``c``; with ``c`` folded out,
   ``out = Σ_kept W[:, i] (x_i - c_i) + (b + W c)``. ``W c`` (``center_bias``) is computed once
   by the caller when preparing the model; without it the wrapper computes it (slow, correct).
@@ -488,6 +490,7 @@ def _row_gemv_kernel(
     STAGES: tl.constexpr,  # weight loop: 0 hand-pipelined one tile ahead, else Triton's, this deep
     ATOMIC_EPI: tl.constexpr,  # split-K by atomics into ws (zero between launches), not partials
     EARLY_LAST: tl.constexpr,  # ATOMIC_EPI: read the counter first; if all others are in, finish
+    BALANCE: tl.constexpr,  # one row: splits by kept count (CHUNK_K covers all of K), not by channels
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -525,7 +528,11 @@ def _row_gemv_kernel(
     scr_val = scr_ids + split_len  # BLOCK_R rows of kept values follow the ids
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    if BLOCK_R == 1:
+    if BALANCE:  # every program masks all of x and compacts the pid_k-th equal share of the list
+        n_kept = _compact_share(x_ptr, xm_ptr, K, pid_k, split_k, stride_xk, stride_xmk, center_ptr,
+                                scale_ptr, thr, scr_ids, scr_val, WDT, CHUNK_K, CENTER_MODE, HAS_SCALE,
+                                ACT, GATED)
+    elif BLOCK_R == 1:
         n_kept = 0
         kc = k_first + offs_c
         xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
@@ -652,6 +659,30 @@ def _atomic_epilogue(part, others, ws_tile, ok, cnt_ptr, split_k, out_tile, bias
         if arrived == split_k - 1:
             _finish_sums(0.0, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
                          HAS_BIAS, HAS_CB)
+
+
+@triton.jit
+def _compact_share(x_ptr, xm_ptr, K, pid_k, split_k, stride_xk, stride_xmk, center_ptr, scale_ptr, thr,
+                   scr_ids, scr_val, WDT: tl.constexpr, CHUNK_K: tl.constexpr, CENTER_MODE: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr):
+    """Phase 1 balanced by kept count (one row, ``CHUNK_K >= K``): the kept channels of all of x
+    are counted, and this split compacts entries [lo, hi) of their list, lo = pid_k * kept //
+    split_k, so every split reads the same number of weight rows (± 1) whatever the mask."""
+    kc = tl.arange(0, CHUNK_K)
+    ok = kc < K
+    xv, mv = _load_input(x_ptr, xm_ptr, kc, ok, stride_xk, stride_xmk, GATED)
+    xc = _prologue(_as_dtype(xv, WDT), _as_dtype(mv, WDT), ACT, GATED)
+    keep, v = _kept_value(xc, kc, ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
+    keep = keep & ok
+    kept = keep.to(tl.int32)
+    total = tl.sum(kept, axis=0)
+    lo = pid_k * total // split_k
+    hi = (pid_k + 1) * total // split_k
+    g = tl.cumsum(kept, axis=0) - 1  # position in the list of kept channels
+    mine = keep & (g >= lo) & (g < hi)
+    tl.store(scr_ids + g - lo, kc.to(tl.float32), mask=mine)
+    tl.store(scr_val + g - lo, v, mask=mine)
+    return hi - lo
 
 
 @triton.jit
@@ -822,6 +853,7 @@ class GemvConfig:
     stages: int = 0  # row kernel: weight loop pipelined by Triton this deep (0: by hand, one ahead)
     atomic_epilogue: bool = False  # row kernel: split-K sums by atomics into a zeroed workspace
     early_last: bool = False  # atomic epilogue: the last split may know it is last before adding
+    balance: bool = False  # one row: K-splits of equal kept counts (every program masks all of x)
 
     @property
     def chunks_per_split(self) -> int:
@@ -857,6 +889,7 @@ def _row_pdl() -> bool:
     return bool(inductor is not None and getattr(inductor.triton, "enable_pdl", False))
 
 
+_BALANCE_MAX_K = 8192  # balanced splits mask all of x in one step (K = 14336 took 255 registers)
 _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v as one group)
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
@@ -957,6 +990,7 @@ def _block_config(
     whole_wave: bool = False,
     early_last: bool = False,
     row_dot: bool = False,
+    balance: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -976,7 +1010,9 @@ def _block_config(
     tile (``sub_k`` grows when ``block_n`` is clipped to a narrow weight). ``stages``,
     ``atomic_epilogue``, ``early_last``: see ``GemvConfig``; ``row_dot``: several rows through
     the one-row kernel on tensor cores even at ``MAX_FMA_ROWS`` or fewer; ``max_split``: most
-    K-splits. ``split_align``: splits are a multiple of this many channels (0: of ``chunk_k``);
+    K-splits. ``balance``: one row, K up to ``_BALANCE_MAX_K``: every program masks all of x and
+    takes an equal share of the kept channels, instead of a channel range whose kept count is
+    binomial. ``split_align``: splits are a multiple of this many channels (0: of ``chunk_k``);
     ``whole_wave``: no more programs than ``programs_per_sm`` x SMs (split count rounded down,
     not to nearest).
     """
@@ -1002,11 +1038,15 @@ def _block_config(
     step = _next_pow2(split_len) if one_step else chunk_k
     if row_kernel and block_r > 1:  # at most 8192 [rows, channels] values per masking step
         step = min(step, max(chunk_k, 8192 // block_r))
+    balance = balance and row_kernel and rows == 1 and k <= _BALANCE_MAX_K
+    if balance:  # one masking step over all of x
+        step = _next_pow2(k)
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel, num_warps=num_warps, acc_tile=acc_tile,
                       epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
                       atomic_epilogue=atomic_epilogue and row_kernel and split > 1,
-                      early_last=early_last and atomic_epilogue and row_kernel and split > 1)
+                      early_last=early_last and atomic_epilogue and row_kernel and split > 1,
+                      balance=balance)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1286,6 +1326,7 @@ def threshold_gemv_group(
             STAGES=config.stages,
             ATOMIC_EPI=atomic_epi,
             EARLY_LAST=atomic_epi and config.early_last,
+            BALANCE=config.balance,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )
