@@ -618,13 +618,13 @@ def _row_gemv_kernel(
         if ATOMIC_EPI:
             _atomic_epilogue(part, others, ws_ptr + offs_r[:, None] * ws_n + offs_w[None, :], ok,
                              cnt_ptr + pid_n, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                             HAS_BIAS, HAS_CB)
+                             HAS_BIAS, HAS_CB, EARLY_LAST)
         else:
             part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
             tl.store(out_tile, part.to(out_ptr.dtype.element_ty), mask=ok)
     elif split_k > 1 and ATOMIC_EPI:  # partials summed by atomics; the last split rounds them
         _atomic_epilogue(part, others, ws_ptr + offs_w, n_ok, cnt_ptr + pid_n, split_k, out_ptr + offs_n,
-                         bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+                         bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB, EARLY_LAST)
     elif split_k > 1:
         tl.store(ws_ptr + pid_k.to(tl.int64) * ws_n + offs_w, part, mask=n_ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
@@ -646,19 +646,33 @@ def _row_gemv_kernel(
 
 @triton.jit
 def _atomic_epilogue(part, others, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                     HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr, EARLY_LAST: tl.constexpr):
     """Split-K by float32 atomics into the zeroed sums ``ws_tile``; the split that arrives last
-    (by the counter, or already known from ``others``: every other split had arrived) rounds."""
-    if others == split_k - 1:  # (EARLY_LAST) every other split has added: this one is last,
-        # and neither its own additions nor the fence that would publish them are needed
-        _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+    (by the counter, or with ``EARLY_LAST`` already known from ``others``: every other split
+    had arrived) rounds."""
+    if EARLY_LAST:
+        if others == split_k - 1:  # every other split has added: this one is last, and neither
+            # its own additions nor the fence that would publish them are needed
+            _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
+                         HAS_BIAS, HAS_CB, True)
+        else:
+            _add_and_arrive(part, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
+                            HAS_BIAS, HAS_CB)
     else:
-        tl.atomic_add(ws_tile, part, mask=ok, sem="relaxed")
-        tl.debug_barrier()  # every thread's additions are issued before the release below
-        arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-        if arrived == split_k - 1:
-            _finish_sums(0.0, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                         HAS_BIAS, HAS_CB)
+        _add_and_arrive(part, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
+                        HAS_BIAS, HAS_CB)
+
+
+@triton.jit
+def _add_and_arrive(part, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
+                    HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+    """Add this split's partial to the sums, then arrive; the split that arrives last rounds."""
+    tl.atomic_add(ws_tile, part, mask=ok, sem="relaxed")
+    tl.debug_barrier()  # every thread's additions are issued before the release below
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if arrived == split_k - 1:
+        _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB,
+                     False)
 
 
 @triton.jit
@@ -715,10 +729,13 @@ def _compact_rows(x_ptr, xm_ptr, k_first, k_end, steps, offs_r, r_ok, stride_xr,
 
 @triton.jit
 def _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                 HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
-    """The last split: the column sums (plus its own ``part`` where it did not add it), zeroed
-    again for the next launch, then biases, rounding and the store; the counter reset last."""
-    total = part + tl.load(ws_tile, mask=ok, other=0.0, cache_modifier=".cg")
+                 HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr, ADD_PART: tl.constexpr):
+    """The last split: the column sums (plus, with ``ADD_PART``, its own ``part``, which it did
+    not add), zeroed again for the next launch, then biases, rounding and the store; the
+    counter reset last."""
+    total = tl.load(ws_tile, mask=ok, other=0.0, cache_modifier=".cg")
+    if ADD_PART:
+        total += part
     # Triton loads the sums and stores the zeros in different thread layouts, so a column's
     # zero could land before its load (outputs of 0: seen on the H200)
     tl.debug_barrier()
