@@ -23,8 +23,8 @@ Several rows (rows = 4, against the op's mask kernel + cuBLAS and plain cuBLAS):
 row-generic tensor-core kernel with long runs (512-2048 columns per program, 1-2 programs per
 SM), and the one-row kernel's stream with [4, ...] masks (``row_kernel=True``): FMA
 accumulators (``stream``; sm_90: 128-140 registers, 398 instructions per warp per 16 KB tile,
-the one-row loop 216) or tensor cores (``dot``: [16, 16] x [16, 1024] tiles, 236 registers,
-206 instructions per 32 KB tile).
+the one-row loop 216) or tensor cores (``dot``: [16, 16] x [16, 1024] tiles, 148-171 registers,
+205-212 instructions per 32 KB tile).
 
     PYTHONPATH=. python bench/probe/gemv_balance.py [--out DIR] [--shapes 4096x4096 ...]
 """

@@ -711,10 +711,8 @@ def _compact_rows(x_ptr, xm_ptr, k_first, k_end, steps, offs_r, r_ok, stride_xr,
     for _ in range(0, steps):
         kc_ok = kc < k_end
         ok = r_ok[:, None] & kc_ok[None, :]
-        xv = tl.load(x_ptr + offs_r[:, None] * stride_xr + kc[None, :] * stride_xk, mask=ok, other=0.0)
-        mv = xv
-        if GATED:
-            mv = tl.load(xm_ptr + offs_r[:, None] * stride_xmr + kc[None, :] * stride_xmk, mask=ok, other=0.0)
+        xv, mv = _load_input(x_ptr + offs_r[:, None] * stride_xr, xm_ptr + offs_r[:, None] * stride_xmr,
+                             kc[None, :], ok, stride_xk, stride_xmk, GATED)
         xc = _prologue(_as_dtype(xv, WDT), _as_dtype(mv, WDT), ACT, GATED)
         keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
         any_keep = tl.max((keep & ok).to(tl.int32), axis=0)  # [CHUNK_K]
