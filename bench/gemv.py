@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -109,8 +110,7 @@ def correctness_check(sweep: bool = False, crossover: bool = False) -> None:
                     if sweep and (dtype, rows, n) in SWEEP_CHECK and center != "scalar":
                         cfgs.update(variants(rows, n, k, nsm))
                     if crossover and rows > 1:  # what --crossover times
-                        cfgs["stream"] = sg._pick_config(rows, n, k, x.element_size(), nsm, row_kernel=True,
-                                                         deterministic=False)
+                        cfgs.update(stream_variants(rows, n, k, x.element_size(), nsm))
                     for name, cfg in cfgs.items():
                         out = sg.threshold_gemv(x, w, b, 0.7, c, sc, cb, config=cfg)
                         e = rel_err(out, ref)
@@ -125,6 +125,20 @@ def correctness_check(sweep: bool = False, crossover: bool = False) -> None:
         if "default" in BAD_VARIANTS:
             sys.exit(1)
     print("correctness check: OK (3 dtypes x 4 shapes x 5 row counts x 3 centers)")
+
+
+def stream_variants(rows: int, n: int, k: int, elem_size: int, nsm: int) -> dict:
+    """The one-row kernel's stream forced on for several rows: its default (FMAs up to
+    ``MAX_FMA_ROWS``, tensor cores above), two programs per SM, and tensor cores with three
+    stages of 64 KB tiles (the rows-4 probe's best tensor-core variant, gemv_balance_h200.md)."""
+    pick = functools.partial(sg._pick_config, rows, n, k, elem_size, nsm, row_kernel=True,
+                             deterministic=False)
+    out = {"stream": pick(), "stream pps2": pick(programs_per_sm=2)}
+    if rows <= sg.MAX_FMA_ROWS:
+        out["dot st3"] = pick(row_dot=True, stages=3)
+    else:
+        out["stream st3"] = pick(stages=3)
+    return out
 
 
 # -- one shape ----------------------------------------------------------------------------------
@@ -491,20 +505,22 @@ def main() -> None:
                     flush=True,
                 )
         if args.crossover:  # the fused kernel forced on for several rows: the one-row kernel's stream
-            for rows in (2, 4, 8, 16):
+            for rows in (2, 3, 4, 8, 16):
                 d = time_dense(st, rows)
-                cfg = sg._pick_config(rows, n, k, 2, nsm, row_kernel=True, deterministic=False)
-                for s in (0.0, 0.5, 0.9):
+                for s in (0.0, 0.5, 0.8, 0.9):
                     inputs = sparse_inputs(st, rows, s)
-                    us, _ = time_sparse(st, rows, inputs, cfg)
                     su = statistics.mean(i[3] for i in inputs)
-                    crossover.append(dict(n=n, k=k, rows=rows, s=s, s_union=su, us=us, dense_us=d,
-                                          speedup=d / us, dot=cfg.use_dot))
-                    print(
-                        f"  crossover rows={rows:2d} s={s:.1f} (union {su:.2f}) {us:8.1f} us"
-                        f" dense {d:8.1f} us  x{d / us:.2f}",
-                        flush=True,
-                    )
+                    for name, cfg in stream_variants(rows, n, k, 2, nsm).items():
+                        if name in BAD_VARIANTS:
+                            continue
+                        us, _ = time_sparse(st, rows, inputs, cfg)
+                        crossover.append(dict(n=n, k=k, rows=rows, s=s, s_union=su, us=us, dense_us=d,
+                                              speedup=d / us, dot=cfg.use_dot, variant=name))
+                        print(
+                            f"  crossover rows={rows:2d} s={s:.1f} (union {su:.2f}) {name:12s} {us:8.1f} us"
+                            f" dense {d:8.1f} us  x{d / us:.2f}",
+                            flush=True,
+                        )
         del st
         torch.cuda.empty_cache()
         # written after every shape, so a run cut short still leaves its numbers
@@ -581,11 +597,11 @@ def markdown(env: dict, results: list[dict], crossover: list[dict]) -> str:
             "Rows crossover: the fused kernel forced on (the one-row kernel's stream, `row_kernel=True`: "
             "FMAs up to 4 rows, tensor cores above), against cuBLAS:",
             "",
-            "| N x K | rows | s | s_union | products | dense µs | kernel µs | speedup | of ideal |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| N x K | rows | s | s_union | variant | products | dense µs | kernel µs | speedup | of ideal |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {c['n']}x{c['k']} | {c['rows']} | {c['s']:.1f} | {c['s_union']:.3f} | "
+            f"| {c['n']}x{c['k']} | {c['rows']} | {c['s']:.1f} | {c['s_union']:.3f} | {c['variant']} | "
             f"{'tensor cores' if c['dot'] else 'FMA'} | {c['dense_us']:.1f} | {c['us']:.1f} | "
             f"{c['speedup']:.2f} | {c['speedup'] * (1 - c['s_union']):.2f} |"
             for c in crossover
