@@ -130,6 +130,27 @@ def test_dynamic_sizes_start_at_two_and_one_row_recompiles_to_the_op():
     assert record[0]["decisions"][0]["reason"].startswith("every call has >= 2 rows")
 
 
+def test_two_rows_of_16_bit_weights_keep_the_op_unless_dynamic():
+    """Two bf16 rows are within the fused kernel's rows (``max_rows``): a static two-row graph keeps
+    the op, a dynamic one (2 rows up, mostly prefill) still leaves the mask to Inductor."""
+    m = nn.Sequential(nn.Linear(K, N, dtype=torch.bfloat16)).eval()
+    plan = SparsityPlan(layers={"0": _lp(0.25)})
+    assert sparse_gemv.max_rows(N, K, torch.bfloat16) == 2
+    cases = ((False, 2, "threshold"), (False, 3, "mask+linear"), (True, 2, "mask+linear"))
+    for dynamic, rows, branch in cases:
+        torch.compiler.reset()
+        record = []
+        fast = torch.compile(m, backend="sparse_act", dynamic=dynamic,
+                             options={"plan": plan, "record": record, "inductor": False})
+        x = torch.randn(rows, K, dtype=torch.bfloat16)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), _reference(m[0], x, 0.25, None), rtol=0, atol=0)
+        (d,) = record[0]["decisions"]
+        assert d["branch"] == branch, (dynamic, rows)
+        if dynamic:
+            assert d["reason"].startswith("calls have 2 to ")
+
+
 class Siblings(nn.Module):
     """q/k-like projections of one input, and a third layer on another input."""
 

@@ -277,15 +277,22 @@ def test_row_kernel_several_rows_cpu(c: Case, num_sms: int, programs_per_sm: int
     assert not sg._arrival_counters(torch.device("cpu")).any()
 
 
-def test_several_rows_pick() -> None:
-    """Several rows take the one-row kernel only when asked and not deterministic; the op's
-    dispatch (``max_rows``) still sends them to mask + cuBLAS until measured."""
+def test_several_rows_pick(monkeypatch) -> None:
+    """Two rows take the one-row kernel's stream by default, more only when asked, never when
+    deterministic; the op's dispatch (``max_rows``) sends two 16-bit rows there."""
+    two = sg._pick_config(2, 4096, 4096, 2, 132, deterministic=False)
+    assert two.row_kernel and two.block_r == 2 and not two.use_dot and two.atomic_epilogue
+    assert not sg._pick_config(2, 4096, 4096, 2, 132, deterministic=True).row_kernel
+    assert not sg._pick_config(3, 4096, 4096, 2, 132, deterministic=False).row_kernel
     assert not sg._pick_config(4, 4096, 4096, 2, 132).row_kernel
     stream = sg._pick_config(4, 4096, 4096, 2, 132, row_kernel=True, deterministic=False)
     assert stream.row_kernel and stream.block_r == 4 and stream.atomic_epilogue and stream.stages == 4
     assert not sg._pick_config(4, 4096, 4096, 2, 132, row_kernel=True, deterministic=True).row_kernel
     assert sg._pick_config(16, 4096, 4096, 2, 132, row_kernel=True, deterministic=False).use_dot
     assert not sg._pick_config(17, 4096, 4096, 2, 132, row_kernel=True, deterministic=False).row_kernel
+    assert sg.max_rows(4096, 4096, torch.bfloat16) == sg.max_rows(4096, 4096, torch.float16) == 2
+    assert sg.max_rows(4096, 4096, torch.float32) == 1  # unmeasured
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert sg.max_rows(4096, 4096, torch.bfloat16) == 1
 
 
@@ -481,7 +488,7 @@ def test_several_rows_and_early_last_gpu(early_last: bool) -> None:
 @pytest.mark.parametrize("center", ["none", "channel"])
 def test_group_matches_reference_gpu(center: str) -> None:
     @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(c=cases(max_rows=1, max_n=1, max_k=3000, center=center),
+    @given(c=cases(max_rows=2, max_n=1, max_k=3000, center=center),  # the op's dispatch: 1-2 rows
            ns=st.lists(st.integers(1, 3000), min_size=1, max_size=3))
     def prop(c: Case, ns: list[int]) -> None:
         run_group_case(c, ns, "cuda")

@@ -54,8 +54,8 @@ take 1-3 *members*, weights that share x and the mask (q/k/v, gate/up; ``thresho
 the grid runs over all members' N-blocks, so siblings pay the fixed cost once. Asked for
 (``row_kernel=True``), the one-row kernel also streams up to ``MAX_ROW_KERNEL_ROWS`` rows with
 [rows, ...] masks, FMA accumulators up to ``MAX_FMA_ROWS`` rows and tensor-core products above
-(or with ``row_dot``): a row of Wᵀ is read if any row keeps its channel. Not dispatched to yet
-(``max_rows`` is 1 until it is measured against mask + cuBLAS).
+(or with ``row_dot``): a row of Wᵀ is read if any row keeps its channel. The op sends two rows
+there (``max_rows``: from three rows on, mask + cuBLAS was faster at the sparsities plans use).
 
 Prologue: the one-row kernel can take its input as ``act(a) * b`` (silu, gelu, gelu_tanh, relu;
 ``threshold_linear_act``), loading ``a`` and ``b`` a masking step ahead and computing the
@@ -72,8 +72,8 @@ on shape and dtype, with the measurements that chose it in ``bench/NOTES.md``), 
 captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")``. Besides the
 output, a call takes small float32 workspaces (compaction scratch; partials when
 deterministic; accumulating calls: the next call's zeros) from PyTorch's caching allocator: no
-kernel, no sync, graph-safe. ``supports()`` accepts one row only: with
-more rows the tensor-core path lost to cuBLAS on every measured shape (``max_rows``). The
+kernel, no sync, graph-safe. ``supports()`` accepts one or two rows (``max_rows``; accumulating
+calls one). The
 wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
@@ -107,6 +107,7 @@ _COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at B
 _MAX_SPLIT_K = 64
 MAX_MEMBERS = 3  # weights one launch serves (q/k/v)
 MAX_ROW_KERNEL_ROWS = 16  # rows the one-row kernel's stream takes when asked (config row_kernel=True)
+_STREAM_MAX_ROWS = 2  # rows that take it by default (max_rows)
 MAX_FMA_ROWS = 4  # above it (or with row_dot) that stream multiplies on tensor cores
 # Triton 3.9's interpreter mis-multiplies bf16 in tl.dot: it gets float32 operands instead.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -967,11 +968,12 @@ def _pick_config(rows: int, n: int, k: int, elem_size: int, num_sms: int, accumu
     overrides of ``_block_config``'s parameters are for tests and benchmarks. ``deterministic``
     (default: ``torch.are_deterministic_algorithms_enabled()``) picks rules whose result does
     not depend on the order in which programs finish. Several rows (up to
-    ``MAX_ROW_KERNEL_ROWS``) take the one-row kernel's stream only with ``row_kernel=True`` and
-    not deterministic; otherwise the row-generic kernel."""
+    ``MAX_ROW_KERNEL_ROWS``) take the one-row kernel's stream with ``row_kernel=True`` and
+    not deterministic (by default up to ``_STREAM_MAX_ROWS``); otherwise the row-generic kernel."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    several = 1 < rows <= MAX_ROW_KERNEL_ROWS and overrides.get("row_kernel", False) and not deterministic
+    several = (1 < rows <= MAX_ROW_KERNEL_ROWS and not deterministic
+               and overrides.get("row_kernel", rows <= _STREAM_MAX_ROWS))
     if (rows == 1 and overrides.get("row_kernel", True)) or several:
         base = dict(row_kernel=True, programs_per_sm=16, chunk_k=256, one_step_max=256, pdl=_row_pdl())
         base.update(_row_defaults(n, k, elem_size, accumulate, deterministic))
@@ -1131,12 +1133,17 @@ def max_rows(n: int, k: int, dtype: torch.dtype) -> int:
     lower pass leaves the mask of a graph whose every call is above it to Inductor (fused into
     x's producer, ``passes/lower.py``).
 
-    Measured on the H100 (bench/NOTES.md, run 2): with 2-16 rows the tensor-core path ran at
-    0.24-0.54x cuBLAS on a dense input and at best 0.75x (4 rows, BLOCK_N = 256) on all five
-    shapes, while one row reached 0.72-0.97x dense and 1.3-5.2x at s = 0.5-0.9. So only
-    single-row decode takes the kernel until the batched path is faster.
+    Two rows (16-bit weights, not deterministic) take the one-row kernel's stream with [2, ...]
+    masks. H200, bf16, independent masks per row (``bench/gemv.py --crossover``,
+    ``results/gemv_crossover_h200.md``), speedup over cuBLAS on the five benchmark shapes: 0.82-0.93x
+    at s = 0, 0.98-1.21x at s = 0.5 (union sparsity 0.25), 1.5-3.5x at 0.9, where mask +
+    cuBLAS runs 0.88-1.02x at every s; three rows already ran 0.63-0.80x at s = 0 and lost up
+    to s = 0.5 (union 0.12), four 0.62-0.80x, and 8-16 rows on tensor cores 0.46-0.73x. The
+    layers the plan makes sparse (targets of 30-90%) are where the two-row stream gains.
     """
-    return 1
+    if dtype.itemsize != 2 or torch.are_deterministic_algorithms_enabled():
+        return 1  # float32 is unmeasured; deterministic launches sum partials in a fixed order
+    return _STREAM_MAX_ROWS
 
 
 def supports(x: Tensor, weight: Tensor, accumulate: bool = False) -> bool:
@@ -1151,7 +1158,7 @@ def supports(x: Tensor, weight: Tensor, accumulate: bool = False) -> bool:
     if n == 0 or k == 0 or x.shape[-1] != k:
         return False
     rows = x.numel() // k
-    if not 1 <= rows <= max_rows(n, k, x.dtype):
+    if not 1 <= rows <= (1 if accumulate else max_rows(n, k, weight.dtype)):
         return False
     return weight.stride(0) == 1 and weight.stride(1) == n  # column-major: Wᵀ contiguous
 

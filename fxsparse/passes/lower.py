@@ -19,8 +19,9 @@ its target sparsity (``crossover.gemv_pays``: small weights).
 
 A site that would get ``threshold_linear`` (a threshold entry, or a prefill entry whose static
 branch is the threshold op) and whose every call has more rows than the fused kernel takes
-(``_row_range(x)`` lowest > ``sparse_gemv.max_rows``, currently 1: any static multi-row shape, and
-Dynamo's dynamic sizes, which start at 2 because it specialises 0 and 1) never runs the kernel:
+(``_row_range(x)`` lowest > ``sparse_gemv.max_rows``, currently 2 for 16-bit weights: any static
+shape of more rows), or whose row count is dynamic from 2 up (Dynamo specialises 0 and 1: prefill
+graphs, whose calls of exactly two rows are few), never runs the kernel, or seldom:
 on CUDA the op would launch a separate mask kernel, then cuBLAS. It becomes the mask as plain
 aten ops (the reference's float32 score ``|x - center| * scale``, ``keep = ~(score <
 threshold)``, ``where(keep, x, center in x's dtype or 0)``) and a plain ``linear``, so Inductor
@@ -198,16 +199,21 @@ def dense_reason(lp: LayerPlan, dtype: torch.dtype | None, device: torch.device,
 
 
 def _above_kernel_rows(x: object, lp: LayerPlan, w_dtype: torch.dtype | None) -> str | None:
-    """Why no call of this threshold site can run the fused kernel (every call has more rows
-    than ``sparse_gemv.max_rows``; the op would run a mask kernel, then cuBLAS), or None."""
+    """Why the calls of this threshold site are left to mask + linear (the op would run a mask
+    kernel, then cuBLAS), or None: every call has more rows than ``sparse_gemv.max_rows``, or
+    the row count is dynamic from 2 up (Dynamo specialises 0 and 1), whose calls are prefill's
+    and whose few calls of exactly two rows lose less than a mask launch on every other call."""
     rows = _row_range(x)
     if rows is None:
         return None
     limit = sparse_gemv.max_rows(lp.out_features, lp.in_features, w_dtype or _traced_value(x).dtype)
-    if rows[0] <= limit:
-        return None
-    return (f"every call has >= {rows[0]} rows (above the fused kernel's limit of {limit}): "
-            "mask left to Inductor to fuse into x's producer")
+    if rows[0] > limit:
+        return (f"every call has >= {rows[0]} rows (above the fused kernel's limit of {limit}): "
+                "mask left to Inductor to fuse into x's producer")
+    if rows[0] > 1 and rows[1] > limit:
+        return (f"calls have {rows[0]} to {rows[1]} rows (mostly above the fused kernel's limit of "
+                f"{limit}): mask left to Inductor to fuse into x's producer")
+    return None
 
 
 def _masked_input(gm: fx.GraphModule, graph: fx.Graph, x: fx.Node, lp: LayerPlan, key: str,
