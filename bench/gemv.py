@@ -544,7 +544,7 @@ def main() -> None:
 
 
 _ROW_KNOBS = ("NUM_W", "CENTER_MODE", "HAS_SCALE", "HAS_BIAS", "HAS_CB", "BLOCK_N", "CHUNK_K", "SUB_K",
-              "ACC_TILE", "PDL", "STAGES", "ATOMIC_EPI", "EARLY_LAST")
+              "ACC_TILE", "PDL", "STAGES", "ATOMIC_EPI")
 
 
 def print_registers() -> None:

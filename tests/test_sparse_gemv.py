@@ -221,25 +221,16 @@ def test_block_sizes_cpu(
     acc_tile=st.booleans(),
     stages=st.sampled_from([0, 3]),
     atomic_epilogue=st.booleans(),
-    split_align=st.sampled_from([0, 8]),
-    whole_wave=st.booleans(),
-    early_last=st.booleans(),
-    balance=st.booleans(),
 )
 def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_step_max: int,
-                        sub_k: int, acc_tile: bool, stages: int, atomic_epilogue: bool, split_align: int,
-                        whole_wave: bool, early_last: bool, balance: bool) -> None:
-    """The one-row kernel over its block sizes, splits (any multiple of 8 channels, not only of
-    the masking step, or equal shares of the kept channels), masking steps, accumulators, weight
-    loops (by hand or Triton's pipeline) and split-K epilogues (partials or atomics, the last
-    split knowing it is last before it adds or after); the atomic one leaves its sums and
-    counters zero for the next launch."""
+                        sub_k: int, acc_tile: bool, stages: int, atomic_epilogue: bool) -> None:
+    """The one-row kernel over its block sizes, splits, masking steps, accumulators, weight
+    loops (by hand or Triton's pipeline) and split-K epilogues (partials or atomics); the
+    atomic one leaves its sums and counters zero for the next launch."""
     cfg = sg._pick_config(1, c.n, c.k, c.dtype.itemsize, num_sms, block_n=block_n, chunk_k=chunk_k,
                           one_step_max=one_step_max, sub_k=sub_k, row_kernel=True, num_warps=1,
-                          acc_tile=acc_tile, stages=stages, atomic_epilogue=atomic_epilogue, tile_bytes=0,
-                          split_align=split_align, whole_wave=whole_wave, early_last=early_last,
-                          balance=balance)
-    assert cfg.row_kernel and cfg.stages == stages and cfg.balance == balance
+                          acc_tile=acc_tile, stages=stages, atomic_epilogue=atomic_epilogue, tile_bytes=0)
+    assert cfg.row_kernel and cfg.stages == stages
     run_case(c, "cpu", cfg)
     if cfg.atomic_epilogue:
         assert not sg._split_sums(torch.device("cpu")).any()
@@ -256,19 +247,17 @@ def test_row_kernel_cpu(c: Case, num_sms: int, block_n: int, chunk_k: int, one_s
     chunk_k=st.sampled_from([16, 64]),
     one_step_max=st.sampled_from([0, 512]),
     sub_k=st.sampled_from([1, 4, 8]),
-    early_last=st.booleans(),
     row_dot=st.booleans(),
 )
 def test_row_kernel_several_rows_cpu(c: Case, num_sms: int, programs_per_sm: int, block_n: int, chunk_k: int,
-                                     one_step_max: int, sub_k: int, early_last: bool, row_dot: bool) -> None:
+                                     one_step_max: int, sub_k: int, row_dot: bool) -> None:
     """Up to 16 rows through the one-row kernel's stream (``row_kernel=True``; FMAs up to four
     rows, tensor-core products above or with ``row_dot``): a channel is compacted if any row
     keeps it and each row adds only what it keeps (its own mask exactly), over splits, masking
-    steps, tiles and both atomic epilogues; sums and counters end zero."""
+    steps, tiles and the atomic epilogue; sums and counters end zero."""
     cfg = sg._pick_config(c.rows, c.n, c.k, c.dtype.itemsize, num_sms, row_kernel=True, num_warps=1,
                           programs_per_sm=programs_per_sm, block_n=block_n, chunk_k=chunk_k,
-                          one_step_max=one_step_max, sub_k=sub_k, tile_bytes=0, early_last=early_last,
-                          row_dot=row_dot)
+                          one_step_max=one_step_max, sub_k=sub_k, tile_bytes=0, row_dot=row_dot)
     dot = c.rows > 1 and (row_dot or c.rows > sg.MAX_FMA_ROWS)
     assert cfg.row_kernel and cfg.use_dot == dot
     assert cfg.block_r == (max(16, 1 << (c.rows - 1).bit_length()) if dot else 1 << (c.rows - 1).bit_length())
@@ -297,16 +286,15 @@ def test_several_rows_pick(monkeypatch) -> None:
 
 
 @cpu_only
-@pytest.mark.parametrize("early_last", [False, True])
-def test_atomic_epilogue_with_biases_cpu(early_last: bool) -> None:
-    """Atomic split-K (several splits per N-block; with ``early_last`` the last split finishes
-    without adding its own partial) with bias, center bias and channel scale, twice in a row:
-    the second launch starts from the sums and counters the first one left zero."""
+def test_atomic_epilogue_with_biases_cpu() -> None:
+    """Atomic split-K (several splits per N-block) with bias, center bias and channel scale,
+    twice in a row: the second launch starts from the sums and counters the first one left
+    zero."""
     c = Case(rows=1, n=70, k=300, dtype=torch.bfloat16, threshold=0.3, center="channel", scale=True,
              bias=True, center_bias=True, layout="strided", specials=0, seed=3)
     cfg = sg._pick_config(1, c.n, c.k, 2, 4, block_n=32, chunk_k=16, programs_per_sm=4, num_warps=1,
-                          stages=3, atomic_epilogue=True, tile_bytes=0, early_last=early_last)
-    assert cfg.split_k > 1 and cfg.atomic_epilogue and cfg.early_last == early_last
+                          stages=3, atomic_epilogue=True, tile_bytes=0)
+    assert cfg.split_k > 1 and cfg.atomic_epilogue
     for seed in (3, 4):
         run_case(dataclasses.replace(c, seed=seed), "cpu", cfg)
         assert not sg._split_sums(torch.device("cpu")).any()
@@ -331,19 +319,6 @@ def test_stream_rule_and_deterministic_rules() -> None:
             torch.use_deterministic_algorithms(False)
         assert sg._pick_config(1, n, k, 2, 132) == cfg
     assert sg._pick_config(1, 1024, 4096, 2, 132).sub_k == 8  # narrow weight: tiles keep 16 KB
-
-
-def test_whole_wave_grids() -> None:
-    """``whole_wave`` never launches more programs than programs_per_sm x SMs, and with
-    8-channel splits it fills that wave closely (14336x4096: 126 programs, not round()'s 133)."""
-    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672), (6144, 4096)]:
-        for pps in (1, 2):
-            cfg = sg._pick_config(1, n, k, 2, 132, deterministic=False, programs_per_sm=pps,
-                                  split_align=8, whole_wave=True)
-            programs = -(-n // cfg.block_n) * cfg.split_k
-            assert 0.9 * pps * 132 <= programs <= pps * 132
-            assert cfg.split_len % 8 == 0
-            assert (cfg.split_k - 1) * cfg.split_len < k <= cfg.split_k * cfg.split_len  # no empty split
 
 
 @cpu_only
@@ -456,26 +431,22 @@ def test_matches_reference_gpu(dtype: torch.dtype, center: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
-@pytest.mark.parametrize("early_last", [False, True])
-def test_several_rows_and_early_last_gpu(early_last: bool) -> None:
+def test_several_rows_gpu() -> None:
     """The stream rule on real hardware (programs race, unlike the interpreter's): 1-16 rows in
-    the one-row kernel (FMAs or tensor cores), balanced splits, the early-last epilogue on and
-    off, and the decode shapes' grids."""
+    the one-row kernel (FMAs or tensor cores), and the decode shapes' grids."""
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(c=cases(max_rows=sg.MAX_ROW_KERNEL_ROWS, max_n=5000, max_k=5000), row_dot=st.booleans(),
-           balance=st.booleans())
-    def prop(c: Case, row_dot: bool, balance: bool) -> None:
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(c=cases(max_rows=sg.MAX_ROW_KERNEL_ROWS, max_n=5000, max_k=5000), row_dot=st.booleans())
+    def prop(c: Case, row_dot: bool) -> None:
         cfg = sg._pick_config(c.rows, c.n, c.k, c.dtype.itemsize, sg._num_sms(torch.device("cuda")),
-                              row_kernel=True, early_last=early_last, row_dot=row_dot, balance=balance)
+                              row_kernel=True, row_dot=row_dot)
         run_case(c, "cuda", cfg)
 
     prop()
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336)]:
-        for rows in (1, 3, 4, 16):
+        for rows in (1, 2, 3, 4, 16):
             c = Case(rows, n, k, torch.bfloat16, 0.7, "channel", True, True, True, "contiguous", 2, n + rows)
-            cfg = sg._pick_config(rows, n, k, 2, sg._num_sms(torch.device("cuda")), row_kernel=True,
-                                  early_last=early_last)
+            cfg = sg._pick_config(rows, n, k, 2, sg._num_sms(torch.device("cuda")), row_kernel=True)
             assert cfg.split_k > 1 and cfg.atomic_epilogue
             for _ in range(3):  # the sums and counters each launch leaves for the next one
                 run_case(c, "cuda", cfg)

@@ -6,18 +6,17 @@ variant that removes it alone, on the same weights in one run:
 
 * **balance**: a K-split's kept count is binomial (4096²: 64-channel splits, 32 ± 4 kept at
   s = 0.5, so the heaviest of 64 splits reads ~30% more than the mean). ``regular`` masks keep
-  exactly the same count in every window of channels (a low-discrepancy pattern), same sparsity;
-  ``balance`` (option ``balance``, K <= 8192) splits by kept count instead: every program masks
-  all of x and compacts an equal share of the kept list.
+  exactly the same count in every window of channels (a low-discrepancy pattern), same sparsity.
 * **epilogue**: ``accum`` adds the partials into a float32 output and stops (no fence, counter,
-  reload or rounding store); ``early``: each split reads its N-block's counter after its weight
-  loop, and one that finds every other split arrived finishes without adding its own partial,
-  so the fence and the counter atomic leave the critical path (sm_90 SASS: an acquire load,
-  ``LDG.E.STRONG.GPU`` + ``CCTL.IVALL``, in place of ``MEMBAR.ALL.GPU`` + ``ATOMG``).
-* **grid**: ``wave`` never launches more programs than SMs (14336x4096: 126 instead of 133);
-  ``pps2`` two programs per SM; ``pdl`` programmatic dependent launch back to back;
+  reload or rounding store).
+* **grid**: ``pps2`` two programs per SM; ``pdl`` programmatic dependent launch back to back;
   ``runs2KB`` / ``runs1KB`` narrower N-blocks, hence longer K-splits whose kept counts vary
   less (4096²: 64-channel splits at 4 KB runs, 128 at 2 KB, 256 at 1 KB).
+
+Session 13's run (``results/gemv_balance_h200.md``) also timed three options since deleted as
+slower: ``early`` (the last split finishing without its own atomics), ``balance`` (splits by
+kept count) and ``wave`` (no more programs than SMs); the probe and options as run are in
+commit 04efcbf.
 
 Several rows (rows = 4, against the op's mask kernel + cuBLAS and plain cuBLAS): the
 row-generic tensor-core kernel with long runs (512-2048 columns per program, 1-2 programs per
@@ -89,11 +88,8 @@ def one_row(st: gb.Setup, nsm: int, dense: float, record) -> None:
     n, k = st.n, st.k
     configs = {
         "default": sg._pick_config(1, n, k, 2, nsm),
-        "wave": sg._pick_config(1, n, k, 2, nsm, split_align=8, whole_wave=True),
         "pps2": sg._pick_config(1, n, k, 2, nsm, programs_per_sm=2),
         "pdl": sg._pick_config(1, n, k, 2, nsm, pdl=True),
-        "early": sg._pick_config(1, n, k, 2, nsm, early_last=True),
-        "balance": sg._pick_config(1, n, k, 2, nsm, balance=True),  # K <= 8192: equal kept shares
         "runs2KB": sg._pick_config(1, n, k, 2, nsm, block_n=1024),  # longer splits: less binomial spread
         "runs1KB": sg._pick_config(1, n, k, 2, nsm, block_n=512),
     }
@@ -135,12 +131,10 @@ def rows4(st: gb.Setup, nsm: int, record) -> None:
                                                         programs_per_sm=pps, scratch_group=1)
     stream = dict(row_kernel=True, deterministic=False)  # the one-row kernel's stream, four rows
     configs["stream"] = sg._pick_config(rows, n, k, 2, nsm, **stream)
-    configs["stream early"] = sg._pick_config(rows, n, k, 2, nsm, **stream, early_last=True)
     configs["stream pps2"] = sg._pick_config(rows, n, k, 2, nsm, **stream, programs_per_sm=2)
     configs["stream 2KB"] = sg._pick_config(rows, n, k, 2, nsm, **stream, block_n=1024)
     dot = dict(stream, row_dot=True, block_n=1024)  # tensor cores: [16, SUB_K=16] x [16, 1024] tiles
     configs["dot"] = sg._pick_config(rows, n, k, 2, nsm, **dot)
-    configs["dot early"] = sg._pick_config(rows, n, k, 2, nsm, **dot, early_last=True)
     configs["dot 4KB st3"] = sg._pick_config(rows, n, k, 2, nsm, **dict(dot, block_n=2048), stages=3)
     for s in (0.0, 0.5, 0.8, 0.9):
         inputs = gb.sparse_inputs(st, rows, s)

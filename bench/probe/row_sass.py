@@ -35,7 +35,6 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumul
                  SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl, ACT=0, GATED=False,
                  ACCUM=accumulate, ZERO=accumulate, STAGES=cfg.stages,
                  ATOMIC_EPI=cfg.atomic_epilogue and not accumulate,
-                 EARLY_LAST=cfg.early_last and not accumulate, BALANCE=cfg.balance,
                  # column-major weights: launches pass stride 1, which Triton's JIT specialises
                  stride_wn0=1, stride_wn1=1, stride_wn2=1)
     sig, attrs = {}, {}
@@ -90,19 +89,14 @@ def main() -> None:
     shapes = [tuple(map(int, a.split("x"))) for a in sys.argv[1:]] or [
         (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
     for n, k in shapes:
-        # accumulating, op, op with the early-last epilogue, balanced op, deterministic op
-        for acc, det, early, bal in ((True, False, False, False), (False, False, False, False),
-                                     (False, False, True, False), (False, False, False, True),
-                                     (False, True, False, False)):
-            cfg = sg._pick_config(1, n, k, 2, 132, accumulate=acc, deterministic=det, early_last=early,
-                                  balance=bal)
+        for acc, det in ((True, False), (False, False), (False, True)):  # accumulating, op, deterministic op
+            cfg = sg._pick_config(1, n, k, 2, 132, accumulate=acc, deterministic=det)
             text, regs = sass(compile_row(cfg, accumulate=acc))
-            print(f"{n}x{k} accumulate={acc} deterministic={det} early_last={cfg.early_last} "
-                  f"balance={cfg.balance} "
+            print(f"{n}x{k} accumulate={acc} deterministic={det} "
                   f"warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} stages={cfg.stages}: "
                   f"{regs} registers, {text.count('BAR.SYNC')} BAR.SYNC, {text.count('MEMBAR')} MEMBAR")
             print("   ", loop_order(text))
-        for rows, dot, bn in ((4, False, None), (4, True, 1024), (16, True, 1024)):  # several rows
+        for rows, dot, bn in ((2, False, None), (4, False, None), (4, True, 1024), (16, True, 1024)):
             cfg = sg._pick_config(rows, n, k, 2, 132, deterministic=False, row_kernel=True, row_dot=dot,
                                   **({"block_n": bn} if bn else {}))
             text, regs = sass(compile_row(cfg, accumulate=False))

@@ -17,9 +17,7 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   software-pipelined (by Triton: a ring of tiles in shared memory; or by hand, ids two tiles
   ahead, weights one), so loads, conversions and FMAs scale with the kept count, not with ``K``.
   Each program reads a long run of every kept row (4 KB in the default rule): DRAM streams
-  such runs at the rate of dense reads, 128-256-byte runs at 70-85% of it. (Option
-  ``balance``, off until measured: splits by kept count, not by channel range; see
-  ``_compact_share``.)
+  such runs at the rate of dense reads, 128-256-byte runs at 70-85% of it.
 * **Center as bias.** Dropped entries snap to the center ``c``; with ``c`` folded out,
   ``out = Σ_kept W[:, i] (x_i - c_i) + (b + W c)``. ``W c`` (``center_bias``) is computed once
   by the caller when preparing the model; without it the wrapper computes it (slow, correct).
@@ -27,9 +25,7 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   every program adds its float32 partial to a per-device sums buffer with atomics, then bumps a
   per-N-block arrival counter; the last program to arrive reads the sums, zeroes them again,
   adds the biases, writes the output and resets the counter, so no memset precedes the launch.
-  (Option ``early_last``, off until measured: each program first reads its counter; one that
-  finds every other split arrived is the last, adds its own partial in registers and skips
-  the fence and the counter atomic.) Under ``torch.use_deterministic_algorithms`` (and for
+  Under ``torch.use_deterministic_algorithms`` (and for
   launches wider than the sums buffer) programs write their partials to a workspace instead
   and the last one sums them in a fixed order. Counters and sums live in small per-device
   buffers that are zero between launches; launches on one stream never overlap, so they never
@@ -490,8 +486,6 @@ def _row_gemv_kernel(
     ZERO: tl.constexpr,
     STAGES: tl.constexpr,  # weight loop: 0 hand-pipelined one tile ahead, else Triton's, this deep
     ATOMIC_EPI: tl.constexpr,  # split-K by atomics into ws (zero between launches), not partials
-    EARLY_LAST: tl.constexpr,  # ATOMIC_EPI: read the counter first; if all others are in, finish
-    BALANCE: tl.constexpr,  # one row: splits by kept count (CHUNK_K covers all of K), not by channels
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -529,11 +523,7 @@ def _row_gemv_kernel(
     scr_val = scr_ids + split_len  # BLOCK_R rows of kept values follow the ids
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    if BALANCE:  # every program masks all of x and compacts the pid_k-th equal share of the list
-        n_kept = _compact_share(x_ptr, xm_ptr, K, pid_k, split_k, stride_xk, stride_xmk, center_ptr,
-                                scale_ptr, thr, scr_ids, scr_val, WDT, CHUNK_K, CENTER_MODE, HAS_SCALE,
-                                ACT, GATED)
-    elif BLOCK_R == 1:
+    if BLOCK_R == 1:
         n_kept = 0
         kc = k_first + offs_c
         xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
@@ -599,9 +589,6 @@ def _row_gemv_kernel(
             w_next = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
             k_next = tl.load(scr_ids + SUB_K + slot, mask=SUB_K + slot < n_kept, other=0.0)
             acc = _accumulate(acc, v, w, ACC_TILE)
-    others = 0
-    if ATOMIC_EPI and EARLY_LAST:  # in flight while the accumulator is reduced
-        others = tl.atomic_add(cnt_ptr + pid_n, 0, sem="acquire")
     if ACC_TILE and BLOCK_R == 1:
         part = tl.sum(acc, axis=0)  # [BLOCK_N]
     else:
@@ -617,15 +604,14 @@ def _row_gemv_kernel(
         out_tile = out_ptr + offs_r[:, None] * N + offs_n[None, :]
         ok = r_ok[:, None] & n_ok[None, :]
         if ATOMIC_EPI:
-            _atomic_epilogue(part, others, ws_ptr + offs_r[:, None] * ws_n + offs_w[None, :], ok,
-                             cnt_ptr + pid_n, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                             HAS_BIAS, HAS_CB, EARLY_LAST)
+            _atomic_epilogue(part, ws_ptr + offs_r[:, None] * ws_n + offs_w[None, :], ok, cnt_ptr + pid_n,
+                             split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
         else:
             part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
             tl.store(out_tile, part.to(out_ptr.dtype.element_ty), mask=ok)
     elif split_k > 1 and ATOMIC_EPI:  # partials summed by atomics; the last split rounds them
-        _atomic_epilogue(part, others, ws_ptr + offs_w, n_ok, cnt_ptr + pid_n, split_k, out_ptr + offs_n,
-                         bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB, EARLY_LAST)
+        _atomic_epilogue(part, ws_ptr + offs_w, n_ok, cnt_ptr + pid_n, split_k, out_ptr + offs_n,
+                         bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
     elif split_k > 1:
         tl.store(ws_ptr + pid_k.to(tl.int64) * ws_n + offs_w, part, mask=n_ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
@@ -646,58 +632,23 @@ def _row_gemv_kernel(
 
 
 @triton.jit
-def _atomic_epilogue(part, others, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                     HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr, EARLY_LAST: tl.constexpr):
-    """Split-K by float32 atomics into the zeroed sums ``ws_tile``; the split that arrives last
-    (by the counter, or with ``EARLY_LAST`` already known from ``others``: every other split
-    had arrived) rounds."""
-    if EARLY_LAST:
-        if others == split_k - 1:  # every other split has added: this one is last, and neither
-            # its own additions nor the fence that would publish them are needed
-            _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                         HAS_BIAS, HAS_CB, True)
-        else:
-            _add_and_arrive(part, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                            HAS_BIAS, HAS_CB)
-    else:
-        _add_and_arrive(part, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                        HAS_BIAS, HAS_CB)
-
-
-@triton.jit
-def _add_and_arrive(part, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                    HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
-    """Add this split's partial to the sums, then arrive; the split that arrives last rounds."""
+def _atomic_epilogue(part, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
+                     HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr):
+    """Split-K by float32 atomics into the zeroed sums ``ws_tile``, then arrive; the split that
+    arrives last reads the sums, zeroes them for the next launch, adds the biases and stores;
+    the counter is reset last."""
     tl.atomic_add(ws_tile, part, mask=ok, sem="relaxed")
     tl.debug_barrier()  # every thread's additions are issued before the release below
     arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     if arrived == split_k - 1:
-        _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB,
-                     False)
-
-
-@triton.jit
-def _compact_share(x_ptr, xm_ptr, K, pid_k, split_k, stride_xk, stride_xmk, center_ptr, scale_ptr, thr,
-                   scr_ids, scr_val, WDT: tl.constexpr, CHUNK_K: tl.constexpr, CENTER_MODE: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr):
-    """Phase 1 balanced by kept count (one row, ``CHUNK_K >= K``): the kept channels of all of x
-    are counted, and this split compacts entries [lo, hi) of their list, lo = pid_k * kept //
-    split_k, so every split reads the same number of weight rows (± 1) whatever the mask."""
-    kc = tl.arange(0, CHUNK_K)
-    ok = kc < K
-    xv, mv = _load_input(x_ptr, xm_ptr, kc, ok, stride_xk, stride_xmk, GATED)
-    xc = _prologue(_as_dtype(xv, WDT), _as_dtype(mv, WDT), ACT, GATED)
-    keep, v = _kept_value(xc, kc, ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
-    keep = keep & ok
-    kept = keep.to(tl.int32)
-    total = tl.sum(kept, axis=0)
-    lo = pid_k * total // split_k
-    hi = (pid_k + 1) * total // split_k
-    g = tl.cumsum(kept, axis=0) - 1  # position in the list of kept channels
-    mine = keep & (g >= lo) & (g < hi)
-    tl.store(scr_ids + g - lo, kc.to(tl.float32), mask=mine)
-    tl.store(scr_val + g - lo, v, mask=mine)
-    return hi - lo
+        total = tl.load(ws_tile, mask=ok, other=0.0, cache_modifier=".cg")
+        # Triton loads the sums and stores the zeros in different thread layouts, so a column's
+        # zero could land before its load (outputs of 0: seen on the H200)
+        tl.debug_barrier()
+        tl.store(ws_tile, 0.0, mask=ok)
+        total = _with_biases(total, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
+        tl.store(out_tile, total.to(out_tile.dtype.element_ty), mask=ok)
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -724,24 +675,6 @@ def _compact_rows(x_ptr, xm_ptr, k_first, k_end, steps, offs_r, r_ok, stride_xr,
         n_kept += tl.sum(any_keep, axis=0)
         kc += CHUNK_K
     return n_kept
-
-
-@triton.jit
-def _finish_sums(part, ws_tile, ok, cnt_ptr, out_tile, bias_ptr, cb_ptr, offs_n, n_ok,
-                 HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr, ADD_PART: tl.constexpr):
-    """The last split: the column sums (plus, with ``ADD_PART``, its own ``part``, which it did
-    not add), zeroed again for the next launch, then biases, rounding and the store; the
-    counter reset last."""
-    total = tl.load(ws_tile, mask=ok, other=0.0, cache_modifier=".cg")
-    if ADD_PART:
-        total += part
-    # Triton loads the sums and stores the zeros in different thread layouts, so a column's
-    # zero could land before its load (outputs of 0: seen on the H200)
-    tl.debug_barrier()
-    tl.store(ws_tile, 0.0, mask=ok)
-    total = _with_biases(total, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
-    tl.store(out_tile, total.to(out_tile.dtype.element_ty), mask=ok)
-    tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -868,8 +801,6 @@ class GemvConfig:
     pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
     stages: int = 0  # row kernel: weight loop pipelined by Triton this deep (0: by hand, one ahead)
     atomic_epilogue: bool = False  # row kernel: split-K sums by atomics into a zeroed workspace
-    early_last: bool = False  # atomic epilogue: the last split may know it is last before adding
-    balance: bool = False  # one row: K-splits of equal kept counts (every program masks all of x)
 
     @property
     def chunks_per_split(self) -> int:
@@ -905,7 +836,6 @@ def _row_pdl() -> bool:
     return bool(inductor is not None and getattr(inductor.triton, "enable_pdl", False))
 
 
-_BALANCE_MAX_K = 8192  # balanced splits mask all of x in one step (K = 14336 took 255 registers)
 _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v as one group)
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
@@ -1003,11 +933,7 @@ def _block_config(
     atomic_epilogue: bool = False,
     tile_bytes: int = 0,
     max_split: int = _MAX_SPLIT_K,
-    split_align: int = 0,
-    whole_wave: bool = False,
-    early_last: bool = False,
     row_dot: bool = False,
-    balance: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -1025,13 +951,8 @@ def _block_config(
     ``acc_tile``, ``epi_floats``: partial sums per thread per epilogue load, each load an L2
     round trip of the last-arriving program). ``tile_bytes``: at least this many bytes per weight
     tile (``sub_k`` grows when ``block_n`` is clipped to a narrow weight). ``stages``,
-    ``atomic_epilogue``, ``early_last``: see ``GemvConfig``; ``row_dot``: several rows through
-    the one-row kernel on tensor cores even at ``MAX_FMA_ROWS`` or fewer; ``max_split``: most
-    K-splits. ``balance``: one row, K up to ``_BALANCE_MAX_K``: every program masks all of x and
-    takes an equal share of the kept channels, instead of a channel range whose kept count is
-    binomial. ``split_align``: splits are a multiple of this many channels (0: of ``chunk_k``);
-    ``whole_wave``: no more programs than ``programs_per_sm`` x SMs (split count rounded down,
-    not to nearest).
+    ``atomic_epilogue``: see ``GemvConfig``; ``row_dot``: several rows through the one-row
+    kernel on tensor cores even at ``MAX_FMA_ROWS`` or fewer; ``max_split``: most K-splits.
     """
     row_kernel = row_kernel and rows <= MAX_ROW_KERNEL_ROWS
     use_dot = rows > 1 and (not row_kernel or row_dot or rows > MAX_FMA_ROWS)
@@ -1041,29 +962,22 @@ def _block_config(
     sub_k = max(sub_k, _next_pow2(tile_bytes // (block_n * elem_size)), 16 if use_dot and row_kernel else 1)
     block_r = _rows_block(rows, use_dot)
     n_blocks = triton.cdiv(n, block_n)
-    align = split_align or chunk_k
-    n_chunks = max(1, triton.cdiv(k, align))
-    waves = programs_per_sm * num_sms / n_blocks
-    split = max(1, int(waves) if whole_wave else round(waves))
+    n_chunks = max(1, triton.cdiv(k, chunk_k))
+    split = max(1, round(programs_per_sm * num_sms / n_blocks))
     split = min(split, n_chunks, max_split)
     if n_blocks > _COUNTER_CAPACITY:
         split = 1
     chunks_per_split = triton.cdiv(n_chunks, split)
     split = triton.cdiv(n_chunks, chunks_per_split)  # no empty splits
-    split_len = chunks_per_split * align
+    split_len = chunks_per_split * chunk_k
     one_step = split_len <= one_step_max and (row_kernel or not use_dot)
     step = _next_pow2(split_len) if one_step else chunk_k
     if row_kernel and block_r > 1:  # at most 8192 [rows, channels] values per masking step
         step = min(step, max(chunk_k, 8192 // block_r))
-    balance = balance and row_kernel and rows == 1 and k <= _BALANCE_MAX_K
-    if balance:  # one masking step over all of x
-        step = _next_pow2(k)
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel, num_warps=num_warps, acc_tile=acc_tile,
                       epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
-                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1,
-                      early_last=early_last and atomic_epilogue and row_kernel and split > 1,
-                      balance=balance)
+                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1347,8 +1261,6 @@ def threshold_gemv_group(
             ZERO=zeros_next > 0,
             STAGES=config.stages,
             ATOMIC_EPI=atomic_epi,
-            EARLY_LAST=atomic_epi and config.early_last,
-            BALANCE=config.balance,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )
