@@ -130,14 +130,22 @@ def test_dynamic_sizes_start_at_two_and_one_row_recompiles_to_the_op():
     assert record[0]["decisions"][0]["reason"].startswith("every call has >= 2 rows")
 
 
-def test_two_rows_of_16_bit_weights_keep_the_op_unless_dynamic():
-    """Two bf16 rows are within the fused kernel's rows (``max_rows``): a static two-row graph keeps
-    the op, a dynamic one (2 rows up, mostly prefill) still leaves the mask to Inductor."""
+def test_two_rows_of_16_bit_weights_keep_the_op_when_planned_sparse_enough():
+    """Two bf16 rows are within the fused kernel's rows (``max_rows``) for a layer planned at
+    ``TWO_ROW_MIN_SPARSITY`` or more (or of unknown sparsity): a static two-row graph keeps the
+    op; a sparser-planned layer, three rows, or a dynamic count (2 rows up, mostly prefill)
+    leave the mask to Inductor."""
+    import dataclasses
+
     m = nn.Sequential(nn.Linear(K, N, dtype=torch.bfloat16)).eval()
-    plan = SparsityPlan(layers={"0": _lp(0.25)})
-    assert sparse_gemv.max_rows(N, K, torch.bfloat16) == 2
-    cases = ((False, 2, "threshold"), (False, 3, "mask+linear"), (True, 2, "mask+linear"))
-    for dynamic, rows, branch in cases:
+    cut = sparse_gemv.TWO_ROW_MIN_SPARSITY
+    assert sparse_gemv.max_rows(N, K, torch.bfloat16) == sparse_gemv.max_rows(N, K, torch.bfloat16, cut) == 2
+    assert sparse_gemv.max_rows(N, K, torch.bfloat16, cut - 0.1) == 1
+    cases = ((None, False, 2, "threshold"), (cut, False, 2, "threshold"),
+             (cut - 0.1, False, 2, "mask+linear"), (None, False, 3, "mask+linear"),
+             (None, True, 2, "mask+linear"))
+    for target, dynamic, rows, branch in cases:
+        plan = SparsityPlan(layers={"0": dataclasses.replace(_lp(0.25), target_sparsity=target)})
         torch.compiler.reset()
         record = []
         fast = torch.compile(m, backend="sparse_act", dynamic=dynamic,
@@ -146,9 +154,11 @@ def test_two_rows_of_16_bit_weights_keep_the_op_unless_dynamic():
         with torch.no_grad():
             torch.testing.assert_close(fast(x), _reference(m[0], x, 0.25, None), rtol=0, atol=0)
         (d,) = record[0]["decisions"]
-        assert d["branch"] == branch, (dynamic, rows)
+        assert d["branch"] == branch, (target, dynamic, rows)
         if dynamic:
             assert d["reason"].startswith("calls have 2 to ")
+        elif branch == "mask+linear":
+            assert d["reason"].startswith(f"every call has >= {rows} rows")
 
 
 class Siblings(nn.Module):

@@ -104,6 +104,7 @@ _MAX_SPLIT_K = 64
 MAX_MEMBERS = 3  # weights one launch serves (q/k/v)
 MAX_ROW_KERNEL_ROWS = 16  # rows the one-row kernel's stream takes when asked (config row_kernel=True)
 _STREAM_MAX_ROWS = 2  # rows that take it by default (max_rows)
+TWO_ROW_MIN_SPARSITY = 0.5  # planned sparsity from which two rows take it (max_rows)
 MAX_FMA_ROWS = 4  # above it (or with row_dot) that stream multiplies on tensor cores
 # Triton 3.9's interpreter mis-multiplies bf16 in tl.dot: it gets float32 operands instead.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -1042,21 +1043,25 @@ def _split_sums(device: torch.device) -> Tensor:
 # -- public API ---------------------------------------------------------------------------------
 
 
-def max_rows(n: int, k: int, dtype: torch.dtype) -> int:
-    """Most rows (batch x tokens) the kernel takes; above it the op runs mask + cuBLAS, and the
-    lower pass leaves the mask of a graph whose every call is above it to Inductor (fused into
-    x's producer, ``passes/lower.py``).
+def max_rows(n: int, k: int, dtype: torch.dtype, sparsity: float | None = None) -> int:
+    """Most rows (batch x tokens) the kernel takes, for a layer of this expected activation
+    sparsity (None: unknown, as at a call); above it the op runs mask + cuBLAS, and the lower
+    pass leaves the mask of a graph whose every call is above it to Inductor (fused into x's
+    producer, ``passes/lower.py``).
 
     Two rows (16-bit weights, not deterministic) take the one-row kernel's stream with [2, ...]
-    masks. H200, bf16, independent masks per row (``bench/gemv.py --crossover``,
-    ``results/gemv_crossover_h200.md``), speedup over cuBLAS on the five benchmark shapes: 0.82-0.93x
-    at s = 0, 0.98-1.21x at s = 0.5 (union sparsity 0.25), 1.5-3.5x at 0.9, where mask +
-    cuBLAS runs 0.88-1.02x at every s; three rows already ran 0.63-0.80x at s = 0 and lost up
-    to s = 0.5 (union 0.12), four 0.62-0.80x, and 8-16 rows on tensor cores 0.46-0.73x. The
-    layers the plan makes sparse (targets of 30-90%) are where the two-row stream gains.
+    masks. H200, bf16, independent masks per row (``results/gemv_h200.md``, rows 2, session 13),
+    speedup over cuBLAS on the five benchmark shapes: 0.80-0.97x at s = 0 (mask + cuBLAS:
+    0.89-1.02x), 0.98-1.21x at s = 0.5 (union sparsity 0.25; mask + cuBLAS 0.94-1.02x), 1.49-3.51x
+    at 0.9; the stream passes mask + cuBLAS between s = 0.25 and 0.5. Three rows ran 0.63-0.80x
+    at s = 0 and lost up to s = 0.5 (union 0.12), four 0.62-0.80x, 8-16 rows on tensor cores
+    0.46-0.73x (``bench/gemv.py --crossover``, ``results/gemv_crossover_h200.md``). So a layer
+    planned below ``TWO_ROW_MIN_SPARSITY`` keeps one row.
     """
     if dtype.itemsize != 2 or torch.are_deterministic_algorithms_enabled():
         return 1  # float32 is unmeasured; deterministic launches sum partials in a fixed order
+    if sparsity is not None and sparsity < TWO_ROW_MIN_SPARSITY:
+        return 1
     return _STREAM_MAX_ROWS
 
 

@@ -19,12 +19,13 @@ its target sparsity (``crossover.gemv_pays``: small weights).
 
 A site that would get ``threshold_linear`` (a threshold entry, or a prefill entry whose static
 branch is the threshold op) and whose every call has more rows than the fused kernel takes
-(``_row_range(x)`` lowest > ``sparse_gemv.max_rows``, currently 2 for 16-bit weights: any static
-shape of more rows), or whose row count is dynamic from 2 up (Dynamo specialises 0 and 1: prefill
-graphs, whose calls of exactly two rows are few), never runs the kernel, or seldom:
-on CUDA the op would launch a separate mask kernel, then cuBLAS. It becomes the mask as plain
-aten ops (the reference's float32 score ``|x - center| * scale``, ``keep = ~(score <
-threshold)``, ``where(keep, x, center in x's dtype or 0)``) and a plain ``linear``, so Inductor
+(``_row_range(x)`` lowest > ``sparse_gemv.max_rows``, currently 2 for 16-bit weights planned at
+50% or more, else 1: any static shape of more rows), or whose row count is dynamic from 2 up
+(Dynamo specialises 0 and 1: prefill graphs, whose calls of exactly two rows are few), never
+runs the kernel, or seldom: on CUDA the op would launch a separate mask kernel, then cuBLAS.
+It becomes the mask as plain aten ops (the reference's float32 score ``|x - center| * scale``,
+``keep = ~(score < threshold)``, ``where(keep, x, center in x's dtype or 0)``) and a plain
+``linear``, so Inductor
 fuses the mask into the kernel that produces ``x`` (RMSNorm, SiLU*mul, ...) instead of paying a
 launch per call (branch ``"mask+linear"``). Sites of one sibling set that read the same ``x``
 share one mask. Eager (``inductor=False``) this is ``threshold_linear_reference`` bit for bit.
@@ -206,7 +207,8 @@ def _above_kernel_rows(x: object, lp: LayerPlan, w_dtype: torch.dtype | None) ->
     rows = _row_range(x)
     if rows is None:
         return None
-    limit = sparse_gemv.max_rows(lp.out_features, lp.in_features, w_dtype or _traced_value(x).dtype)
+    limit = sparse_gemv.max_rows(lp.out_features, lp.in_features, w_dtype or _traced_value(x).dtype,
+                                 lp.target_sparsity)
     if rows[0] > limit:
         return (f"every call has >= {rows[0]} rows (above the fused kernel's limit of {limit}): "
                 "mask left to Inductor to fuse into x's producer")
