@@ -45,9 +45,11 @@ Options (``torch.compile(..., options={...})``):
                value decides: bf16 entries that tie the threshold can flip, ``passes/lower.py``).
 
 A planned threshold layer whose every call in a graph has more rows than the fused kernel takes
-(any static multi-row shape, Dynamo's dynamic sizes) is lowered to its mask as plain aten ops and
-a ``linear`` (decision branch ``"mask+linear"``), which Inductor fuses into the kernel producing
-the layer's input. One-row graphs (decode) and unknown row counts keep the ``fxsparse`` op.
+(``sparse_gemv.max_rows``: static shapes of more than two rows, or of two for layers planned
+below 50%) or whose row count is dynamic (Dynamo's sizes from 2 up) is lowered to its mask as
+plain aten ops and a ``linear`` (decision branch ``"mask+linear"``), which Inductor fuses into
+the kernel producing the layer's input. One- and two-row graphs (decode) and unknown row counts
+keep the ``fxsparse`` op.
 """
 
 from __future__ import annotations

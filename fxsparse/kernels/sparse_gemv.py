@@ -1052,7 +1052,7 @@ def max_rows(n: int, k: int, dtype: torch.dtype, sparsity: float | None = None) 
     Two rows (16-bit weights, not deterministic) take the one-row kernel's stream with [2, ...]
     masks. H200, bf16, independent masks per row (``results/gemv_h200.md``, rows 2, session 13),
     speedup over cuBLAS on the five benchmark shapes: 0.80-0.97x at s = 0 (mask + cuBLAS:
-    0.89-1.02x), 0.98-1.21x at s = 0.5 (union sparsity 0.25; mask + cuBLAS 0.94-1.02x), 1.49-3.51x
+    0.89-1.02x), 0.98-1.21x at s = 0.5 (union sparsity 0.25; mask + cuBLAS 0.91-1.02x), 1.49-3.51x
     at 0.9; the stream passes mask + cuBLAS between s = 0.25 and 0.5. Three rows ran 0.63-0.80x
     at s = 0 and lost up to s = 0.5 (union 0.12), four 0.62-0.80x, 8-16 rows on tensor cores
     0.46-0.73x (``bench/gemv.py --crossover``, ``results/gemv_crossover_h200.md``). So a layer
