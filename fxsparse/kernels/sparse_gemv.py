@@ -25,9 +25,9 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   every program adds its float32 partial to a per-device sums buffer with atomics, then bumps a
   per-N-block arrival counter; the last program to arrive reads the sums, zeroes them again,
   adds the biases, writes the output and resets the counter, so no memset precedes the launch.
-  Under ``torch.use_deterministic_algorithms`` (and for
-  launches wider than the sums buffer) programs write their partials to a workspace instead
-  and the last one sums them in a fixed order. Counters and sums live in small per-device
+  Under ``torch.use_deterministic_algorithms`` (and for launches wider than the sums buffer)
+  programs write their partials to a workspace instead and the last one sums them in a fixed
+  order. Counters and sums live in small per-device
   buffers that are zero between launches; launches on one stream never overlap, so they never
   share them at once.
 * **Or accumulate** (one-row kernel, ``threshold_gemv_group(accumulate=acc)``, what
@@ -69,8 +69,7 @@ captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")`
 output, a call takes small float32 workspaces (compaction scratch; partials when
 deterministic; accumulating calls: the next call's zeros) from PyTorch's caching allocator: no
 kernel, no sync, graph-safe. ``supports()`` accepts one or two rows (``max_rows``; accumulating
-calls one). The
-wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+calls one). The wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
 from __future__ import annotations

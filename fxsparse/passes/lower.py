@@ -22,22 +22,21 @@ branch is the threshold op) and whose every call has more rows than the fused ke
 (``_row_range(x)`` lowest > ``sparse_gemv.max_rows``, currently 2 for 16-bit weights planned at
 50% or more, else 1: any static shape of more rows), or whose row count is dynamic from 2 up
 (Dynamo specialises 0 and 1: prefill graphs, whose calls of exactly two rows are few), never
-runs the kernel, or seldom: on CUDA the op would launch a separate mask kernel, then cuBLAS.
-It becomes the mask as plain aten ops (the reference's float32 score ``|x - center| * scale``,
+runs the kernel, or seldom: on CUDA the op would launch a separate mask kernel, then cuBLAS. It
+becomes the mask as plain aten ops (the reference's float32 score ``|x - center| * scale``,
 ``keep = ~(score < threshold)``, ``where(keep, x, center in x's dtype or 0)``) and a plain
-``linear``, so Inductor
-fuses the mask into the kernel that produces ``x`` (RMSNorm, SiLU*mul, ...) instead of paying a
-launch per call (branch ``"mask+linear"``). Sites of one sibling set that read the same ``x``
-share one mask. Eager (``inductor=False``) this is ``threshold_linear_reference`` bit for bit.
-Under Inductor a fused producer keeps ``x`` in float32, so the score would be taken before ``x``
-is rounded to bf16/fp16; thresholds calibrated as quantiles of bf16 activations are often bf16
-values that several entries equal exactly (kept in eager), and about half of those would fall
-below (H200, RMSNorm -> 4096² bf16, 4 rows, threshold at the 50%/90% quantile: 31 and 6 of 16384
-entries flipped, output 3% and 5% from eager). The backend therefore compiles graphs with such
-sites with Inductor's ``emulate_precision_casts``, which rounds fused intermediates as eager does
-(output then < 1e-4 from eager, no measurable cost). ``prepare_weights`` has no
-row counts and still makes such a layer's weight column-major (its one-row graphs need it;
-cuBLAS takes either layout).
+``linear``, so Inductor fuses the mask into the kernel that produces ``x`` (RMSNorm, SiLU*mul,
+...) instead of paying a launch per call (branch ``"mask+linear"``). Sites of one sibling set
+that read the same ``x`` share one mask. Eager (``inductor=False``) this is
+``threshold_linear_reference`` bit for bit. Under Inductor a fused producer keeps ``x`` in
+float32, so the score would be taken before ``x`` is rounded to bf16/fp16; thresholds calibrated
+as quantiles of bf16 activations are often bf16 values that several entries equal exactly (kept
+in eager), and about half of those would fall below (H200, RMSNorm -> 4096² bf16, 4 rows,
+threshold at the 50%/90% quantile: 31 and 6 of 16384 entries flipped, output 3% and 5% from
+eager). The backend therefore compiles graphs with such sites with Inductor's
+``emulate_precision_casts``, which rounds fused intermediates as eager does (output then < 1e-4
+from eager, no measurable cost). ``prepare_weights`` has no row counts and still makes such a
+layer's weight column-major (its one-row graphs need it; cuBLAS takes either layout).
 
 Center, scale and the folded ``center_bias = W @ center`` are buffers of ``gm`` (``get_attr``),
 computed once here rather than per call. Other linears are untouched. The replacement keeps the
