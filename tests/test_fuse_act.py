@@ -203,6 +203,21 @@ def test_down_projections_compute_their_input(arch: str, site: str, prologue: st
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_two_bf16_rows_compute_their_input() -> None:
+    """Two rows of a 16-bit layer run the fused kernel (``sparse_gemv.max_rows``), so its input
+    is computed in the kernel too; the result is the eager hooks'."""
+    torch.manual_seed(0)
+    mlp = _MLP().to(torch.bfloat16).eval()
+    plan = _plan(mlp, [torch.randn(4, 16, dtype=torch.bfloat16) for _ in range(2)])
+    two = torch.randn(2, 16, dtype=torch.bfloat16)
+    torch.compiler.reset()  # calibration compiled 4 rows: two would be a dynamic size, not static
+    fused, out = _decisions(mlp, plan, two)
+    assert fused["down"]["op"] == "fxsparse.threshold_linear_act"
+    assert fused["down"]["prologue"] == "silu(a) * b"
+    with torch.no_grad(), plan_hooks(mlp, plan):
+        torch.testing.assert_close(out, mlp(two), rtol=0, atol=0)
+
+
 class _MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -227,6 +242,8 @@ def test_not_fused_where_the_input_is_needed_or_not_one_row() -> None:
     assert "prologue" not in _decisions(lambda x: mlp(x, leak=True), plan, one)[0]["down"]  # h is an output
     torch.compiler.reset()
     assert "prologue" not in _decisions(mlp, plan, torch.randn(3, 16))[0]["down"]  # mask+linear
+    torch.compiler.reset()
+    assert "prologue" not in _decisions(mlp, plan, torch.randn(2, 16))[0]["down"]  # float32: one row
     torch.compiler.reset()
     assert "prologue" not in _decisions(mlp, plan, one, fuse_activations=False)[0]["down"]
     torch.compiler.reset()

@@ -1,14 +1,15 @@
 """Activation pass: a sparse layer whose input is ``act(a) * b`` computes that input itself.
 
 Pre: ``lower_linears`` (and ``group_siblings``) have run. Post: every
-``fxsparse::threshold_linear(x, W, ...)`` call with one row whose input ``x`` is ``act(a) * b`` or
+``fxsparse::threshold_linear(x, W, ...)`` call of a static row count the fused kernel takes
+(``sparse_gemv.max_rows``: one, or two for 16-bit weights) whose input ``x`` is ``act(a) * b`` or
 ``b * act(a)`` (Llama/Mistral/Qwen2's ``silu(gate) * up``, Gemma's tanh-GELU, Phi-3's
 ``up * silu(gate)``) or ``act(a)`` alone (OPT's ``relu(fc1)``), where ``act`` is ``silu``, ``gelu``
 (exact or tanh) or ``relu`` and nothing else reads ``act(a)`` or ``x`` (observers aside), becomes
 ``fxsparse::threshold_linear_act(a, b, W, ..., act)``. The function is the same; on CUDA the
 one-row kernel computes ``x`` while it loads it, so the kernel that wrote ``x`` (one per
-layer, ~1.5 µs with its launch gap on an H200) is gone. Graphs with several rows keep ``x``:
-there the mask is fused into ``x``'s producer by Inductor (``"mask+linear"``), which is better.
+layer, ~1.5 µs with its launch gap on an H200) is gone. Graphs with more rows keep ``x``: there
+the mask is fused into ``x``'s producer by Inductor (``"mask+linear"``), which is better.
 Traced values that require grad are left alone (the op has no autograd formula). The
 decision of each fused site gains ``prologue`` (e.g. ``"silu(a) * b"``) and the new op.
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.utils import counters
 
-from ..kernels import threshold_linear  # noqa: F401  (registers the ops)
+from ..kernels import sparse_gemv, threshold_linear  # noqa: F401  (registers the ops)
 from .lower import _row_range, _traced_value
 
 __all__ = ["fuse_activations"]
@@ -74,6 +75,17 @@ def _prologue(x: fx.Node, op_node: fx.Node) -> tuple[str, fx.Node, fx.Node | Non
     return None
 
 
+def _kernel_rows(x: fx.Node, node: fx.Node) -> bool:
+    """Whether every call of ``node`` has one row, or a static count the fused kernel takes."""
+    rows, xv, out = _row_range(x), _traced_value(x), _traced_value(node)
+    if rows is None or rows[0] != rows[1] or rows[0] < 1:
+        return False
+    if rows[0] == 1:
+        return True
+    return (xv is not None and out is not None
+            and rows[0] <= sparse_gemv.max_rows(out.shape[-1], xv.shape[-1], xv.dtype))
+
+
 def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold ``act(a) [* b]`` into the sparse layer that reads it (see module docstring)."""
     graph = gm.graph
@@ -85,7 +97,7 @@ def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
         x = node.args[0]
         if isinstance(x, fx.Node) and x.meta.get("fxsparse_observer"):
             x = x.args[0]  # explain's observer still measures x, which then stays for it alone
-        if not isinstance(x, fx.Node) or _row_range(x) != (1, 1):
+        if not isinstance(x, fx.Node) or not _kernel_rows(x, node):
             continue
         out = _traced_value(node)
         found = _prologue(x, node)
