@@ -29,7 +29,7 @@ Options (``torch.compile(..., options={...})``):
                mask (q/k/v, gate/up) run as one ``threshold_linear_group`` call, one launch on
                CUDA (``passes/group.py``); ``dense_when_faster`` then judges the set's total width.
 
-``fuse_activations``  default ``True``: a one-row sparse layer whose input is ``act(a) * b``
+``fuse_activations``  default ``True``: a one- or two-row sparse layer whose input is ``act(a) * b``
                (``silu(gate) * up``, OPT's ``relu``) computes that input in its kernel, one
                kernel less per layer (``passes/fuse_act.py``).
 
