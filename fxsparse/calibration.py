@@ -8,6 +8,7 @@ calibration data through it, then turn each observer's statistics into a ``Layer
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -82,6 +83,25 @@ def _length(dataset: Any) -> int | None:
 
 
 @torch.no_grad()
+def _private_call(model: nn.Module):
+    """``model(*args, **kwargs)`` through a function with a code object of its own.
+
+    Dynamo keeps its per-code state (the shapes seen, from which automatic dynamic shapes marks a
+    size dynamic on the next compile; cached graphs) on the compiled frame's code object. Compiled
+    directly, calibration on windows of other shapes would leave ``model.forward``'s state behind,
+    and the user's own ``torch.compile(model, ...)`` of a two-row decode step would then trace
+    the row count as dynamic (its mask left to Inductor instead of the fused kernel). A fresh code
+    object per call is forgotten with it. Frames Dynamo compiles after a graph break inside the
+    model are still the model's own.
+    """
+
+    def call(*args, **kwargs):
+        return model(*args, **kwargs)
+
+    return types.FunctionType(call.__code__.replace(), call.__globals__, "fxsparse_calibration",
+                              call.__defaults__, call.__closure__)
+
+
 def collect_statistics(
     model: nn.Module,
     dataset: Any,
@@ -96,7 +116,8 @@ def collect_statistics(
     An observer is any module with ``forward(x) -> x`` and a ``count`` of what it recorded
     (``ActivationObserver``, or ``methods.ObserverGroup`` holding several).
     """
-    compiled = torch.compile(model, backend="sparse_act", options={"observers": dict(observers)})
+    compiled = torch.compile(_private_call(model), backend="sparse_act",
+                             options={"observers": dict(observers)})
     device = _model_device(model)
     extra = _call_kwargs(model)
     total = _length(dataset)

@@ -118,3 +118,19 @@ def test_cli_calib_spread_option():
 
     assert _parser().parse_args(["calibrate", "--out", "p.json", "--calib-spread"]).calib_spread
     assert not _parser().parse_args(["calibrate", "--out", "p.json"]).calib_spread
+
+
+def test_calibration_leaves_no_shape_history_on_the_model():
+    """Calibrating on windows of another shape must not make the user's next compile of the
+    model trace its sizes as dynamic (Dynamo's automatic dynamic shapes): a static two-row bf16
+    step keeps the fused kernel's op instead of a mask left to Inductor."""
+    model = tiny_llama().to(torch.bfloat16)
+    plan = fxsparse.calibrate(model, token_batches(3, batch=1, seq=16),
+                              {TargetScope(patterns=[r".*\.layers\..*"]): 0.5}, progress=False)
+    record = []
+    fast = torch.compile(model, backend="sparse_act", options={"plan": plan, "record": record,
+                                                               "inductor": False})
+    with torch.no_grad():
+        fast(torch.randint(0, 96, (2, 1)), use_cache=False)
+    ops = {d["op"] for g in record for d in g["decisions"] if d["name"] in plan.layers}
+    assert "mask+linear" not in ops and "fxsparse.threshold_linear_group" in ops, ops
