@@ -9,7 +9,7 @@ calibration data through it, then turn each observer's statistics into a ``Layer
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -82,8 +82,7 @@ def _length(dataset: Any) -> int | None:
         return None
 
 
-@torch.no_grad()
-def _private_call(model: nn.Module):
+def _private_call(model: nn.Module) -> Callable[..., Any]:
     """``model(*args, **kwargs)`` through a function with a code object of its own.
 
     Dynamo keeps its per-code state (the shapes seen, from which automatic dynamic shapes marks a
@@ -102,6 +101,7 @@ def _private_call(model: nn.Module):
                               call.__defaults__, call.__closure__)
 
 
+@torch.no_grad()
 def collect_statistics(
     model: nn.Module,
     dataset: Any,
