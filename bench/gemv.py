@@ -138,8 +138,7 @@ def stream_variants(rows: int, n: int, k: int, elem_size: int, nsm: int) -> dict
         out["dot st3"] = pick(row_dot=True, stages=3)
     else:
         out["stream st3"] = pick(stages=3)
-    # the atomic epilogue's sums hold rows x columns floats (the op falls back to partials)
-    return {name: c for name, c in out.items() if rows * sg._ws_columns(c, [n]) <= sg._SUM_CAPACITY}
+    return {name: c for name, c in out.items() if sg._sums_fit(c, rows, [n])}  # else the op takes partials
 
 
 # -- one shape ----------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of 
   adds the biases, writes the output and resets the counter, so no memset precedes the launch.
   Under ``torch.use_deterministic_algorithms`` (and for launches wider than the sums buffer)
   programs write their partials to a workspace instead and the last one sums them in a fixed
-  order. Counters and sums live in small per-device
-  buffers that are zero between launches; launches on one stream never overlap, so they never
-  share them at once.
+  order. Counters and sums live in small per-device buffers that are zero between launches;
+  launches on one stream never overlap, so they never share them at once.
 * **Or accumulate** (one-row kernel, ``threshold_gemv_group(accumulate=acc)``, what
   ``fxsparse::threshold_linear_acc`` runs): every program adds its partial to a float32
   output with relaxed atomics and is done; that output's reader rounds it. The zeros it must
@@ -992,6 +991,11 @@ def _ws_columns(config: GemvConfig, ns: Sequence[int]) -> int:
     return sum(triton.cdiv(n, config.block_n) for n in ns) * config.block_n
 
 
+def _sums_fit(config: GemvConfig, rows: int, ns: Sequence[int]) -> bool:
+    """Whether the atomic epilogue's per-device sums hold this launch's rows x columns."""
+    return rows * _ws_columns(config, ns) <= _SUM_CAPACITY
+
+
 def _split_group(config: GemvConfig, epi_r: int) -> int:
     """Partial tiles the last-arriving split sums per load (each load is an L2 round trip)."""
     budget = 32 * config.epi_floats * config.num_warps if config.row_kernel else 4096
@@ -1191,7 +1195,7 @@ def threshold_gemv_group(
         pick = functools.partial(_pick_config, rows, sum(ns), k, weights[0].element_size(),
                                  _num_sms(x.device), accumulate=accumulate is not None)
         config = pick()
-        if config.atomic_epilogue and accumulate is None and rows * _ws_columns(config, ns) > _SUM_CAPACITY:
+        if config.atomic_epilogue and accumulate is None and not _sums_fit(config, rows, ns):
             config = pick(deterministic=True)  # wider than the sums workspace: partials instead
     torch._check(accumulate is None or (config.row_kernel and rows == 1),
                  lambda: "threshold_gemv: accumulate needs one row and the one-row kernel")
@@ -1216,7 +1220,7 @@ def threshold_gemv_group(
                  lambda: "threshold_gemv: several rows in the one-row kernel need its pipelined loop and "
                          "the atomic split-K epilogue")
     if atomic_epi:
-        torch._check(rows * ws_n <= _SUM_CAPACITY,
+        torch._check(_sums_fit(config, rows, ns),
                      lambda: "threshold_gemv: too many columns for the atomic epilogue")
         ws, cnt = _split_sums(x.device), _arrival_counters(x.device)
     elif config.split_k > 1 and accumulate is None:
