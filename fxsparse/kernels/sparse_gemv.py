@@ -514,6 +514,7 @@ def _row_gemv_kernel(
     PREFETCH: tl.constexpr,  # rows at the split's start prefetched to L2 before masking (0: none)
     PF_LINE: tl.constexpr,  # elements per prefetch request
     PF_BULK: tl.constexpr,
+    ABLATE: tl.constexpr,  # probe only: 1 no phase 1, 2 no epilogue, 4 no atomics (wrong results)
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -557,8 +558,9 @@ def _row_gemv_kernel(
     if BLOCK_R == 1:
         n_kept = 0
         kc = k_first + offs_c
-        xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
-        for _ in range(0, steps):
+        xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, (kc < k_end) & (ABLATE % 2 == 0), stride_xk,
+                                       stride_xmk, GATED)
+        for _ in range(0, steps * (1 - ABLATE % 2)):
             kc_ok = kc < k_end
             xc = _prologue(_as_dtype(xc_next, WDT), _as_dtype(mc_next, WDT), ACT, GATED)
             kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
@@ -640,6 +642,18 @@ def _row_gemv_kernel(
         else:
             part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
             tl.store(out_tile, part.to(out_ptr.dtype.element_ty), mask=ok)
+    elif split_k > 1 and ATOMIC_EPI and ABLATE // 2 % 2 == 1:
+        if thr < -1.0:  # never: keeps the weight loop alive
+            tl.store(out_ptr + offs_n, part.to(out_ptr.dtype.element_ty), mask=n_ok)
+    elif split_k > 1 and ATOMIC_EPI and ABLATE // 4 % 2 == 1:
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            total = tl.load(ws_ptr + offs_w, mask=n_ok, other=0.0, cache_modifier=".cg") + part
+            tl.debug_barrier()
+            tl.store(ws_ptr + offs_w, 0.0, mask=n_ok)
+            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     elif split_k > 1 and ATOMIC_EPI:  # partials summed by atomics; the last split rounds them
         _atomic_epilogue(part, ws_ptr + offs_w, n_ok, cnt_ptr + pid_n, split_k, out_ptr + offs_n,
                          bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
@@ -834,6 +848,7 @@ class GemvConfig:
     atomic_epilogue: bool = False  # row kernel: split-K sums by atomics into a zeroed workspace
     prefetch: int = 0  # row kernel: rows at each split's start prefetched to L2 at launch
     prefetch_bytes: int = 128  # per request; above 128: cp.async.bulk.prefetch.L2
+    ablate: int = 0  # probe only
 
     @property
     def chunks_per_split(self) -> int:
@@ -969,6 +984,7 @@ def _block_config(
     row_dot: bool = False,
     prefetch: int = 0,
     prefetch_bytes: int = 128,
+    ablate: int = 0,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -1013,7 +1029,8 @@ def _block_config(
                       row_kernel=row_kernel, num_warps=num_warps, acc_tile=acc_tile,
                       epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
                       atomic_epilogue=atomic_epilogue and row_kernel and split > 1,
-                      prefetch=prefetch if row_kernel else 0, prefetch_bytes=prefetch_bytes)
+                      prefetch=prefetch if row_kernel else 0, prefetch_bytes=prefetch_bytes,
+                      ablate=ablate)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1313,6 +1330,7 @@ def threshold_gemv_group(
             PREFETCH=prefetch,
             PF_LINE=max(1, min(config.block_n, config.prefetch_bytes // weights[0].element_size())),
             PF_BULK=config.prefetch_bytes > 128,
+            ABLATE=config.ablate,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )
