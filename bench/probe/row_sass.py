@@ -35,8 +35,6 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumul
                  SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl, ACT=0, GATED=False,
                  ACCUM=accumulate, ZERO=accumulate, STAGES=cfg.stages,
                  ATOMIC_EPI=cfg.atomic_epilogue and not accumulate,
-                 PREFETCH=cfg.prefetch, PF_LINE=max(1, min(cfg.block_n, cfg.prefetch_bytes // 2)),
-                 PF_BULK=cfg.prefetch_bytes > 128, ABLATE=cfg.ablate,
                  # column-major weights: launches pass stride 1, which Triton's JIT specialises
                  stride_wn0=1, stride_wn1=1, stride_wn2=1)
     sig, attrs = {}, {}

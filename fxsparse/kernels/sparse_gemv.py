@@ -131,32 +131,6 @@ def _load_input(x_ptr, xm_ptr, k, ok, stride_xk, stride_xmk, GATED: tl.constexpr
 
 
 @triton.jit
-def _prefetch_head(w_ptr, k0, k_end, col0, N, stride_wk, stride_wn, ROWS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, LINE: tl.constexpr, BULK: tl.constexpr):
-    """L2 prefetch of the first ``ROWS`` rows of this split's N-block, before the mask says
-    which of them are kept: weights do not depend on x, and DRAM would otherwise idle while x
-    is loaded, masked and compacted. A hint with no destination register (a row later dropped
-    costs bytes, not registers); ``LINE`` elements per request, ``BULK``: one
-    ``cp.async.bulk.prefetch.L2`` per request (sm_90) instead of ``prefetch.global.L2``."""
-    PIECES: tl.constexpr = BLOCK_N // LINE
-    i = tl.arange(0, ROWS * PIECES)
-    row = k0 + i // PIECES
-    col = col0 + (i % PIECES) * LINE
-    ptr = w_ptr + row.to(tl.int64) * stride_wk + col * stride_wn
-    if BULK:  # whole requests only (sizes are multiples of 16 bytes)
-        ok = ((row < k_end) & (col + LINE <= N)).to(tl.int32)
-        nbytes = tl.full([ROWS * PIECES], LINE * w_ptr.dtype.element_ty.primitive_bitwidth // 8, tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; }\n\t"
-            "mov.u32 $0, 0;", "=r,l,r,r", [ptr, ok, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        ok = ((row < k_end) & (col < N)).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; }\n\tmov.u32 $0, 0;",
-            "=r,l,r", [ptr, ok], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _as_dtype(v, DTYPE: tl.constexpr):
     """``v`` in DTYPE, rounded to nearest-even (a float32 sum read as the layer's input)."""
     if v.dtype == DTYPE:
@@ -511,10 +485,6 @@ def _row_gemv_kernel(
     ZERO: tl.constexpr,
     STAGES: tl.constexpr,  # weight loop: 0 hand-pipelined one tile ahead, else Triton's, this deep
     ATOMIC_EPI: tl.constexpr,  # split-K by atomics into ws (zero between launches), not partials
-    PREFETCH: tl.constexpr,  # rows at the split's start prefetched to L2 before masking (0: none)
-    PF_LINE: tl.constexpr,  # elements per prefetch request
-    PF_BULK: tl.constexpr,
-    ABLATE: tl.constexpr,  # probe only: 1 no phase 1, 2 no epilogue, 4 no atomics (wrong results)
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -536,9 +506,6 @@ def _row_gemv_kernel(
     n_ok = offs_n < N
     offs_c = tl.arange(0, CHUNK_K)
     offs_s = tl.arange(0, SUB_K)
-    if PREFETCH > 0:  # weights are never written by the previous grid: ahead of the wait
-        _prefetch_head(w_ptr, pid_k * split_len, tl.minimum(K, (pid_k + 1) * split_len), blk * BLOCK_N, N,
-                       stride_wk, stride_wn, PREFETCH, BLOCK_N, PF_LINE, PF_BULK)
     if PDL:  # everything above is arithmetic; x, the scratch and the counters come after this
         gdc_wait()
     if ZERO:  # plain stores, nothing waits on them; ordered before the next launch by its boundary
@@ -558,9 +525,8 @@ def _row_gemv_kernel(
     if BLOCK_R == 1:
         n_kept = 0
         kc = k_first + offs_c
-        xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, (kc < k_end) & (ABLATE % 2 == 0), stride_xk,
-                                       stride_xmk, GATED)
-        for _ in range(0, steps * (1 - ABLATE % 2)):
+        xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
+        for _ in range(0, steps):
             kc_ok = kc < k_end
             xc = _prologue(_as_dtype(xc_next, WDT), _as_dtype(mc_next, WDT), ACT, GATED)
             kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
@@ -642,18 +608,6 @@ def _row_gemv_kernel(
         else:
             part = _with_biases(part, bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
             tl.store(out_tile, part.to(out_ptr.dtype.element_ty), mask=ok)
-    elif split_k > 1 and ATOMIC_EPI and ABLATE // 2 % 2 == 1:
-        if thr < -1.0:  # never: keeps the weight loop alive
-            tl.store(out_ptr + offs_n, part.to(out_ptr.dtype.element_ty), mask=n_ok)
-    elif split_k > 1 and ATOMIC_EPI and ABLATE // 4 % 2 == 1:
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == split_k - 1:
-            total = tl.load(ws_ptr + offs_w, mask=n_ok, other=0.0, cache_modifier=".cg") + part
-            tl.debug_barrier()
-            tl.store(ws_ptr + offs_w, 0.0, mask=n_ok)
-            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
     elif split_k > 1 and ATOMIC_EPI:  # partials summed by atomics; the last split rounds them
         _atomic_epilogue(part, ws_ptr + offs_w, n_ok, cnt_ptr + pid_n, split_k, out_ptr + offs_n,
                          bias_ptr, cb_ptr, offs_n, n_ok, HAS_BIAS, HAS_CB)
@@ -846,9 +800,6 @@ class GemvConfig:
     pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
     stages: int = 0  # row kernel: weight loop pipelined by Triton this deep (0: by hand, one ahead)
     atomic_epilogue: bool = False  # row kernel: split-K sums by atomics into a zeroed workspace
-    prefetch: int = 0  # row kernel: rows at each split's start prefetched to L2 at launch
-    prefetch_bytes: int = 128  # per request; above 128: cp.async.bulk.prefetch.L2
-    ablate: int = 0  # probe only
 
     @property
     def chunks_per_split(self) -> int:
@@ -982,9 +933,6 @@ def _block_config(
     tile_bytes: int = 0,
     max_split: int = _MAX_SPLIT_K,
     row_dot: bool = False,
-    prefetch: int = 0,
-    prefetch_bytes: int = 128,
-    ablate: int = 0,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -1028,9 +976,7 @@ def _block_config(
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel, num_warps=num_warps, acc_tile=acc_tile,
                       epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
-                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1,
-                      prefetch=prefetch if row_kernel else 0, prefetch_bytes=prefetch_bytes,
-                      ablate=ablate)
+                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1294,10 +1240,6 @@ def threshold_gemv_group(
     grid = (n_blocks, config.split_k)
     if config.row_kernel:
         pdl = config.pdl and _pdl_ok(x.device)
-        # inline PTX: not in the interpreter; bulk requests need 16-byte aligned rows
-        prefetch = config.prefetch if _pdl_ok(x.device) and all(
-            w.stride(0) == 1 and (config.prefetch_bytes <= 128 or (w.data_ptr() % 16 == 0
-                                  and w.stride(1) * w.element_size() % 16 == 0)) for w in weights) else 0
         _row_gemv_kernel[grid](
             x2, xm2, *member_args,
             center if center is not None else dummy,
@@ -1327,10 +1269,6 @@ def threshold_gemv_group(
             ZERO=zeros_next > 0,
             STAGES=config.stages,
             ATOMIC_EPI=atomic_epi,
-            PREFETCH=prefetch,
-            PF_LINE=max(1, min(config.block_n, config.prefetch_bytes // weights[0].element_size())),
-            PF_BULK=config.prefetch_bytes > 128,
-            ABLATE=config.ablate,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )
