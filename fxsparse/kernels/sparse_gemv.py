@@ -552,26 +552,23 @@ def _row_gemv_kernel(
         acc = tl.zeros((SUB_K, BLOCK_N), dtype=tl.float32)
     else:  # reduced every tile (fewer registers: larger tiles fit one warp)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if BLOCK_R > 1:
+    if BLOCK_R > 1 or STAGES > 0:  # Triton's pipeline: a cp.async ring of STAGES - 1 tiles in shared memory
         for t in tl.range(0, tl.cdiv(n_kept, SUB_K), num_stages=STAGES):
             slot = t * SUB_K + offs_s
             s_ok = slot < n_kept
             k = tl.load(scr_ids + slot, mask=s_ok, other=0.0).to(tl.int32)
-            v = tl.load(scr_val + offs_r[:, None] * split_len + slot[None, :],
-                        mask=r_ok[:, None] & s_ok[None, :], other=0.0)  # [BLOCK_R, SUB_K]
+            if BLOCK_R > 1:  # [BLOCK_R, SUB_K]
+                v = tl.load(scr_val + offs_r[:, None] * split_len + slot[None, :],
+                            mask=r_ok[:, None] & s_ok[None, :], other=0.0)
+            else:
+                v = tl.load(scr_val + slot, mask=s_ok, other=0.0)
             w = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
-            if USE_DOT:
+            if BLOCK_R == 1:
+                acc = _accumulate(acc, v, w, ACC_TILE)
+            elif USE_DOT:
                 acc = _dot_acc(acc, v, w, DOT_FP32, CENTER_MODE > 0)
             else:
                 acc += tl.sum(v[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    elif STAGES > 0:  # Triton's pipeline: a cp.async ring of STAGES - 1 tiles in shared memory
-        for t in tl.range(0, tl.cdiv(n_kept, SUB_K), num_stages=STAGES):
-            slot = t * SUB_K + offs_s
-            s_ok = slot < n_kept
-            k = tl.load(scr_ids + slot, mask=s_ok, other=0.0).to(tl.int32)
-            v = tl.load(scr_val + slot, mask=s_ok, other=0.0)
-            w = _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn)
-            acc = _accumulate(acc, v, w, ACC_TILE)
     else:  # by hand: ids two tiles ahead, weights one
         s_ok = offs_s < n_kept
         k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
