@@ -34,7 +34,7 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumul
                  BLOCK_N=cfg.block_n, CHUNK_K=cfg.chunk_k, SUB_K=cfg.sub_k,
                  SPLIT_GROUP=sg._split_group(cfg, 1), ACC_TILE=cfg.acc_tile, PDL=pdl, ACT=0, GATED=False,
                  ACCUM=accumulate, ZERO=accumulate, STAGES=cfg.stages,
-                 ATOMIC_EPI=cfg.atomic_epilogue and not accumulate, SCR_L1=64 if cfg.scr_l1 else 0,
+                 ATOMIC_EPI=cfg.atomic_epilogue and not accumulate,
                  # column-major weights: launches pass stride 1, which Triton's JIT specialises
                  stride_wn0=1, stride_wn1=1, stride_wn2=1)
     sig, attrs = {}, {}

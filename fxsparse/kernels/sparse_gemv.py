@@ -131,16 +131,6 @@ def _load_input(x_ptr, xm_ptr, k, ok, stride_xk, stride_xmk, GATED: tl.constexpr
 
 
 @triton.jit
-def _prefetch_l1(ptr, n, LINES: tl.constexpr):
-    """Probe: ``prefetch.global.L1`` of the 128-byte lines of float32 ``ptr[:n]``."""
-    i = tl.arange(0, LINES)
-    ok = (i * 32 < n).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; }\n\tmov.u32 $0, 0;",
-        "=r,l,r", [ptr + i * 32, ok], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _as_dtype(v, DTYPE: tl.constexpr):
     """``v`` in DTYPE, rounded to nearest-even (a float32 sum read as the layer's input)."""
     if v.dtype == DTYPE:
@@ -495,7 +485,6 @@ def _row_gemv_kernel(
     ZERO: tl.constexpr,
     STAGES: tl.constexpr,  # weight loop: 0 hand-pipelined one tile ahead, else Triton's, this deep
     ATOMIC_EPI: tl.constexpr,  # split-K by atomics into ws (zero between launches), not partials
-    SCR_L1: tl.constexpr,  # probe: this program's scratch lines prefetched to L1 (lines, 0: off)
 ):
     """One row, every tensor 1-D or [SUB_K, BLOCK_N]: few layout conversions, so few barriers
     (the row-generic kernel's [1, C] shapes cost ~28 per launch), and few enough registers for
@@ -531,8 +520,6 @@ def _row_gemv_kernel(
     scr_row = pid_k.to(tl.int64) * tl.cdiv(ws_n // BLOCK_N, scr_group) + pid_n // scr_group
     scr_ids = scr_ptr + scr_row * (1 + BLOCK_R) * split_len
     scr_val = scr_ids + split_len  # BLOCK_R rows of kept values follow the ids
-    if SCR_L1 > 0:  # the read-back after the scatter then hits L1 (if stores update its lines)
-        _prefetch_l1(scr_ids, (1 + BLOCK_R) * split_len, SCR_L1)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     if BLOCK_R == 1:
@@ -810,7 +797,6 @@ class GemvConfig:
     pdl: bool = False  # row kernel: programmatic dependent launch (sm_90+), see _pdl_ok
     stages: int = 0  # row kernel: weight loop pipelined by Triton this deep (0: by hand, one ahead)
     atomic_epilogue: bool = False  # row kernel: split-K sums by atomics into a zeroed workspace
-    scr_l1: bool = False  # probe: scratch prefetched to L1 before phase 1
 
     @property
     def chunks_per_split(self) -> int:
@@ -944,7 +930,6 @@ def _block_config(
     tile_bytes: int = 0,
     max_split: int = _MAX_SPLIT_K,
     row_dot: bool = False,
-    scr_l1: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
     chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
@@ -988,7 +973,7 @@ def _block_config(
     return GemvConfig(block_n, step, sub_k, block_r, use_dot, split, split_len, scratch_group=scratch_group,
                       row_kernel=row_kernel, num_warps=num_warps, acc_tile=acc_tile,
                       epi_floats=epi_floats, pdl=pdl, stages=stages if row_kernel else 0,
-                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1, scr_l1=scr_l1)
+                      atomic_epilogue=atomic_epilogue and row_kernel and split > 1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1281,8 +1266,6 @@ def threshold_gemv_group(
             ZERO=zeros_next > 0,
             STAGES=config.stages,
             ATOMIC_EPI=atomic_epi,
-            SCR_L1=_next_pow2(triton.cdiv((1 + config.block_r) * split_len, 32))
-            if config.scr_l1 and _pdl_ok(x.device) else 0,
             num_warps=config.num_warps,
             launch_pdl=pdl,
         )
