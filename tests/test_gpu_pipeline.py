@@ -52,6 +52,29 @@ def test_decode_step_on_gpu_matches_eager_hooks(mode):
     assert calls, "the Triton sparse GEMV never ran"
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_center_bias_follows_in_place_weight_update(accumulate):
+    """The lowering folds ``W @ center`` into a constant; an in-place weight update after
+    compiling (no recompile: Dynamo guards on metadata) must not leave it stale."""
+    from fxsparse import LayerPlan, SparsityPlan
+    from fxsparse.kernels.threshold_linear import threshold_linear_reference
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False)).cuda().to(torch.bfloat16).eval()
+    plan = SparsityPlan(layers={"0": LayerPlan(threshold=0.5, in_features=64, out_features=48,
+                                               target_sparsity=0.5, center=0.3)},
+                        model=SparsityPlan.fingerprint(model))
+    fast = fxsparse.compile(model, plan, dense_when_faster=False, accumulate=accumulate)
+    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    c = torch.tensor(0.3, device="cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            want = threshold_linear_reference(x.float(), model[0].weight.float(), None, 0.5, c)
+            torch.testing.assert_close(fast(x).float(), want, rtol=2e-2, atol=2e-2)
+            model[0].weight.mul_(2)
+
+
 def test_small_layers_run_dense_when_the_kernel_loses(monkeypatch, tmp_path):
     """hidden 256: every projection's sparse GEMV (fixed cost ~6 µs) loses to cuBLAS (~3 µs), so
     by default each runs dense, keeps its row-major weight and records the measured times."""

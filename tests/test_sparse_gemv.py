@@ -301,6 +301,28 @@ def test_atomic_epilogue_with_biases_cpu() -> None:
         assert not sg._arrival_counters(torch.device("cpu")).any()
 
 
+@cpu_only
+def test_center_bias_follows_weight_updates_cpu() -> None:
+    """A folded ``W @ center`` is recomputed when the weight changes in place (optimizer step,
+    ``load_state_dict``) or is replaced (``p.data = ...``) after it was computed."""
+    from fxsparse.kernels.center_bias import center_bias_value, register_center_bias
+    from fxsparse.kernels.threshold_linear import threshold_linear_reference
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 40)
+    w = torch.randn(40, 24).t()  # column-major, as prepared
+    c = torch.tensor(0.3)
+    cb = register_center_bias(center_bias_value(w, c), w)
+    for update in (lambda: w.mul_(2), lambda: w.copy_(torch.randn(24, 40)), None):
+        got = sg.threshold_gemv(x, w, None, 0.5, c, None, cb)
+        torch.testing.assert_close(got, threshold_linear_reference(x, w, None, 0.5, c), rtol=1e-4, atol=1e-4)
+        if update is not None:
+            update()
+    w2 = torch.randn(40, 24).t()
+    got = sg.threshold_gemv(x, w2, None, 0.5, c, None, cb)  # another weight's storage
+    torch.testing.assert_close(got, threshold_linear_reference(x, w2, None, 0.5, c), rtol=1e-4, atol=1e-4)
+
+
 def test_stream_rule_and_deterministic_rules() -> None:
     """One-row launches stream 4 KB runs in one eight-warp program per SM with one masking
     step, split-K by atomics; under ``torch.use_deterministic_algorithms`` the partials rules

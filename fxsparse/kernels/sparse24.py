@@ -34,9 +34,9 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .center_bias import center_bias_value, fresh_center_bias
 from .compress24 import compress24  # one pass into cuSPARSELt's layout (re-exported)
 
 __all__ = ["SPARSE24_IMPL", "available", "compress24", "cslt_mm", "sparse24_linear", "sparse_mm24",
@@ -163,8 +163,9 @@ def sparse24_linear(
     add = None
     if center is not None:
         if center_bias is None:
-            c = center.to(device=weight.device, dtype=weight.dtype).expand(k)
-            center_bias = F.linear(c, weight).float()
+            center_bias = center_bias_value(weight, center)
+        else:
+            fresh_center_bias(weight, center, center_bias)
         add = center_bias if bias is None else center_bias + bias.float()
     elif bias is not None:
         add = bias

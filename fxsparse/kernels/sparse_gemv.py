@@ -84,6 +84,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .center_bias import fresh_center_bias
 from .threshold_linear import ACTIVATIONS, activation_reference
 
 try:  # grid dependency control (Hopper's programmatic dependent launch)
@@ -1180,6 +1181,8 @@ def threshold_gemv_group(
     center_mode = 0
     if center is not None:
         center_mode = 1 if center.dim() == 0 else 2
+        for w, cb in zip(weights, center_biases, strict=True):
+            fresh_center_bias(w, center, cb)  # the weight may have changed in place since
         if any(cb is None for cb in center_biases):  # slow path: W @ fill computed per call
             fill = center.to(wdtype).float().expand(k)
             center_biases = [torch.mv(w.float(), fill) if cb is None else cb

@@ -55,11 +55,11 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.utils import counters
 
 from ..kernels import prefill_linear, sparse_gemv, threshold_linear  # noqa: F401  (registers the ops)
+from ..kernels.center_bias import center_bias_value, register_center_bias
 from ..kernels.crossover import NEVER, gemv_pays, resolve_min_rows_24
 from ..kernels.prefill_linear import branch
 from ..kernels.topk_linear import topk_keep_count
@@ -336,9 +336,8 @@ def lower_linears(
         real_w = _real(w_val)
         plain = what in ("dense", "mask+linear")  # a plain linear, on x or on its aten mask
         if center is not None and real_w is not None and not plain:
-            with torch.no_grad():
-                c = center.to(device=device, dtype=real_w.dtype).expand(real_w.shape[1])
-                center_bias = F.linear(c, real_w).float()
+            # kept fresh by the kernels if the weight changes in place later (kernels/center_bias.py)
+            center_bias = register_center_bias(center_bias_value(real_w, center), real_w)
         with graph.inserting_before(node):
             if plain:
                 op = torch._C._nn.linear

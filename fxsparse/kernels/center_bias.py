@@ -1,0 +1,56 @@
+"""``W @ center``, the bias a nonzero center folds into (SCAP's mode-centering, seed 001).
+
+The kernels that skip columns add ``center_bias = W @ c`` instead of reading the dropped
+columns, so it is computed once, when a model is compiled, not per call. A compiled graph
+takes its weights as inputs, though: an in-place update after compiling (``load_state_dict``,
+an optimizer step, ``p.data = ...``) must not leave a stale constant behind. Each folded value
+is therefore registered with the weight's storage and version counter when it is made, and the
+CUDA paths that add it call ``fresh_center_bias`` first, which recomputes it in place when the
+weight changed. That check runs on the host, so under CUDA graphs (``mode="reduce-overhead"``)
+a replay cannot see it: there, recompile after changing weights in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# center_bias storage -> (weight storage, weight version) it was computed from
+_SOURCE: dict[int, tuple[int, int]] = {}
+
+
+def _stamp(weight: Tensor) -> tuple[int, int]:
+    return weight.data_ptr(), weight._version
+
+
+def center_bias_value(weight: Tensor, center: Tensor) -> Tensor:
+    """``W @ c`` in float32, with ``c`` rounded to the weight's dtype (the value dropped
+    entries snap to) and the product computed in that dtype, as the lowering folds it."""
+    c = center.to(device=weight.device, dtype=weight.dtype).expand(weight.shape[1])
+    with torch.no_grad():
+        return F.linear(c, weight).float()
+
+
+def register_center_bias(center_bias: Tensor, weight: Tensor) -> Tensor:
+    """Record that ``center_bias`` was computed from ``weight`` as it is now; returns it."""
+    _SOURCE[center_bias.data_ptr()] = _stamp(weight)
+    return center_bias
+
+
+def fresh_center_bias(weight: Tensor, center: Tensor | None, center_bias: Tensor | None) -> None:
+    """Recompute ``center_bias`` in place if ``weight`` changed since it was computed.
+
+    A value this module has not seen (made elsewhere, or its storage moved) is taken as
+    current and recorded. Nothing is checked while a CUDA graph is being captured (the graph
+    would replay the check's decision, not make it again)."""
+    if center_bias is None or center is None:
+        return
+    if center_bias.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    key, now = center_bias.data_ptr(), _stamp(weight)
+    seen = _SOURCE.get(key)
+    if seen is not None and seen != now:
+        with torch.no_grad():
+            center_bias.copy_(center_bias_value(weight, center))
+    _SOURCE[key] = now
