@@ -277,3 +277,35 @@ def test_inductor_decode_with_prologue_gpu() -> None:
     got, want, decisions = gpu_decode_step()
     assert any(d.get("prologue") == "silu(a) * b" for d in decisions)
     assert (got - want).norm() / want.norm() < 2e-2
+
+
+def test_in_place_write_after_the_activation_is_respected():
+    """``act(a) * b`` is recomputed at the layer only if nothing writes ``a`` in place between."""
+    from torch import nn
+
+    from fxsparse import LayerPlan, SparsityPlan
+    from fxsparse.reference import plan_hooks
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down_proj = nn.Linear(16, 8)
+
+        def forward(self, g, u):
+            g = g * 1.0
+            h = F.silu(g) * u
+            g.add_(5.0)  # after h was computed from it
+            return self.down_proj(h), g
+
+    torch.manual_seed(0)
+    m = MLP().eval()
+    plan = SparsityPlan(layers={"down_proj": LayerPlan(threshold=0.3, in_features=16, out_features=8,
+                                                       target_sparsity=0.5)},
+                        model=SparsityPlan.fingerprint(m))
+    g, u = torch.randn(1, 16), torch.randn(1, 16)
+    with torch.no_grad():
+        with plan_hooks(m, plan):
+            want = m(g.clone(), u)
+        torch._dynamo.reset()
+        got = torch.compile(m, backend="sparse_act", options={"plan": plan, "inductor": False})(g.clone(), u)
+    torch.testing.assert_close(got[0], want[0])

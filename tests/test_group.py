@@ -222,3 +222,35 @@ def test_dense_when_faster_judges_the_set_width(monkeypatch):
     ops = [d["op"] for d in gm.meta["fxsparse_decisions"]]
     assert ops == ["fxsparse.threshold_linear", "linear", "linear"]
     assert fxsparse.prepare_weights(m, plan, device_types=("cpu",), group_siblings=False) == ["q"]
+
+
+class _MutatingAttn(nn.Module):
+    """q_proj and k_proj read the same x node, with an in-place write to x between them."""
+
+    def __init__(self, k: int = 16, n: int = 8) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(k, n), nn.Linear(k, n)
+
+    def forward(self, x):
+        x = x * 1.0
+        q = self.q_proj(x)
+        x.mul_(3.0)  # Dynamo keeps this in the graph: k_proj must see the new values
+        return q, self.k_proj(x)
+
+
+@pytest.mark.parametrize("rows", [1, 4])  # one launch for both (1 row), one shared mask (4 rows)
+def test_in_place_write_between_siblings_is_respected(rows):
+    from fxsparse import LayerPlan
+
+    torch.manual_seed(0)
+    m = _MutatingAttn().eval()
+    lp = lambda: LayerPlan(threshold=0.5, in_features=16, out_features=8, target_sparsity=0.5)  # noqa: E731
+    plan = SparsityPlan(layers={"q_proj": lp(), "k_proj": lp()}, model=SparsityPlan.fingerprint(m))
+    x = torch.randn(rows, 16)
+    with torch.no_grad():
+        with plan_hooks(m, plan):
+            want = m(x.clone())
+        torch._dynamo.reset()
+        got = torch.compile(m, backend="sparse_act", options={"plan": plan, "inductor": False})(x.clone())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

@@ -25,6 +25,7 @@ from torch._dynamo.utils import counters
 
 from ..kernels import sparse_gemv, threshold_linear  # noqa: F401  (registers the ops)
 from .lower import _row_range, _traced_value
+from .match import mutation_epochs
 
 __all__ = ["fuse_activations"]
 
@@ -91,6 +92,7 @@ def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     op = torch.ops.fxsparse.threshold_linear.default
     renamed: dict[str, tuple[str, str]] = {}
+    epochs = mutation_epochs(gm)  # act(a) * b recomputed at the layer: no in-place write between
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not op:
             continue
@@ -104,6 +106,8 @@ def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
         if found is None or out is None or out.requires_grad:
             continue
         act, a, b, replaced = found
+        if any(epochs[r] != epochs[node] for r in replaced):
+            continue
         _, w, bias, thr, c, s, cb = node.args
         with graph.inserting_before(node):
             new = graph.call_function(torch.ops.fxsparse.threshold_linear_act.default,

@@ -27,7 +27,7 @@ from ..kernels import threshold_linear  # noqa: F401  (registers the ops)
 from ..kernels.sparse_gemv import MAX_MEMBERS
 from ..plan import SparsityPlan
 from .lower import sibling_sets
-from .match import SITE_KEY
+from .match import SITE_KEY, mutation_epochs
 
 __all__ = ["group_siblings"]
 
@@ -71,6 +71,7 @@ def group_siblings(gm: fx.GraphModule, plan: SparsityPlan) -> fx.GraphModule:
     op = torch.ops.fxsparse.threshold_linear.default
     sets = sibling_sets(plan)
     buckets: dict[tuple, list[fx.Node]] = defaultdict(list)
+    epochs = mutation_epochs(gm)  # members between in-place writes only: the group reads x once
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not op or SITE_KEY not in node.meta:
             continue
@@ -80,11 +81,11 @@ def group_siblings(gm: fx.GraphModule, plan: SparsityPlan) -> fx.GraphModule:
         x, _w, b, _thr, _c, _s, cb = node.args
         if isinstance(x, fx.Node) and x.meta.get("fxsparse_observer"):
             x = x.args[0]  # an observer returns its input: siblings still share it
-        buckets[(x, sets[key], b is None, cb is None)].append(node)
+        buckets[(x, sets[key], b is None, cb is None, epochs[node])].append(node)
 
     renamed: dict[str, tuple[str, list[str]]] = {}
     orphans: list[fx.Node] = []  # the other members' own center/scale/center-bias buffers
-    for (x, _set, no_bias, no_cb), nodes in buckets.items():
+    for (x, _set, no_bias, no_cb, _epoch), nodes in buckets.items():
         for i in range(0, len(nodes), MAX_MEMBERS):
             members = nodes[i:i + MAX_MEMBERS]
             if len(members) < 2:

@@ -64,7 +64,7 @@ from ..kernels.crossover import NEVER, gemv_pays, resolve_min_rows_24
 from ..kernels.prefill_linear import branch
 from ..kernels.topk_linear import topk_keep_count
 from ..plan import LayerPlan, SparsityPlan
-from .match import linear_args, linear_sites
+from .match import linear_args, linear_sites, mutation_epochs
 
 __all__ = ["lower_linears"]
 
@@ -273,7 +273,8 @@ def lower_linears(
     graph = gm.graph
     decisions = []
     sets = sibling_sets(plan)
-    masks: dict[tuple[fx.Node, tuple[str, ...]], fx.Node] = {}  # (x, sibling set) -> masked x
+    masks: dict[tuple, fx.Node] = {}  # (x, sibling set, mutation epoch) -> masked x
+    epochs = mutation_epochs(gm)  # no mask shared across an in-place write
     for node, site in linear_sites(gm):
         key = plan.resolve(site.name)
         if key is None:
@@ -343,9 +344,10 @@ def lower_linears(
                 op = torch._C._nn.linear
                 xm = x
                 if what == "mask+linear":  # siblings on the same x share one mask
-                    xm = masks.get((x, sets[key]))
+                    mkey = (x, sets[key], epochs[node])
+                    xm = masks.get(mkey)
                     if xm is None:
-                        xm = masks[(x, sets[key])] = _masked_input(gm, graph, x, lp, key, device, node.meta)
+                        xm = masks[mkey] = _masked_input(gm, graph, x, lp, key, device, node.meta)
                 new = graph.call_function(op, (xm, w, b))
             else:
                 c_node = None if center is None else _buffer(gm, graph, key + "_center", center.to(device))

@@ -14,6 +14,7 @@ breaks are matched independently, each by the same rules.
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -21,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["LinearSite", "linear_args", "match_linears", "linear_sites", "module_path"]
+__all__ = ["LinearSite", "linear_args", "match_linears", "linear_sites", "module_path", "mutation_epochs"]
 
 _LINEAR_TARGETS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 _ADDMM_TARGETS = {torch.addmm, torch.ops.aten.addmm.default}
 SITE_KEY = "fxsparse_site"
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift}
 
 
 @dataclass(frozen=True)
@@ -119,3 +123,34 @@ def match_linears(gm: fx.GraphModule) -> fx.GraphModule:
 def linear_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, LinearSite]]:
     """The annotated linear nodes of ``gm`` in graph order."""
     return [(n, n.meta[SITE_KEY]) for n in gm.graph.nodes if SITE_KEY in n.meta]
+
+
+def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may write a tensor in place (conservative: ``x.mul_()``, ``x += y``,
+    ``x[i] = y``, ``out=``, ``inplace=True``, mutable aten schemas, in-place modules)."""
+    if node.op == "call_method":
+        return (node.target.endswith("_") and not node.target.startswith("_")) or node.target == "__setitem__"
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    if node.op != "call_function":
+        return False
+    t = node.target
+    if t in _INPLACE_OPERATORS or "out" in node.kwargs or node.kwargs.get("inplace") is True:
+        return True
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.is_mutable
+    name = getattr(t, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def mutation_epochs(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Per node, how many nodes before it may mutate a tensor in place.
+
+    Dynamo graphs are not functional: a node read again after ``x.mul_()`` sees the new value.
+    Passes that move a computation or reuse one (one mask for siblings, one launch for q/k/v,
+    an activation recomputed at its reader) may do so only between nodes of the same epoch."""
+    epochs, n = {}, 0
+    for node in gm.graph.nodes:
+        epochs[node] = n
+        n += _mutates(gm, node)
+    return epochs
