@@ -349,3 +349,53 @@ def test_fused_mask_judges_x_rounded_as_eager_does(monkeypatch):
     with torch.no_grad():
         _compile(m, SparsityPlan(layers={"1": LayerPlan(thr, k, k)}), emulate_precision_casts=False)[0](x)
     assert "emulate_precision_casts" not in seen[-1]
+
+
+class _Two(nn.Module):
+    def __init__(self, inner_autocast: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 8)
+        self.inner = inner_autocast
+
+    def forward(self, x):
+        if self.inner:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.b(self.a(x))
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("method", ["threshold", "topk"])
+@pytest.mark.parametrize("where", ["outside", "inside"])  # autocast around the call / in forward
+@pytest.mark.parametrize("inductor", [False, True])
+def test_autocast_keeps_eager_dtypes_and_values(method, where, inductor):
+    """Under ``torch.autocast`` a planned linear returns the autocast dtype with eager's mask
+    (fxsparse's ops compute in their inputs' dtypes and have no autocast rule of their own)."""
+    from fxsparse.reference import plan_hooks
+
+    torch.manual_seed(0)
+    m = _Two(inner_autocast=where == "inside").eval()
+    lp = LayerPlan(threshold=0.3, in_features=16, out_features=16, target_sparsity=0.5,
+                   method="topk" if method == "topk" else "quantile")
+    plan = SparsityPlan(layers={"a": lp}, model=SparsityPlan.fingerprint(m))
+    x = torch.randn(1, 16)
+    outer = torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "outside")
+    with torch.no_grad(), outer:
+        with plan_hooks(m, plan):
+            want = m(x)
+        torch._dynamo.reset()
+        record = []
+        got = torch.compile(m, backend="sparse_act",
+                            options={"plan": plan, "inductor": inductor, "record": record})(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    (d,) = [d for d in record[-1]["decisions"] if d["name"] == "a"]
+    assert "autocast" in d["reason"]
+    assert d["op"] == ("fxsparse.topk_linear" if method == "topk" else "mask+linear")
+
+
+def test_ops_ignore_autocast():
+    """The ops compute in their inputs' dtypes under autocast, as their fake impls say."""
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert single(x, w, None, 0.3).dtype == torch.float32
+        assert torch.compile(lambda x: single(x, w, None, 0.3), backend="aot_eager")(x).dtype == torch.float32

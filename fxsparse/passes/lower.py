@@ -217,6 +217,28 @@ def _above_kernel_rows(x: object, lp: LayerPlan, w_dtype: torch.dtype | None) ->
     return None
 
 
+def autocast_dtypes(gm: fx.GraphModule, device_type: str) -> dict[fx.Node, torch.dtype]:
+    """The nodes that run under ``torch.autocast`` for ``device_type``, with its dtype: the
+    state when the graph is compiled (Dynamo guards on it), then the ``with torch.autocast``
+    regions Dynamo keeps in the graph as enter/exit calls."""
+    from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
+
+    on = torch.is_autocast_enabled(device_type)
+    stack = [torch.get_autocast_dtype(device_type) if on else None]
+    out: dict[fx.Node, torch.dtype] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is _enter_autocast:
+            dev, dtype, enabled = (list(node.args) + [None, None, True])[:3]
+            mine = dev == device_type
+            stack.append((dtype or torch.get_autocast_dtype(device_type)) if mine and enabled
+                         else (None if mine else stack[-1]))
+        elif node.op == "call_function" and node.target is _exit_autocast and len(stack) > 1:
+            stack.pop()
+        elif stack[-1] is not None:
+            out[node] = stack[-1]
+    return out
+
+
 def _masked_input(gm: fx.GraphModule, graph: fx.Graph, x: fx.Node, lp: LayerPlan, key: str,
                   device: torch.device, meta: dict) -> fx.Node:
     """``where(keep, x, fill)`` as plain aten ops, exactly ``threshold_linear_reference``'s mask
@@ -274,6 +296,7 @@ def lower_linears(
     decisions = []
     sets = sibling_sets(plan)
     masks: dict[tuple, fx.Node] = {}  # (x, sibling set, mutation epoch) -> masked x
+    autocast: dict[str, dict[fx.Node, torch.dtype]] = {}  # device type -> nodes under autocast
     epochs = mutation_epochs(gm)  # no mask shared across an in-place write
     for node, site in linear_sites(gm):
         key = plan.resolve(site.name)
@@ -328,6 +351,12 @@ def lower_linears(
         if what == "threshold" and lp.method != "topk":  # never the kernel: mask left to Inductor
             reason = _above_kernel_rows(x, lp, None if w_val is None else w_val.dtype)
             what = "mask+linear" if reason else what
+        if device.type not in autocast:
+            autocast[device.type] = autocast_dtypes(gm, device.type)
+        cast_to = autocast[device.type].get(node)  # the linear would run (and return) in this dtype
+        if cast_to is not None and what != "dense" and lp.method != "topk":
+            what, reason = "mask+linear", (f"under torch.autocast({device.type!r}, {cast_to}): the mask "
+                                           "in x's dtype, then the autocast linear, as eager runs it")
         reason = reason or "planned"
 
         # -- constants, computed once ----------------------------------------------------------
@@ -367,6 +396,13 @@ def lower_linears(
                         args = (*args, int(lp.decode_rows), int(min_rows_24))
                     new = graph.call_function(op, args)
         new.meta.update(node.meta)
+        if cast_to is not None and what != "dense" and lp.method == "topk":  # the op ignores autocast
+            new.meta.pop("val", None)
+            with graph.inserting_after(new):
+                cast = graph.call_function(torch.ops.aten._to_copy.default, (new,), {"dtype": cast_to})
+            cast.meta.update(node.meta)
+            reason = f"under torch.autocast({device.type!r}, {cast_to}): output cast to it"
+            new = cast
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         op_name = {"dense": "linear", "mask+linear": "mask+linear"}.get(what) or \
