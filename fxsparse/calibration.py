@@ -8,8 +8,9 @@ calibration data through it, then turn each observer's statistics into a ``Layer
 
 from __future__ import annotations
 
+import itertools
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from .methods import METHODS
 from .observers import ActivationObserver
-from .plan import SparsityPlan, linear_layers
+from .plan import LayerPlan, SparsityPlan, linear_layers
 from .scope import IgnoredScope, TargetScope, resolve_targets
 
 __all__ = ["calibrate", "collect_statistics", "iterate_batches", "METHODS"]
@@ -161,7 +162,10 @@ def calibrate(
     Args:
         model: the model (e.g. a Hugging Face causal LM); it is not modified.
         dataset: an iterable of token-id tensors, of dicts of model kwargs, or a
-            ``datasets.Dataset`` with ``input_ids``.
+            ``datasets.Dataset`` with ``input_ids``. Lists, datasets and ``DataLoader``s are
+            iterated once per pass; a one-shot iterator (a generator) is read once into a list
+            (its first ``max_batches`` batches) when the method or ``refine`` needs more than
+            one pass over the data.
         target_sparsity_by_scope: ``{TargetScope(...): sparsity in [0, 1)}``.
         ignored_scope: layers to leave dense whatever the targets say.
         method: one of ``METHODS`` (details and formulas in ``fxsparse.methods``):
@@ -204,11 +208,14 @@ def calibrate(
     attr_opts = {k: options.pop(k) for k in attr_keys if k in options}
     if attr_opts and method != "attribution":
         raise TypeError(f"option(s) {sorted(attr_opts)} only apply to method 'attribution'")
+    _check_arguments(method, targets, linears, options, prefill, decode_rows)
     metrics = [options.get("metric", "gxo")] if method == "attribution" else []
     data = dataset
-    if method == "pplp" and options.get("p") is not None:
-        data = list(dataset) if max_batches is None else list(dataset)[:max_batches]
+    if method == "pplp" and options.get("p") is not None:  # the search re-reads a list
+        data = list(itertools.islice(dataset, max_batches))
         options.update(model=model, data=data)
+    elif refine or method == "attribution":  # gradient pass, then the histogram pass
+        data = _reiterable(dataset, max_batches)
     stats = collect_method_statistics(
         model, data, targets, methods=(method,), metrics=metrics, attribution_options=attr_opts,
         skipped=skipped, batch_quantiles=bool(options.get("quantile_ema")),
@@ -220,8 +227,47 @@ def calibrate(
     if isinstance(prefill, str):
         return plan.set_prefill(prefill, decode_rows)
     for scope, kind in prefill.items():
-        names = scope.select(plan.layers)
-        if not names:
-            raise ValueError(f"prefill scope {scope!r} matches no calibrated layer")
-        plan.set_prefill(kind, decode_rows, names=names)
+        plan.set_prefill(kind, decode_rows, names=scope.select(plan.layers))
     return plan
+
+
+def _reiterable(dataset: Any, max_batches: int | None) -> Any:
+    """``dataset`` itself if iterating it again starts over (lists, ``datasets.Dataset``,
+    ``DataLoader``), else, for a one-shot iterator (``iter(it) is it``: a generator), its first
+    ``max_batches`` items as a list, so every pass sees the same batches. Tested as an
+    ``Iterator`` rather than by calling ``iter``, which would start a ``DataLoader``'s workers."""
+    return list(itertools.islice(dataset, max_batches)) if isinstance(dataset, Iterator) else dataset
+
+
+def _check_arguments(method: str, targets: Mapping[str, float],
+                     linears: Mapping[str, tuple[int, int]], options: Mapping[str, Any],
+                     prefill: str | Mapping[TargetScope, str], decode_rows: int | None) -> None:
+    """Raise, before any data is read, the errors that ``plan_from_observers`` and
+    ``set_prefill`` would raise only after the calibration pass (same types and messages)."""
+    from .methods import _OPTIONS, CENTERS
+
+    unused = set(options) - set(_OPTIONS[method])
+    if unused:
+        raise TypeError(f"unknown option(s) for method {method!r}: {sorted(unused)}")
+    if method == "attribution":
+        from .attribution import METRICS
+
+        if options.get("metric", "gxo") not in METRICS:
+            raise ValueError(f"unknown attribution metric(s) {[options['metric']]}; choose from {METRICS}")
+    if method == "mode" and options.get("center", "zero") not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}, got {options['center']!r}")
+    if method == "quantile" and options.get("quantile_ema") \
+            and options.get("ema_rule", "nncf") not in ("nncf", "pandas"):
+        raise ValueError(f"rule must be 'nncf' or 'pandas', got {options['ema_rule']!r}")
+    epsilon = options.get("epsilon") if method == "fat" else None
+    threshold = 0.0 if epsilon is None else float(epsilon)
+    scopes = {None: prefill} if isinstance(prefill, str) else prefill
+    for scope, kind in scopes.items():
+        names = list(targets) if scope is None else scope.select(targets)
+        if scope is not None and not names:
+            raise ValueError(f"prefill scope {scope!r} matches no calibrated layer")
+        for name in names:  # the entry as the plan will have it, calibrated threshold aside
+            out_f, in_f = linears[name]
+            LayerPlan(threshold=threshold, in_features=in_f, out_features=out_f,
+                      target_sparsity=targets[name], method=method, prefill=kind,
+                      decode_rows=16 if decode_rows is None else decode_rows).validate(name)

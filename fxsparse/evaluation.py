@@ -1,9 +1,9 @@
 """``fxsparse.evaluate``: what a plan costs in quality and what sparsity it really achieves.
 
-Perplexity over sliding windows of held-out tokens (each token scored once, with up to
-``window - stride`` tokens of context before the scored part), next-token agreement between the
-sparse and the dense model, and per layer the dropped fraction measured exactly on that text
-(mean over all entries, and the spread of the per-token fraction).
+Perplexity over sliding windows of held-out tokens (no token scored twice; which ones are scored
+is in ``sliding_windows``), next-token agreement between the sparse and the dense model, and per
+layer the dropped fraction measured exactly on that text (mean over all entries, and the spread
+of the per-token fraction).
 """
 
 from __future__ import annotations
@@ -85,7 +85,18 @@ class EvalResult:
 
 def sliding_windows(ids: torch.Tensor, window: int, stride: int
                     ) -> Iterator[tuple[torch.Tensor, int]]:
-    """``(window ids [1, <=window], number of leading positions not to score)`` pairs."""
+    """``(window ids [1, <=window], number of leading positions not to score)`` pairs.
+
+    Windows start every ``stride`` tokens; the last one ends at the end of ``ids``. As in
+    Hugging Face's perplexity-with-stride recipe, ``evaluate`` scores in each window the tokens
+    no earlier window covered (positions ``skip`` on), each predicted from the tokens before it
+    in the window, except position 0, the label of no position. So the first window scores its
+    tokens 1..L-1 (L its length); with ``stride < window`` each later window scores its last
+    ``stride`` tokens (fewer in the last one) after ``window - stride`` tokens of context, and
+    every token of ``ids`` but the first is scored once; with ``stride == window``
+    (``evaluate``'s default) the windows do not overlap, and the first token of each window has
+    no context in it and is never scored: ``len(ids)`` minus the number of windows are scored.
+    """
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
     n = ids.numel()

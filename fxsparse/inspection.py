@@ -7,13 +7,15 @@ exact probe on every planned layer, runs the given input once, and reports:
   ``group``, ``fuse_act``, ``accumulate``);
 * a per-layer table: name, target, threshold, center, sparsity measured on this input, the op
   chosen, weight bytes a batch-1 decode step reads dense vs expected sparse, and for every linear
-  left dense the reason (ignored scope, not targeted, not in the plan, not called).
+  left dense the reason (ignored scope, not targeted, not in the plan, not called, or a planned
+  layer lowered to a plain linear: a threshold that drops nothing, ``dense_when_faster``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,13 @@ class LayerRow:
     calls: int = 0
     kernel: str = "-"  # implementation per row range on the model's device
     dense_bytes: int = 0
-    sparse_bytes: int | None = None  # expected weight bytes of one decode step
+    sparse_bytes: int | None = None  # expected weight bytes of one decode step (planned layers)
+
+    @property
+    def runs_dense(self) -> bool:
+        """A planned layer the lower pass made a plain linear at every row count: it skips
+        nothing, whatever its threshold would drop (the sparsity column)."""
+        return self.sparse_bytes is not None and self.reason != "planned" and self.op == "linear"
 
 
 @dataclass
@@ -65,8 +73,15 @@ class Report:
         planned = [r for r in self.rows if r.sparse_bytes is not None]
         dense = sum(r.dense_bytes for r in self.rows)
         saved = sum(r.dense_bytes - r.sparse_bytes for r in planned)
-        lines.append(f"{len(planned)} of {len(self.rows)} linears sparsified; expected weight bytes "
-                     f"per decode step {dense / 1e6:.1f} MB -> {(dense - saved) / 1e6:.1f} MB")
+        # the reasons' heads: "threshold <= 0 drops nothing", "sparse GEMV slower than dense here"
+        why = Counter(r.reason.split(":")[0] for r in planned if r.runs_dense)
+        k = sum(why.values())
+        run_dense = "" if not k else (
+            f" ({k} planned {'layer runs' if k == 1 else 'layers run'} dense: "
+            + ", ".join(f"{reason} ({n})" for reason, n in why.items()) + ")")
+        lines.append(f"{len(planned) - k} of {len(self.rows)} linears sparsified{run_dense}; expected "
+                     f"weight bytes per decode step {dense / 1e6:.1f} MB -> "
+                     f"{(dense - saved) / 1e6:.1f} MB")
         return "\n".join(lines)
 
     def graph_code(self) -> str:
@@ -192,6 +207,8 @@ def explain(
                 row.sparse_bytes = int(round(wbytes * (1.0 - stats["sparsity"])))
                 w = modules[key].weight
                 row.kernel = _kernel_description(d, w.device, out_f, in_f, w.dtype)
+                if row.runs_dense:  # dense_reason (passes/lower.py): reads the whole weight
+                    row.sparse_bytes, row.kernel = wbytes, "plain linear at every row count"
             seen[key] = row
     for name, (out_f, in_f) in linears.items():
         if name not in seen:

@@ -5,7 +5,8 @@ input channel skips one contiguous run of bytes. ``prepare_weights`` converts th
 layers' weights in place, one layer at a time (peak memory: the model plus its largest planned
 weight), keeping the ``nn.Parameter`` objects; cuBLAS takes either layout for the dense path, so
 nothing else changes. Done before ``torch.compile``, it costs no recompilation (Dynamo guards
-on strides).
+on strides). A weight tied to another tensor (``lm_head`` sharing the token embedding) stays
+row-major: the sparse op is exact with any strides, column-major is only its fast layout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .logs import log
 from .passes.lower import dense_reason, group_width, sibling_sets
 from .plan import SparsityPlan
 
@@ -34,10 +36,17 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
     A layer whose calls in some graph all have more rows than the kernel takes (lowered there
     as ``"mask+linear"``) is still converted: there are no row counts here, and its one-row
     (decode) graphs run the kernel on the same weight; cuBLAS takes either layout.
+
+    A weight whose memory another parameter or buffer shares (tied weights: the same
+    ``nn.Parameter`` under two module names, or one storage) is left row-major, and the
+    ``fxsparse`` logger says so at INFO: converting it would make the other module's tensor
+    (e.g. the token embedding) column-major too, which ``state_dict`` consumers such as
+    safetensors reject, or, for a distinct ``Parameter``, silently untie the two.
     """
     plan.check_model(model)
     modules = dict(model.named_modules())
     sets = sibling_sets(plan)
+    spans = None  # (name, device, first byte, end) of every parameter and buffer, on first need
     done = []
     for name, lp in plan.layers.items():
         if not isinstance(modules[name], nn.Linear):
@@ -48,9 +57,29 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
         width = group_width(plan, name, sets, group_siblings)
         if dense_reason(lp, w.dtype, w.device, dense_when_faster, width) is not None:
             continue  # lowered dense: cuBLAS's usual layout
+        if spans is None:  # taken before any conversion: freed old weights never overlap a live one
+            spans = [(n, t.device, *_span(t)) for n, t in (
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False)) if t.numel()]
+        own = f"{name}.weight" if name else "weight"
+        lo, hi = _span(w)
+        tied = [n for n, dev, a, b in spans if n != own and dev == w.device and a < hi and lo < b]
+        if tied:
+            log.info("prepare_weights: %s left row-major: its memory is shared with %s (tied "
+                     "weights; the sparse op takes either layout, column-major is only faster)",
+                     own, ", ".join(tied))
+            continue
         w.data = w.data.t().contiguous().t()
         done.append(name)
     return done
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The address range ``[first byte, end)`` of a tensor's elements. Tied weights (one
+    ``Parameter`` under two names, two on one storage, a transposed view) overlap; disjoint
+    slices of one buffer (fused projections) do not."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def compile(  # noqa: A001  (torch.compile's twin, on purpose)

@@ -284,6 +284,41 @@ def test_fxsparse_compile_and_prepare_weights(model_and_plan):
         fxsparse.compile(tiny_llama(layers=3), plan)
 
 
+class _TiedLM(nn.Module):
+    def __init__(self, one_parameter: bool):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(32, 16), nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 32, bias=False)
+        # HF ties by sharing the Parameter; a distinct Parameter on the same storage ties too
+        self.lm_head.weight = self.embed.weight if one_parameter else nn.Parameter(self.embed.weight.data)
+
+    def forward(self, ids):
+        return self.lm_head(self.proj(self.embed(ids)))
+
+
+@pytest.mark.parametrize("one_parameter", [True, False])
+def test_prepare_weights_leaves_tied_weights_row_major(one_parameter, caplog):
+    """A planned lm_head tied to the token embedding keeps its row-major weight, and says why:
+    converting it would make the embedding column-major too (safetensors refuses to save it)
+    or untie the two."""
+    import logging
+
+    m = _TiedLM(one_parameter)
+    plan = SparsityPlan(layers={n: fxsparse.LayerPlan(threshold=0.1, in_features=16, out_features=o,
+                                                      target_sparsity=0.3)
+                                for n, o in (("proj", 16), ("lm_head", 32))},
+                        model=SparsityPlan.fingerprint(m))
+    with caplog.at_level(logging.INFO, logger="fxsparse"):
+        assert fxsparse.prepare_weights(m, plan, device_types=("cpu",)) == ["proj"]
+    assert m.proj.weight.stride() == (1, 16)  # untied layers are still converted
+    assert m.embed.weight.is_contiguous() and m.lm_head.weight.data_ptr() == m.embed.weight.data_ptr()
+    assert "lm_head.weight left row-major: its memory is shared with embed.weight" in caplog.text
+    ids = torch.randint(0, 32, (1, 3))
+    with torch.no_grad(), plan_hooks(m, plan):
+        want = m(ids)
+    torch.testing.assert_close(fxsparse.compile(m, plan, inductor=False)(ids), want)
+
+
 def test_centered_and_scaled_plan_through_inductor(model_and_plan):
     """Centers, channel scales and the folded center bias are graph constants Inductor must take."""
     model, plan = model_and_plan

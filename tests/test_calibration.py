@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxsparse
-from fxsparse import IgnoredScope, ScopeError, TargetScope
+from fxsparse import IgnoredScope, PlanError, ScopeError, TargetScope
 
 from conftest import tiny_llama, token_batches
 
@@ -134,3 +134,49 @@ def test_calibration_leaves_no_shape_history_on_the_model():
         fast(torch.randint(0, 96, (2, 1)), use_cache=False)
     ops = {d["op"] for g in record for d in g["decisions"] if d["name"] in plan.layers}
     assert "mask+linear" not in ops and "fxsparse.threshold_linear_group" in ops, ops
+
+
+@pytest.mark.parametrize("method,refine", [("quantile", 1), ("attribution", 0)])
+def test_one_shot_iterator_of_batches_feeds_every_pass(method, refine):
+    """A generator is read once: refine's pass and the histogram pass after attribution's
+    gradient pass see the same batches as the first pass, not an exhausted iterator."""
+    model = tiny_llama()
+    batches = token_batches(4, batch=1, seq=16, seed=3)
+    targets = {TargetScope(patterns=[r".*mlp\.down_proj"]): 0.5}
+    opts = dict(method=method, refine=refine, max_batches=3, progress=False)
+    want = fxsparse.calibrate(model, batches, targets, **opts)
+    it = iter(batches)
+    got = fxsparse.calibrate(model, it, targets, **opts)
+    assert {n: lp.threshold for n, lp in got.layers.items()} == \
+        {n: lp.threshold for n, lp in want.layers.items()}
+    assert next(it) is batches[3]  # read no further than max_batches
+
+
+class _MustNotRun(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 6), torch.nn.Linear(6, 8)
+
+    def forward(self, x):
+        raise AssertionError("calibrate ran the model before checking its arguments")
+
+
+@pytest.mark.parametrize("layer,kwargs,error,match", [
+    ("a", dict(method="topk", prefill="2:4"), PlanError,
+     r"layer 'a': prefill='2:4' is not supported for method 'topk'"),
+    ("a", dict(method="topk", prefill="dense"), PlanError, r"prefill='dense' is not supported"),
+    ("a", dict(method="topk", prefill={TargetScope(names=["a"]): "dense"}), PlanError, "not supported"),
+    ("b", dict(prefill="2:4"), PlanError, "needs in_features divisible by 4"),
+    ("a", dict(prefill={TargetScope(names=["b"]): "dense"}), ValueError, "matches no calibrated layer"),
+    ("a", dict(prefill="2:3"), PlanError, "prefill must be one of"),
+    ("a", dict(prefill="dense", decode_rows=-1), PlanError, "decode_rows must be an integer >= 0"),
+    ("a", dict(method="fat", epsilon=-0.1), PlanError, "threshold must be a number >= 0"),
+    ("a", dict(center="median"), TypeError, r"unknown option\(s\) for method 'quantile'"),
+    ("a", dict(method="mode", center="mean"), ValueError, "center must be one of"),
+    ("a", dict(quantile_ema=True, ema_rule="ewm"), ValueError, "rule must be 'nncf' or 'pandas'"),
+])
+def test_bad_arguments_fail_before_the_model_runs(layer, kwargs, error, match):
+    """Argument errors the plan would only find after the whole calibration pass."""
+    with pytest.raises(error, match=match):
+        fxsparse.calibrate(_MustNotRun(), [torch.randn(2, 8)], {TargetScope(names=[layer]): 0.5},
+                           progress=False, **kwargs)

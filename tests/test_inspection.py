@@ -144,3 +144,31 @@ def test_explain_and_hooks_know_topk_layers(model_plan):
         with plan_hooks(model, topk):
             want = model(x, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_counts_layers_lowered_dense_as_not_sparsified(monkeypatch):
+    """A planned layer the lower pass makes a plain linear (a threshold that drops nothing, or
+    a sparse GEMV slower than dense: faked here) saves no bytes and is not 'sparsified'."""
+    from torch import nn
+
+    from fxsparse.passes import lower
+
+    monkeypatch.setattr(lower, "gemv_pays", lambda n, k, dtype, device, s: (n != 32, (5.0, 8.0)))
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 64)).eval()
+    plan = SparsityPlan(layers={
+        name: fxsparse.LayerPlan(threshold=t, in_features=i, out_features=o, target_sparsity=0.5)
+        for name, t, i, o in (("0", 0.0, 64, 64), ("1", 0.5, 64, 32), ("2", 0.5, 32, 64))},
+        model=SparsityPlan.fingerprint(m))
+    report = fxsparse.explain(m, torch.randn(1, 64), plan=plan)
+    rows = {r.name: r for r in report.rows}
+    assert [rows[n].op for n in "012"] == ["linear", "linear", "fxsparse.threshold_linear"]
+    assert rows["1"].sparsity > 0.2  # what the threshold would drop; the layer drops nothing
+    assert [rows[n].dense_bytes - rows[n].sparse_bytes > 0 for n in "012"] == [False, False, True]
+    assert [rows[n].runs_dense for n in "012"] == [True, True, False]
+    total, saved = (sum(r.dense_bytes for r in report.rows),
+                    rows["2"].dense_bytes - rows["2"].sparse_bytes)
+    assert report.table().splitlines()[-1] == (
+        "1 of 3 linears sparsified (2 planned layers run dense: threshold <= 0 drops nothing (1), "
+        "sparse GEMV slower than dense here (1)); expected weight bytes per decode step "
+        f"{total / 1e6:.1f} MB -> {(total - saved) / 1e6:.1f} MB")
