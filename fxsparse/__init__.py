@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import kernels  # noqa: F401  (registers torch.ops.fxsparse.*)
 from .backend import sparse_act
 from .calibration import calibrate, collect_statistics
+from .evaluation import EvalResult, evaluate
 from .generation import compile_config
 from .inspection import Report, explain
 from .logs import _from_env as _logs_from_env
@@ -31,6 +32,7 @@ __all__ = [
     "plan_from_observers",
     "refine_plan",
     "ActivationObserver",
+    "EvalResult",
     "IgnoredScope",
     "LayerPlan",
     "PlanError",
@@ -44,6 +46,7 @@ __all__ = [
     "compile",
     "compile_config",
     "convert_to_squared_relu_24",
+    "evaluate",
     "collect_statistics",
     "explain",
     "prepare_weights",

@@ -19,7 +19,7 @@ from torch import nn
 from .methods import METHODS
 from .observers import ActivationObserver
 from .plan import LayerPlan, SparsityPlan, linear_layers
-from .scope import IgnoredScope, TargetScope, resolve_targets
+from .scope import IgnoredScope, ScopeError, TargetScope, resolve_targets
 
 __all__ = ["calibrate", "collect_statistics", "iterate_batches", "METHODS"]
 
@@ -204,6 +204,10 @@ def calibrate(
         raise ValueError(f"unknown calibration method {method!r}; choose one of {METHODS}")
     linears = linear_layers(model)
     targets, skipped = resolve_targets(linears, target_sparsity_by_scope, ignored_scope)
+    if not targets:
+        ignored = [n for n, why in skipped.items() if why == "ignored_scope"]
+        raise ScopeError(f"ignored_scope leaves none of the {len(ignored)} targeted linears to calibrate "
+                         f"(e.g. {ignored[0] if ignored else '?'})")
     attr_keys = ("n_steps", "ref_sparsity", "heads")
     attr_opts = {k: options.pop(k) for k in attr_keys if k in options}
     if attr_opts and method != "attribution":

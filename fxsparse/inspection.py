@@ -187,7 +187,7 @@ def explain(
 
     report = Report(graphs=record)
     seen: dict[str, LayerRow] = {}
-    elem = {n: p.element_size() for n, p in model.named_parameters()}
+    elem = {n: p.element_size() for n, p in model.named_parameters(remove_duplicate=False)}  # tied too
     modules = dict(model.named_modules())
     for g in record:
         for d in g["decisions"]:

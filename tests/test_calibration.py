@@ -180,3 +180,10 @@ def test_bad_arguments_fail_before_the_model_runs(layer, kwargs, error, match):
     with pytest.raises(error, match=match):
         fxsparse.calibrate(_MustNotRun(), [torch.randn(2, 8)], {TargetScope(names=[layer]): 0.5},
                            progress=False, **kwargs)
+
+
+def test_ignoring_every_target_is_an_error():
+    model = tiny_llama()
+    with pytest.raises(ScopeError, match="ignored_scope leaves none"):
+        fxsparse.calibrate(model, token_batches(1), {TargetScope(patterns=[r".*mlp\..*"]): 0.5},
+                           IgnoredScope(patterns=[r".*mlp\..*"]), progress=False)
