@@ -172,3 +172,15 @@ def test_explain_counts_layers_lowered_dense_as_not_sparsified(monkeypatch):
         "1 of 3 linears sparsified (2 planned layers run dense: threshold <= 0 drops nothing (1), "
         "sparse GEMV slower than dense here (1)); expected weight bytes per decode step "
         f"{total / 1e6:.1f} MB -> {(total - saved) / 1e6:.1f} MB")
+
+
+def test_explain_counts_tied_weight_bytes_at_their_dtype():
+    """A tied lm_head (the embedding's Parameter) is listed by ``named_parameters`` only under
+    the embedding's name; its row must still count 4 bytes per float32 element."""
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    plan = fxsparse.calibrate(model, token_batches(2), {TargetScope(patterns=[r".*mlp\.up_proj"]): 0.5},
+                              progress=False)
+    report = fxsparse.explain(model, token_batches(1)[0], plan=plan)
+    (row,) = [r for r in report.rows if r.name == "lm_head"]
+    assert row.dense_bytes == 96 * 48 * 4
