@@ -29,9 +29,21 @@ __all__ = ["main"]
 
 
 def _scopes(args: argparse.Namespace) -> dict:
+    """Target scopes: ``--target REGEX=SPARSITY`` if given, else the Llama-family presets."""
     from .scope import TargetScope
 
     targets = {}
+    for spec in args.target or []:
+        pattern, sep, value = spec.rpartition("=")
+        try:
+            sparsity = float(value)
+        except ValueError:
+            sparsity = None
+        if not sep or not pattern or sparsity is None:
+            raise ValueError(f"--target expects REGEX=SPARSITY (e.g. '.*mlp\\.c_fc=0.5'), got {spec!r}")
+        targets[TargetScope(patterns=[pattern])] = sparsity
+    if args.target:
+        return targets
     if args.mlp:
         targets[TargetScope(patterns=[r".*mlp\.(up|gate)_proj"])] = args.mlp
     if args.down:
@@ -39,7 +51,7 @@ def _scopes(args: argparse.Namespace) -> dict:
     if args.attn:
         targets[TargetScope(patterns=[r".*self_attn\.[qkvo]_proj"])] = args.attn
     if not targets:
-        raise SystemExit("error: all target sparsities are 0; set --mlp, --down or --attn")
+        raise ValueError("all target sparsities are 0; set --mlp, --down, --attn or --target")
     return targets
 
 
@@ -62,7 +74,8 @@ def _calibrate(args, model, tok):
     text = read_text(args.calib_text, default="lee")
     batches = token_chunks(tok, text, args.seq_len, args.calib_windows,
                            spread=getattr(args, "calib_spread", False))
-    ignored = IgnoredScope(names=["lm_head"]) if "lm_head" in dict(model.named_modules()) else None
+    names = ["lm_head"] if "lm_head" in dict(model.named_modules()) else []
+    ignored = IgnoredScope(names=names, patterns=args.ignore or []) if names or args.ignore else None
     plan = calibrate(model, batches, _scopes(args), ignored, method=args.method, progress=True,
                      prefill=args.prefill, decode_rows=args.decode_rows, **_method_options(args))
     plan.meta["calibration_text"] = str(args.calib_text or "lee")
@@ -95,6 +108,7 @@ def _evaluate(args, model, tok, plan):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    _scopes(args)  # bad targets fail before the model loads
     model, tok = _load(args)
     plan = _calibrate(args, model, tok)
     print(plan.summary())
@@ -201,6 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .data import read_text
     from .evaluation import evaluate
 
+    _scopes(args)
     model, tok = _load(args)
     plan = _calibrate(args, model, tok)
     out = Path(args.out)
@@ -230,23 +245,35 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, plan_needed=False):
+    def common(sp, plan_needed=False, windows=True, evaluation=True):
         sp.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded)")
-        sp.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-        sp.add_argument("--eval-text", default=None, help="text file, 'lee' or 'enwiki' (default)")
-        sp.add_argument("--eval-windows", type=int, default=16)
+        if windows:
+            sp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+        if evaluation:
+            sp.add_argument("--eval-text", default=None, help="text file, 'lee' or 'enwiki' (default)")
+            sp.add_argument("--eval-windows", type=int, default=16,
+                            help="evaluation windows of --seq-len tokens (default 16)")
         if plan_needed:
             sp.add_argument("--plan", required=True, help="plan JSON from 'fxsparse calibrate'")
 
     def targets(sp):
         sp.add_argument("--calib-text", default=None, help="text file, 'lee' (default) or 'enwiki'")
-        sp.add_argument("--calib-windows", type=int, default=16)
+        sp.add_argument("--calib-windows", type=int, default=16,
+                        help="calibration windows of --seq-len tokens (default 16)")
         sp.add_argument("--calib-spread", action="store_true",
                         help="calibration windows evenly spaced over the text (more documents "
                              "for the same tokens) instead of its first --calib-windows")
-        sp.add_argument("--mlp", type=float, default=0.4, help="sparsity of up/gate_proj inputs")
-        sp.add_argument("--down", type=float, default=0.5, help="sparsity of down_proj inputs")
-        sp.add_argument("--attn", type=float, default=0.0, help="sparsity of q/k/v/o_proj inputs")
+        sp.add_argument("--mlp", type=float, default=0.4,
+                        help="sparsity of up/gate_proj inputs (default 0.4)")
+        sp.add_argument("--down", type=float, default=0.5,
+                        help="sparsity of down_proj inputs (default 0.5)")
+        sp.add_argument("--attn", type=float, default=0.0,
+                        help="sparsity of q/k/v/o_proj inputs (default 0: dense)")
+        sp.add_argument("--target", action="append", metavar="REGEX=SPARSITY",
+                        help="target sparsity for the linears whose module names match REGEX "
+                             "(repeatable; replaces --mlp/--down/--attn, which name Llama-family layers)")
+        sp.add_argument("--ignore", action="append", metavar="REGEX",
+                        help="linears to leave dense (repeatable; lm_head always is)")
         sp.add_argument("--method", default="quantile", choices=METHODS,
                         help="calibration method (fxsparse.methods)")
         sp.add_argument("--quantile-ema", action="store_true",
@@ -273,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("calibrate", help="calibrate a plan")
-    common(sp)
+    common(sp, evaluation=False)
     targets(sp)
     sp.add_argument("--out", required=True, help="plan JSON to write")
     sp.set_defaults(func=cmd_calibrate)
@@ -283,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("generate", help="greedy generation, dense and with the plan (HF generate)")
-    common(sp, plan_needed=True)
+    common(sp, plan_needed=True, windows=False, evaluation=False)
     sp.add_argument("--prompt", default="The history of the city begins")
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -61,3 +61,24 @@ def test_cli_bench_without_cuda(tmp_path, capsys):
         pytest.skip("checks the CPU-only error")
     rc = main(["bench", "--plan", str(tmp_path / "plan.json"), "--device", "cuda"])
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_calibrate_with_target_patterns(model_dir, tmp_path, capsys):
+    """``--target REGEX=SPARSITY`` names layers of any architecture (the presets are Llama's);
+    ``--ignore`` leaves matches dense; a malformed target fails before the model loads."""
+    from fxsparse import SparsityPlan
+    from fxsparse.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{i % 96}" for i in range(4000)))
+    out = tmp_path / "plan.json"
+    rc = main(["calibrate", "--model", str(model_dir), "--calib-text", str(text), "--seq-len", "32",
+               "--calib-windows", "4", "--target", r".*self_attn\.o_proj=0.3", "--target", r".*down_proj=0.5",
+               "--ignore", r"model\.layers\.1\..*", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    plan = SparsityPlan.load(out)
+    assert sorted(plan.layers) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
+    assert plan.layers["model.layers.0.self_attn.o_proj"].target_sparsity == 0.3
+    for bad in (["--target", "no-sparsity"], ["--target", ".*=lots"], ["--mlp", "0", "--down", "0"]):
+        rc = main(["calibrate", "--model", str(tmp_path / "missing"), "--out", str(out), *bad])
+        assert rc == 2 and "fxsparse calibrate: error:" in capsys.readouterr().err
