@@ -357,3 +357,30 @@ def test_module_path_strips_the_root(source):
     from fxsparse.passes.match import module_path
 
     assert module_path(source) == "model.layers.0.mlp"
+
+
+def test_backend_warns_when_the_plan_does_not_fit_the_graph():
+    """torch.compile's backend sees graphs, not the model, so it cannot refuse a plan made for
+    another model; it warns when the graph's linears are not that model's, or are ambiguous."""
+    import warnings
+
+    from fxsparse import LayerPlan
+
+    model = tiny_llama()
+    ids = token_batches(1)[0]
+    other = SparsityPlan(layers={"h.0.mlp.c_fc": LayerPlan(threshold=0.1, in_features=48, out_features=96)},
+                         model={"class": "GPT2LMHeadModel", "linears": {"h.0.mlp.c_fc": [96, 48]}})
+    own = fxsparse.calibrate(model, token_batches(2), {TargetScope(patterns=[r".*mlp\..*"]): 0.5},
+                             progress=False)
+    cases = [(model, ids, other, "plan made for another model"), (model, ids, own, None),
+             (model.model.layers[0].mlp, torch.randn(1, 3, 48), own, "matches 2 plan entries")]
+    for module, inp, plan, message in cases:
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.compile(module, backend="sparse_act", options={"plan": plan, "inductor": False})(inp)
+        found = [str(w.message) for w in caught if "sparse_act:" in str(w.message)]
+        if message is None:
+            assert not found
+        else:
+            assert found and message in found[0]

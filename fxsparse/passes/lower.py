@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -268,6 +269,20 @@ def _masked_input(gm: fx.GraphModule, graph: fx.Graph, x: fx.Node, lp: LayerPlan
     return call(aten.where.self, keep, x, c if dtype == f32 else call(aten._to_copy.default, c, dtype=dtype))
 
 
+def _unplanned_reason(plan: SparsityPlan, name: str) -> tuple[str, bool]:
+    """Why a linear with no plan entry stays dense, and whether that looks like a mistake: a
+    name several entries end with (a submodule compiled alone), or one the plan's model did
+    not have (a plan made for another model). Ignored layers are in that model's fingerprint."""
+    hits = [k for k in plan.layers if k.endswith("." + name)]
+    if len(hits) > 1:
+        return f"matches {len(hits)} plan entries ({hits[0]}, ...): compile the model the plan names", True
+    linears = (plan.model or {}).get("linears") or {}
+    if linears and name not in linears and not any(k.endswith("." + name) for k in linears):
+        model = plan.model.get("class", "?")
+        return f"not a linear of the plan's model ({model}): plan made for another model?", True
+    return plan.skip_reason(name), False
+
+
 def group_width(plan: SparsityPlan, name: str, sets: dict[str, tuple[str, ...]] | None = None,
                 grouped: bool = True) -> int:
     """Output features the kernel runs at for entry ``name``: its sibling set's total."""
@@ -298,11 +313,14 @@ def lower_linears(
     masks: dict[tuple, fx.Node] = {}  # (x, sibling set, mutation epoch) -> masked x
     autocast: dict[str, dict[fx.Node, torch.dtype]] = {}  # device type -> nodes under autocast
     epochs = mutation_epochs(gm)  # no mask shared across an in-place write
+    suspects: list[str] = []  # linears the plan seems not to be meant for
     for node, site in linear_sites(gm):
         key = plan.resolve(site.name)
         if key is None:
-            decisions.append({"name": site.name, "node": node.name, "op": "linear",
-                              "reason": plan.skip_reason(site.name)})
+            reason, suspect = _unplanned_reason(plan, site.name)
+            decisions.append({"name": site.name, "node": node.name, "op": "linear", "reason": reason})
+            if suspect:
+                suspects.append(f"{site.name}: {reason}")
             counters["fxsparse"]["dense"] += 1
             continue
         lp = plan.layers[key]
@@ -412,6 +430,9 @@ def lower_linears(
                           "min_rows_24": min_rows_24, "branch": what})
         counters["fxsparse"]["dense" if what == "dense" else "lowered"] += 1
 
+    if suspects and plan.layers:
+        warnings.warn(f"sparse_act: {len(suspects)} of the graph's {len(decisions)} linears run dense "
+                      f"because the plan does not fit them, e.g. {suspects[0]}", stacklevel=2)
     gm.meta["fxsparse_decisions"] = decisions
     graph.lint()
     gm.recompile()
