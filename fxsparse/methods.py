@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .observers import LOG2_MIN, ActivationObserver, _magnitude_edges
-from .plan import LayerPlan, SparsityPlan, size_weighted_mean
+from .plan import LAYER_METHODS, LayerPlan, SparsityPlan, size_weighted_mean
 
 __all__ = [
     "METHODS",
@@ -65,7 +65,7 @@ __all__ = [
     "refine_plan",
 ]
 
-METHODS = ("quantile", "mode", "norm", "topk", "fat", "pplp", "attribution")
+METHODS = LAYER_METHODS  # the names a plan entry's "method" may take
 CENTERS = ("zero", "median", "kde")
 _GRID = tuple(round(0.01 * i, 2) for i in range(1, 100))  # per-batch quantile levels
 

@@ -2,7 +2,7 @@
 
 An observer is an ``nn.Module`` whose ``forward(x)`` returns ``x`` unchanged and records:
 
-* a signed histogram of ``x`` on a log-magnitude grid (256 bins per octave, 2^-24 .. 2^16, about
+* a signed histogram of ``x`` on a log-magnitude grid (256 bins per octave, 2^-64 .. 2^64, about
   0.27% relative bin width), from which the threshold for *any* target sparsity and any center
   (``Quantile(|X - c|, s)``) and the centers themselves (median, density peak) follow after one
   pass, so a sparsity sweep never recalibrates;
@@ -13,45 +13,67 @@ An observer is an ``nn.Module`` whose ``forward(x)`` returns ``x`` unchanged and
   dropped entries and the per-token dropped fraction (mean and spread), for inspection and
   evaluation.
 
-Nothing stores activations, so memory is fixed per layer (about 160 KiB per histogram).
+Nothing stores activations, so memory is fixed per observer: 512 KiB for the signed histogram,
+256 KiB more for the scaled one (int64 counts); ~100 MiB (plain) to ~250 MiB (with a scaled
+observer beside it) for a model's ~200 linears.
+The grid is wide because the scaled criterion multiplies |x| by arbitrary scales (column norms,
+attribution scores). Values outside it still count (in the zero or the top bin), and how many
+did is recorded: a threshold that falls among them warns, as its bin says little about them.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .kernels.threshold_linear import drop_score
+
 __all__ = ["ActivationObserver", "LOG2_MIN", "LOG2_MAX", "BINS_PER_OCTAVE"]
 
-LOG2_MIN = -24  # |x| below 2^-24 (~6e-8) lands in the zero bin
-LOG2_MAX = 16  # |x| at or above 2^16 lands in the top bin (whose upper edge is the observed max)
+LOG2_MIN = -64  # |x| below 2^-64 (~5e-20) lands in the zero bin (counted as underflow)
+LOG2_MAX = 64  # |x| at or above 2^64 lands in the top bin (counted as overflow)
 BINS_PER_OCTAVE = 256
 _M = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE  # magnitude bins per sign
 # Bins come straight from the float32 bit pattern: exponent and top 8 mantissa bits, i.e.
 # 256 equal steps per octave. The 17-bit key (sign, exponent, 8 mantissa bits) indexes a lookup
 # table that gives the histogram bin: one shift, one mask, one gather, one bincount per call.
 _KEY_SHIFT = 23 - 8
-_KEY_MIN = (127 + LOG2_MIN) << 8  # magnitude key of 2^-24
+_KEY_MIN = (127 + LOG2_MIN) << 8  # magnitude key of 2^LOG2_MIN
+_KEY_MAX = (127 + LOG2_MAX) << 8  # magnitude key of 2^LOG2_MAX
 _KEY_NONFINITE = 255 << 8  # exponent 255: inf and NaN
+# bincount slots past the histogram (magnitude: _M + 1 + ...; signed: 2 * _M + 1 + ...)
+_MAG_NONFINITE, _MAG_UNDER, _MAG_OVER = _M + 1, _M + 2, _M + 3
+_S_NONFINITE, _S_UNDER, _S_NEG_OVER, _S_POS_OVER = 2 * _M + 1, 2 * _M + 2, 2 * _M + 3, 2 * _M + 4
 
 
 def _bin_tables() -> tuple[Tensor, Tensor]:
     """(signed table over 17-bit keys, magnitude table over 16-bit keys).
 
-    Magnitude: 0 = zero bin, 1.._M = bins, _M + 1 = inf/NaN. Signed: 0 and 2*_M + 2 are the
-    non-finite bins, _M + 1 the zero bin, negatives below it, positives above it.
+    Magnitude: 0 = zero bin, 1.._M = bins, then the inf/NaN, underflow (0 < |x| < 2^LOG2_MIN;
+    key 0, i.e. |x| < 2^-134, is zero) and overflow slots. Signed: _M is the zero bin,
+    negatives below it, positives above it, then inf/NaN, underflow, -overflow, +overflow.
+    Under- and overflow are folded into the zero and top bins after counting (``_fold``).
     """
     key = torch.arange(1 << 16, dtype=torch.int64)
-    j1 = (key - (_KEY_MIN - 1)).clamp(0, _M)
-    mag = torch.where(key >= _KEY_NONFINITE, _M + 1, j1)
-    signed = torch.cat([_M + 1 + mag, _M + 1 - mag])  # sign bit 0 first, then 1
-    return signed, mag
+    mag = (key - (_KEY_MIN - 1)).clamp(0, _M)
+    mag[(key > 0) & (key < _KEY_MIN)] = _MAG_UNDER
+    mag[key >= _KEY_MAX] = _MAG_OVER
+    mag[key >= _KEY_NONFINITE] = _MAG_NONFINITE
+    pos, neg = _M + mag, _M - mag  # sign bit 0 first, then 1
+    for m, p, n in ((_MAG_NONFINITE, _S_NONFINITE, _S_NONFINITE), (_MAG_UNDER, _S_UNDER, _S_UNDER),
+                    (_MAG_OVER, _S_POS_OVER, _S_NEG_OVER)):
+        pos[mag == m], neg[mag == m] = p, n
+    return torch.cat([pos, neg]), mag
 
 
 _SIGNED_TABLE, _MAG_TABLE = _bin_tables()
+# where the (underflow, -overflow, +overflow) and (underflow, overflow) counts are folded in
+_SIGNED_FOLD = torch.tensor([_M, 0, 2 * _M])
+_MAG_FOLD = torch.tensor([0, _M])
 
 
 def _magnitude_edges(top: float) -> np.ndarray:
@@ -87,6 +109,8 @@ class ActivationObserver(nn.Module):
         self.in_features = in_features
         self.scale_center = float(scale_center)
         self.register_buffer("signed_hist", torch.zeros(2 * _M + 1, dtype=torch.int64))
+        # values outside 2^LOG2_MIN..2^LOG2_MAX: (underflow, -overflow, +overflow)
+        self.register_buffer("signed_outside", torch.zeros(3, dtype=torch.int64))
         self.register_buffer("abs_max", torch.zeros((), dtype=torch.float64))
         self.register_buffer("ch_count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("ch_sum", torch.zeros(in_features, dtype=torch.float64))
@@ -100,6 +124,7 @@ class ActivationObserver(nn.Module):
                 )
             self.register_buffer("channel_scale", channel_scale.detach().float().clone())
             self.register_buffer("scaled_hist", torch.zeros(_M + 1, dtype=torch.int64))
+            self.register_buffer("scaled_outside", torch.zeros(2, dtype=torch.int64))  # under, over
             self.register_buffer("scaled_max", torch.zeros((), dtype=torch.float64))
         else:
             self.channel_scale = None
@@ -132,26 +157,25 @@ class ActivationObserver(nn.Module):
             self.to(x.device)
         v = x.detach().reshape(-1, self.in_features).float()
         if self.record_stats:
+            f = v
             if self._record_signed(v):  # rare: keep inf/NaN out of the channel statistics
-                v = torch.where(torch.isfinite(v), v, torch.zeros((), device=v.device))
-            self.ch_count += v.shape[0]
-            self.ch_sum += v.sum(0)
-            self.ch_sumsq += (v * v).sum(0)
-            col_max = v.abs().amax(0)
+                f = torch.where(torch.isfinite(v), v, torch.zeros((), device=v.device))
+            self.ch_count += f.shape[0]
+            self.ch_sum += f.sum(0)
+            self.ch_sumsq += (f * f).sum(0)
+            col_max = f.abs().amax(0)
             torch.maximum(self.ch_absmax, col_max.double(), out=self.ch_absmax)
             torch.maximum(self.abs_max, self.ch_absmax.max(), out=self.abs_max)
             if self.scaled_hist is not None:
-                m = (v - self.scale_center).abs() * self.channel_scale.to(v.device)
+                m = (f - self.scale_center).abs() * self.channel_scale.to(v.device)
                 keys = (m.reshape(-1).view(torch.int32) >> _KEY_SHIFT).long()
-                j1 = _table(_MAG_TABLE, v.device)[keys]
-                self.scaled_hist += torch.bincount(j1, minlength=_M + 2)[: _M + 1]
+                h = torch.bincount(_table(_MAG_TABLE, v.device)[keys], minlength=_MAG_OVER + 1)
+                self._fold(self.scaled_hist, self.scaled_outside, h, _M + 1, _MAG_FOLD)
                 torch.maximum(self.scaled_max, m.max().double(), out=self.scaled_max)
         if self.probe is not None:
+            # on the raw input, not ``f``: the op keeps inf and NaN (NaN < tau is False)
             thr, c, s = self.probe
-            d = v if c is None else v - c.to(v.device)
-            d = d.abs()
-            if s is not None:
-                d = d * s.to(v.device)
+            d = drop_score(v, None if c is None else c.to(v.device), None if s is None else s.to(v.device))
             dropped = (d < thr).float()
             frac = dropped.mean(1).double()
             self.probe_dropped += dropped.sum().double()
@@ -163,9 +187,34 @@ class ActivationObserver(nn.Module):
     def _record_signed(self, v: Tensor) -> bool:
         """Add ``v`` to the signed histogram; True if it held inf or NaN (not counted)."""
         keys = ((v.reshape(-1).view(torch.int32) >> _KEY_SHIFT) & 0x1FFFF).long()
-        hist = torch.bincount(_table(_SIGNED_TABLE, v.device)[keys], minlength=2 * _M + 3)
-        self.signed_hist += hist[1:-1]
-        return bool(hist[0] + hist[-1] > 0)
+        h = torch.bincount(_table(_SIGNED_TABLE, v.device)[keys], minlength=_S_POS_OVER + 1)
+        self._fold(self.signed_hist, self.signed_outside, h, 2 * _M + 1, _SIGNED_FOLD)
+        return bool(h[_S_NONFINITE] > 0)
+
+    @staticmethod
+    def _fold(hist: Tensor, outside: Tensor, h: Tensor, n: int, fold: Tensor) -> None:
+        """Add bincount ``h`` to ``hist`` (its first ``n`` slots) and its out-of-range slots
+        (the last ``len(fold)``) both to ``outside`` and to the bins ``fold`` names."""
+        extra = h[-len(fold):]
+        hist += h[:n]
+        hist.index_add_(0, _table(fold, h.device), extra)
+        outside += extra
+
+    def _warn_outside(self, what: str, points: list[float], under: int,
+                      over: list[tuple[float, float, int]]) -> None:
+        """Warn when a threshold's interval ends at ``points`` fall where out-of-range values
+        were lumped: in the zero bin with ``under`` of them, or in a top bin ``(lo, hi, count)``."""
+        zero = 2.0**LOG2_MIN
+        hit = under and any(-zero < p < zero for p in points)
+        hit = hit or any(k and lo < p < hi for lo, hi, k in over for p in points)
+        if hit:
+            warnings.warn(
+                f"observer {self.name}: {what} falls among values outside the histogram's range "
+                f"2^{LOG2_MIN}..2^{LOG2_MAX} ({under} below, {sum(k for *_, k in over)} above), "
+                "whose position within their bin is unknown: the achieved sparsity may miss "
+                "the target",
+                stacklevel=3,
+            )
 
     def reset(self) -> None:
         for b in self.buffers():
@@ -211,14 +260,20 @@ class ActivationObserver(nn.Module):
             raise ValueError(f"observer {self.name}: sparsity must be in [0, 1), got {sparsity}")
         if sparsity == 0.0:
             return 0.0
-        lo, hi = 0.0, float(self.abs_max) + abs(float(center)) + 1.0
-        for _ in range(100):  # bisection: the sparsity is monotone in tau
-            mid = 0.5 * (lo + hi)
-            if self.sparsity_at(mid, center) < sparsity:
-                lo = mid
-            else:
-                hi = mid
-        return hi
+        n = self._require_data()
+        edges, cum = self._signed_cdf()
+        # P(|X - c| < t) is piecewise linear in t, kinked where c +- t meets an edge: solve on
+        # the segment that crosses the target (exact at any scale, unlike a fixed bisection)
+        c = float(center)
+        t = np.unique(np.concatenate([[0.0], np.abs(edges - c)]))
+        at = (np.interp(c + t, edges, cum) - np.interp(c - t, edges, cum)) / n
+        k = int(np.searchsorted(at, sparsity, side="left"))  # at[0] = 0 < sparsity <= at[-1] = 1
+        tau = float(t[k - 1] + (sparsity - at[k - 1]) / (at[k] - at[k - 1]) * (t[k] - t[k - 1]))
+        under, neg, pos = self.signed_outside.tolist()
+        top = edges[-1]
+        self._warn_outside(f"the threshold for sparsity {sparsity:g}", [c - tau, c + tau], under,
+                           [(-top, edges[1], neg), (edges[-2], top, pos)])
+        return tau
 
     def scaled_threshold_for(self, sparsity: float) -> float:
         """tau with P(|X - c0| * scale < tau) = sparsity, from the scaled histogram."""
@@ -232,13 +287,19 @@ class ActivationObserver(nn.Module):
             raise RuntimeError(f"observer {self.name}: no activations were recorded")
         edges = np.concatenate([[0.0, 2.0**LOG2_MIN], _magnitude_edges(float(self.scaled_max))])
         cum = np.concatenate([[0.0], np.cumsum(h)]) / n
-        return float(np.interp(sparsity, cum, edges))
+        tau = float(np.interp(sparsity, cum, edges))
+        under, over = self.scaled_outside.tolist()
+        self._warn_outside(f"the scaled threshold for sparsity {sparsity:g}", [tau], under,
+                           [(edges[-2], edges[-1], over)])
+        return tau
 
     def quantile(self, q: float) -> float:
         """Value v with P(X < v) = q (e.g. the median for q = 0.5)."""
         self._require_data()
         edges, cum = self._signed_cdf()
-        return float(np.interp(q * cum[-1], cum, edges))
+        v = float(np.interp(q * cum[-1], cum, edges))
+        top = float(self.abs_max)  # q = 1 would give the grid's end, past the empty top bins
+        return min(max(v, -top), top)
 
     def density_peak(self, grid: int = 4096) -> float:
         """Mode of a Gaussian-kernel density estimate (SCAP's "kde" center, seed 001).

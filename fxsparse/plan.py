@@ -23,7 +23,8 @@ Schema (version 1)::
     }
 
 ``save`` writes a temporary file in the same folder and renames it over the target, so a crash
-never leaves a half-written plan. ``load`` validates everything and names the offending layer.
+never leaves a half-written plan; the file gets the usual mode (0o666 less the umask). ``load``
+validates everything and names the offending layer or field.
 
 ``prefill`` picks what a call with more than ``decode_rows`` rows (tokens) runs: ``"threshold"``
 (the default) the threshold op at every row count; ``"dense"`` the plain dense linear (TEAL-style
@@ -38,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,12 +47,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fileio import write_text_atomic
+
 __all__ = ["LayerPlan", "SparsityPlan", "PlanError", "linear_layers", "linear_shape", "PLAN_FORMAT",
-           "PLAN_VERSION"]
+           "PLAN_VERSION", "LAYER_METHODS"]
 
 PLAN_FORMAT = "fxsparse.plan"
 PLAN_VERSION = 1
 PREFILL_KINDS = ("threshold", "dense", "2:4")
+# ``methods.METHODS``, spelled out here because methods imports this module (a test keeps them
+# equal). Lowering only tells "topk" from the rest, so a typo would silently run the threshold op.
+LAYER_METHODS = ("quantile", "mode", "norm", "topk", "fat", "pplp", "attribution")
 
 
 class PlanError(ValueError):
@@ -80,6 +85,10 @@ def size_weighted_mean(values: Mapping[str, float], shapes: Mapping[str, tuple[i
     ``shapes``, e.g. :func:`linear_layers`): for sparsities, the share of multiply-adds skipped."""
     w = {n: shapes[n][0] * shapes[n][1] for n in values}
     return sum(w[n] * values[n] for n in values) / sum(w.values())
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _vector_or_scalar(value: Any, in_features: int, what: str, layer: str, *, positive: bool,
@@ -130,8 +139,15 @@ class LayerPlan:
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
             raise PlanError(f"layer {name!r}: threshold must be a number >= 0 (inf allowed), got {t!r}")
-        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
-            raise PlanError(f"layer {name!r}: target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        ts = self.target_sparsity
+        if ts is not None and not (_is_number(ts) and 0.0 <= ts < 1.0):
+            raise PlanError(f"layer {name!r}: target_sparsity must be null or a number in [0, 1), got {ts!r}")
+        if not isinstance(self.method, str) or self.method not in LAYER_METHODS:
+            raise PlanError(f"layer {name!r}: method must be one of {LAYER_METHODS}, got {self.method!r}")
+        cs = self.calibrated_sparsity
+        if cs is not None and not (_is_number(cs) and 0.0 <= cs <= 1.0):
+            raise PlanError(f"layer {name!r}: calibrated_sparsity must be null or a number in [0, 1], "
+                            f"got {cs!r}")
         _vector_or_scalar(self.center, self.in_features, "center", name, positive=False,
                           allow_none=False)
         _vector_or_scalar(self.channel_scale, self.in_features, "channel_scale", name,
@@ -141,6 +157,9 @@ class LayerPlan:
         d = self.decode_rows
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise PlanError(f"layer {name!r}: decode_rows must be an integer >= 0, got {d!r}")
+        if self.method == "topk" and ts is None:
+            raise PlanError(f"layer {name!r}: method 'topk' needs target_sparsity (the fraction of each "
+                            "row's channels to drop)")
         if self.prefill != "threshold" and self.method == "topk":
             raise PlanError(f"layer {name!r}: prefill={self.prefill!r} is not supported for method "
                             "'topk' (top-k layers run the top-k op at every row count)")
@@ -205,7 +224,8 @@ class SparsityPlan:
             raise PlanError(f"{source}: a plan is a JSON object, got {type(data).__name__}")
         if data.get("format") != PLAN_FORMAT:
             raise PlanError(f"{source}: 'format' is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-        if data.get("version") != PLAN_VERSION:
+        version = data.get("version")
+        if not (isinstance(version, int) and not isinstance(version, bool) and version == PLAN_VERSION):
             raise PlanError(
                 f"{source}: plan version {data.get('version')!r} is not supported "
                 f"(this fxsparse reads version {PLAN_VERSION})"
@@ -213,6 +233,12 @@ class SparsityPlan:
         raw_layers = data.get("layers")
         if not isinstance(raw_layers, Mapping):
             raise PlanError(f"{source}: 'layers' must be an object of layer name -> settings")
+        unknown = set(data) - {"format", "version", "model", "layers", "skipped", "meta"}
+        if unknown:
+            raise PlanError(f"{source}: unknown top-level keys {sorted(unknown)}")
+        for key in ("model", "skipped", "meta"):
+            if data.get(key) is not None and not isinstance(data[key], Mapping):
+                raise PlanError(f"{source}: {key!r} must be an object, got {type(data[key]).__name__}")
         layers = {}
         for name, raw in raw_layers.items():
             if not isinstance(raw, Mapping):
@@ -226,9 +252,16 @@ class SparsityPlan:
                 raise PlanError(f"{source}: layer {name!r}: {e}") from None
             lp.validate(name)
             layers[name] = lp
-        plan = cls(layers=layers, model=dict(data.get("model") or {}),
-                   skipped=dict(data.get("skipped") or {}), meta=dict(data.get("meta") or {}))
-        return plan
+        skipped = dict(data.get("skipped") or {})
+        for name, reason in skipped.items():
+            if not isinstance(name, str) or not isinstance(reason, str):
+                raise PlanError(f"{source}: 'skipped' maps layer names to reasons (strings), got "
+                                f"{name!r}: {reason!r}")
+        model = dict(data.get("model") or {})
+        if model.get("linears") is not None and not isinstance(model["linears"], Mapping):
+            raise PlanError(f"{source}: 'model.linears' must be an object of layer name -> "
+                            f"[out_features, in_features], got {type(model['linears']).__name__}")
+        return cls(layers=layers, model=model, skipped=skipped, meta=dict(data.get("meta") or {}))
 
     def set_prefill(self, prefill: str, decode_rows: int | None = None,
                     names: list[str] | None = None) -> SparsityPlan:
@@ -253,17 +286,7 @@ class SparsityPlan:
             lp.validate(name)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -97,3 +98,59 @@ def test_errors_name_the_layer():
         obs.threshold_for(0.5)
     with pytest.raises(ValueError, match="up_proj: input has 4 features"):
         obs(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e6])
+def test_scaled_threshold_at_extreme_scales(scale):
+    """|x| * scale far outside 2^-24..2^16 (where the grid used to end) still hits the target."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4096, 64, generator=g) * torch.tensor([1.0, 1e5]).repeat(32)  # raw up to ~1e5
+    s = torch.full((64,), scale) * (torch.rand(64, generator=g) + 0.5)
+    obs = ActivationObserver("l", 64, channel_scale=s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in range: no out-of-range warning
+        obs(x)
+        for target in (0.1, 0.5, 0.9):
+            tau = obs.scaled_threshold_for(target)
+            assert abs(((x.abs() * s) < tau).float().mean().item() - target) < 0.01
+
+
+@pytest.mark.parametrize("center", [0.0, 0.3])
+def test_threshold_for_raw_values_above_2_pow_16(center):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 64, generator=g) * 1e5
+    obs = ActivationObserver("l", 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obs(x)
+        for target in (0.1, 0.5, 0.9, 0.999):
+            tau = obs.threshold_for(target, center)
+            assert abs(((x - center).abs() < tau).float().mean().item() - target) < 0.01
+
+
+def test_values_outside_the_grid_are_counted_and_warn():
+    obs = ActivationObserver("l", 4, channel_scale=torch.ones(4))
+    obs(torch.tensor([[1e25, -1e25, 1e-30, 0.0], [1.0, -2.0, 3.0, -4.0]]))
+    assert obs.count == 8 and obs.signed_outside.tolist() == [1, 1, 1]
+    assert obs.scaled_outside.tolist() == [1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert 4.0 <= obs.threshold_for(0.75) <= 1e25  # in the grid: between 4 and 1e25
+    with pytest.warns(UserWarning, match="outside the histogram's range"):
+        obs.threshold_for(0.85)  # among the two 1e25 (lumped into the top bins)
+    with pytest.warns(UserWarning, match="outside the histogram's range"):
+        obs.scaled_threshold_for(0.2)  # between 0 and 1e-30 (lumped into the zero bin)
+
+
+@pytest.mark.parametrize("stats", [True, False])
+def test_probe_counts_non_finite_as_kept_like_the_op(stats):
+    from fxsparse.kernels import keep_mask_reference
+
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[nan, inf, 0.5, 2.0], [-inf, 0.1, nan, -3.0]])
+    c, s = torch.tensor([0.0, 0.1, 0.0, 0.2]), torch.tensor([1.0, 2.0, 0.5, 1.0])
+    obs = ActivationObserver("l", 4)
+    obs.set_probe(1.0, c, s, stats=stats)
+    obs(x)
+    want = ~keep_mask_reference(x, 1.0, c, s)
+    assert obs.probe_stats()["sparsity"] == want.float().mean().item() == 0.25

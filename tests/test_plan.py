@@ -85,3 +85,66 @@ def test_resolve_suffix():
     assert plan.resolve("layers.0.mlp.down_proj") == "model.layers.0.mlp.down_proj"
     assert plan.resolve("mlp.down_proj") == "model.layers.0.mlp.down_proj"
     assert plan.resolve("down_proj.x") is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_saved_plan_gets_the_usual_mode(tmp_path, umask):
+    import os
+    import stat
+
+    plan = make_plan(tiny_llama())
+    old = os.umask(umask)
+    try:
+        path = plan.save(tmp_path / "plan.json")
+        path = plan.save(path)  # over an existing file too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert not list(tmp_path.glob(".*tmp")), "temp file left behind"
+
+
+UP = "model.layers.1.mlp.up_proj"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["layers"][UP].update(target_sparsity="0.5"), "up_proj.*target_sparsity"),
+    (lambda d: d["layers"][UP].update(target_sparsity=True), "up_proj.*target_sparsity"),
+    (lambda d: d["layers"][UP].update(method="bogus"), "up_proj.*method must be one of"),
+    (lambda d: d["layers"][UP].update(method="topK"), "up_proj.*method must be one of"),
+    (lambda d: d["layers"][UP].update(method=123), "up_proj.*method must be one of"),
+    (lambda d: d["layers"][UP].update(calibrated_sparsity="abc"), "up_proj.*calibrated_sparsity"),
+    (lambda d: d["layers"][UP].update(calibrated_sparsity=float("nan")), "up_proj.*calibrated_sparsity"),
+    (lambda d: d.update(skipped=["a", "b"]), "'skipped' must be an object"),
+    (lambda d: d.update(skipped={"lm_head": 3}), "'skipped' maps layer names to reasons"),
+    (lambda d: d.update(model="xy"), "'model' must be an object"),
+    (lambda d: d["model"].update(linears=["a"]), "'model.linears' must be an object"),
+    (lambda d: d.update(meta="xy"), "'meta' must be an object"),
+    (lambda d: d.update(version=True), "version True is not supported"),
+    (lambda d: d.update(version=1.0), "version 1.0 is not supported"),
+])
+def test_malformed_fields_raise_plan_error(mutate, message):
+    data = make_plan(tiny_llama()).to_dict()
+    mutate(data)
+    with pytest.raises(PlanError, match=message):
+        SparsityPlan.from_dict(data)
+
+
+def test_every_calibration_method_is_a_valid_layer_method():
+    from fxsparse.methods import METHODS
+    from fxsparse.plan import LAYER_METHODS
+
+    assert set(LAYER_METHODS) == set(METHODS)
+    data = make_plan(tiny_llama()).to_dict()
+    for m in METHODS:
+        data["layers"][UP].update(method=m, target_sparsity=0.5)
+        assert SparsityPlan.from_dict(data).layers[UP].method == m
+
+
+def test_topk_without_target_and_unknown_top_level_keys_are_rejected():
+    lp = LayerPlan(threshold=0.0, in_features=8, out_features=4, method="topk")
+    with pytest.raises(PlanError, match="'topk' needs target_sparsity"):
+        lp.validate("fc")
+    d = SparsityPlan(layers={"fc": LayerPlan(threshold=0.1, in_features=8, out_features=4)}).to_dict()
+    SparsityPlan.from_dict(d)
+    with pytest.raises(PlanError, match="unknown top-level keys"):
+        SparsityPlan.from_dict({**d, "extra": 1})

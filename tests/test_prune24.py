@@ -219,6 +219,30 @@ def test_opcheck_prune24(center):
     opcheck(torch.ops.fxsparse.prune24, (x, c))
 
 
+def test_prune24_nan_kept_unless_three_nonfinite_in_a_group():
+    n, i = math.nan, math.inf
+    out = P.prune24_reference(torch.tensor([[n, 0.0, 5.0, 1.0], [n, n, n, 1.0], [i, -i, n, 0.0]]))
+    assert same(out, torch.tensor([[n, 0.0, 5.0, 0.0], [n, n, 0.0, 0.0], [i, -i, 0.0, 0.0]]))
+
+
+@needs_triton
+@pytest.mark.parametrize("center", [None, "channel"])
+def test_prune24_output_strides_agree_on_transposed_input(center):
+    """Fake, CPU and CUDA (Triton) impls all return a contiguous tensor of x's shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(8, 4).t()  # [4, 8], column-major
+    c = None if center is None else torch.randn(8)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.fxsparse.prune24(mode.from_tensor(x), None if c is None else mode.from_tensor(c))
+    cpu = torch.ops.fxsparse.prune24(x, c)
+    triton_out = P.prune24_triton(x.to(DEV), None if c is None else c.to(DEV))
+    assert fake.stride() == cpu.stride() == triton_out.stride() == (8, 1)
+    assert same(cpu, P.prune24_reference(x.contiguous(), c))
+    xt = torch.randn(2, 8, 3).transpose(1, 2).requires_grad_(True)  # [2, 3, 8], non-contiguous
+    opcheck(torch.ops.fxsparse.prune24, (xt, c))
+
+
 def test_prune24_gradient_straight_through():
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     c = torch.randn(8, dtype=torch.float64, requires_grad=True)

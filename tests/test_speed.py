@@ -1,6 +1,12 @@
 """fxsparse.speed on CPU: the lean loop's tokens, sparsity and weight-byte accounting, HF
 generate timing, the profiler breakdown, and kernel-name families."""
 
+import json
+import multiprocessing as mp
+import os
+import stat
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -151,3 +157,39 @@ def test_bench_decode_variants_and_report(tmp_path):
     text = (tmp_path / "all.md").read_text()
     assert "| tiny (2 L) | lean | 1 | sparse_act 0.5 | 0.500 | 1.000 | 500.0 | 2.00x |" in text
     assert "error: RuntimeError: boom" in text and text.count("\n| tiny") == 3
+
+
+# -- the crossover cache file (kernels/crossover.py) ----------------------------------------------
+
+
+def _write_cache_entries(args: tuple[str, int, int]) -> None:
+    from fxsparse.kernels.crossover import _write_entry
+
+    path, worker, n = args
+    for j in range(n):
+        _write_entry(Path(path), f"k{worker}-{j}", {"rows": 256})
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (POSIX)")
+def test_crossover_cache_keeps_concurrent_writers_entries(tmp_path):
+    """4 processes x 20 read-modify-writes: without the lock, last rename wins and drops some."""
+    path = tmp_path / "crossover.json"
+    with mp.get_context("fork").Pool(4) as pool:
+        pool.map(_write_cache_entries, [(str(path), i, 20) for i in range(4)])
+    entries = json.loads(path.read_text())["entries"]
+    assert sorted(entries) == sorted(f"k{i}-{j}" for i in range(4) for j in range(20))
+    assert not list(tmp_path.glob(".*tmp")), "temp file left behind"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_crossover_cache_file_gets_the_usual_mode(tmp_path, umask):
+    from fxsparse.kernels.crossover import _read_cache, _write_entry
+
+    path = tmp_path / "cache" / "crossover.json"
+    old = os.umask(umask)
+    try:
+        _write_entry(path, "k", {"rows": 512})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert _read_cache(path) == {"k": {"rows": 512}}

@@ -13,9 +13,11 @@ none. Rows between two measured points follow the larger one's verdict (the cros
 first point of a winning tail), rows above the largest follow it.
 
 The result is cached in memory and in ``$FXSPARSE_CACHE_DIR/crossover.json`` (default
-``~/.cache/fxsparse/crossover.json``), written atomically (temp file + rename); a corrupt file
-is reported and measured again. On CPU, without cuSPARSELt, and for shapes or dtypes it cannot
-take, the answer is ``NEVER`` with nothing measured (the reason is logged once).
+``~/.cache/fxsparse/crossover.json``), written atomically (temp file + rename, the usual file
+mode) under an advisory lock (``flock`` on ``crossover.json.lock``; POSIX only), so processes
+measuring at once keep each other's entries; a corrupt file is reported and measured again.
+On CPU, without cuSPARSELt, and for shapes or dtypes it cannot take, the answer is ``NEVER``
+with nothing measured (the reason is logged once).
 
 ``gemv_pays(n, k, dtype, device, sparsity)`` times one row of ``sparse_gemv.threshold_gemv``
 (column-major weight, threshold at the sparsity's quantile) against ``F.linear`` on the usual
@@ -31,19 +33,25 @@ Kernels never import passes: this module sees shapes, dtypes and devices only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..fileio import write_text_atomic
 from . import sparse24, sparse_gemv
 from .timing import gpu_environment, time_calls
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writes go unlocked (concurrent writers may drop entries)
+    fcntl = None
 
 __all__ = ["NEVER", "MEASURE_ROWS", "MARGIN", "crossover_rows", "crossover_from_times",
            "resolve_min_rows_24", "cache_path", "environment", "gemv_pays"]
@@ -110,21 +118,30 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path.lock`` (a sidecar: ``path`` itself is replaced by
+    rename, so a lock on it would not exclude the next writer). Readers need no lock."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: write unlocked, as without fcntl
+            pass
+        yield  # closing the file releases the lock
+
+
 def _write_entry(path: Path, key: str, entry: dict) -> None:
     try:
-        entries = _read_cache(path)  # re-read: another process may have added entries
-        entries[key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": entries},
-                          indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _locked(path):
+            entries = _read_cache(path)  # under the lock: another process may have added entries
+            entries[key] = entry
+            text = json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": entries},
+                              indent=1, sort_keys=True)
+            write_text_atomic(path, text)
     except OSError as e:  # read-only home and the like: the in-memory cache still holds it
         log.warning("fxsparse: could not write the crossover cache %s (%s)", path, e)
 

@@ -4,9 +4,10 @@ Inference semantics (``prune24``; the one definition every implementation must m
 
     groups of 4 consecutive channels along the last dim (the last dim must be a multiple of 4)
     d    = |x - center|  in float32 (center 0 when None; a scalar or one value per channel)
-    NaN in d ranks as +inf, so a NaN is always kept and propagates as in the dense layer
+    NaN in d ranks as +inf (a tie with +-inf), so a NaN propagates as in the dense layer,
+    unless its group holds 3 or 4 NaN/inf entries: then only the 2 lowest-index are kept
     keep the 2 entries of each group with the largest d; ties: the lower index wins
-    out  = where(keep, x, center)
+    out  = where(keep, x, center), contiguous, of x's shape (every implementation)
 
 "Lower index wins" makes the result a pure function of the values (no data race or sort
 stability decides it), so Triton and the reference agree bit for bit.
@@ -94,6 +95,7 @@ def prune24_reference(x: Tensor, center: Tensor | float | None = None) -> Tensor
     """Keep the 2 entries of each group of 4 farthest from ``center``; set the others to it."""
     c = x.shape[-1]
     torch._check(c % 4 == 0, lambda: f"prune24: last dim must be a multiple of 4, got {c}")
+    x = x.contiguous()  # torch.where would keep x's strides; the kernel writes row-major
     if center is None:
         fill = torch.zeros((), dtype=x.dtype, device=x.device)
     else:
@@ -558,7 +560,7 @@ def prune24(x: Tensor, center: Tensor | None = None) -> Tensor:
 @prune24.register_fake
 def _(x, center=None):
     _check_center(x, center)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, like the real impls (not empty_like: x's strides)
 
 
 @prune24.register_kernel("cuda")
