@@ -18,7 +18,7 @@ from torch import nn
 
 from .methods import METHODS
 from .observers import ActivationObserver
-from .plan import LayerPlan, SparsityPlan, linear_layers
+from .plan import LayerPlan, SparsityPlan, linear_layers, uncompiled
 from .scope import IgnoredScope, ScopeError, TargetScope, resolve_targets
 
 __all__ = ["calibrate", "collect_statistics", "iterate_batches", "METHODS"]
@@ -202,6 +202,7 @@ def calibrate(
 
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {METHODS}")
+    model = uncompiled(model)  # a torch.compile wrapper: calibrate the module it holds
     linears = linear_layers(model)
     targets, skipped = resolve_targets(linears, target_sparsity_by_scope, ignored_scope)
     if not targets:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .kernels import topk_keep_count, topk_keep_mask_reference
 from .observers import ActivationObserver
-from .plan import LayerPlan, SparsityPlan
+from .plan import LayerPlan, SparsityPlan, uncompiled
 from .reference import plan_hooks
 
 __all__ = ["evaluate", "EvalResult", "sliding_windows", "TopkProbe", "make_probe"]
@@ -145,6 +145,7 @@ def evaluate(
         raise ValueError(f"engine must be 'compile' or 'hooks', got {engine!r}")
     stride = stride or window
     ids = ids.reshape(-1)
+    model = uncompiled(model)  # a torch.compile wrapper: score the module it holds
     device = next(model.parameters()).device
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     probes: dict[str, ActivationObserver] = {}

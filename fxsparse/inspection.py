@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .evaluation import make_probe
-from .plan import SparsityPlan, linear_layers
+from .plan import SparsityPlan, linear_layers, uncompiled
 
 __all__ = ["explain", "Report", "LayerRow"]
 
@@ -172,6 +172,7 @@ def explain(
         print(report.table())
     """
     plan = SparsityPlan.coerce(plan)
+    model = uncompiled(model)  # a torch.compile wrapper: explain the module it holds
     plan.check_model(model)
     linears = linear_layers(model)
     observers = {name: make_probe(name, lp) for name, lp in plan.layers.items()}

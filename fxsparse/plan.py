@@ -74,9 +74,18 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(model)`` wrapper holds (else ``model``): its parameters are
+    the same, and its module names carry no ``_orig_mod.`` prefix."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{module name: (out_features, in_features)}`` for every linear layer of ``model``."""
-    return {name: shape for name, m in model.named_modules()
+    """``{module name: (out_features, in_features)}`` for every linear layer of ``model`` (of
+    the module inside, for a ``torch.compile`` wrapper)."""
+    return {name: shape for name, m in uncompiled(model).named_modules()
             if (shape := linear_shape(m)) is not None}
 
 

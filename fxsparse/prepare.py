@@ -20,7 +20,7 @@ from torch import nn
 
 from .logs import log
 from .passes.lower import dense_reason, group_width, sibling_sets
-from .plan import SparsityPlan
+from .plan import SparsityPlan, uncompiled
 
 __all__ = ["prepare_weights", "compile"]
 
@@ -43,6 +43,7 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
     (e.g. the token embedding) column-major too, which ``state_dict`` consumers such as
     safetensors reject, or, for a distinct ``Parameter``, silently untie the two.
     """
+    model = uncompiled(model)
     plan.check_model(model)
     modules = dict(model.named_modules())
     sets = sibling_sets(plan)

@@ -187,3 +187,20 @@ def test_ignoring_every_target_is_an_error():
     with pytest.raises(ScopeError, match="ignored_scope leaves none"):
         fxsparse.calibrate(model, token_batches(1), {TargetScope(patterns=[r".*mlp\..*"]): 0.5},
                            IgnoredScope(patterns=[r".*mlp\..*"]), progress=False)
+
+
+def test_a_torch_compile_wrapper_is_the_model_it_holds():
+    """calibrate / explain / evaluate of ``torch.compile(model)`` use the module inside: plan
+    names without ``_orig_mod.``, and the plan fits the model itself."""
+    from fxsparse.evaluation import evaluate
+
+    model = tiny_llama()
+    wrapped = torch.compile(model)
+    plan = fxsparse.calibrate(wrapped, token_batches(2), {TargetScope(patterns=[r".*mlp\.up_proj"]): 0.5},
+                              progress=False)
+    assert sorted(plan.layers) == [f"model.layers.{i}.mlp.up_proj" for i in range(2)]
+    plan.check_model(model)
+    report = fxsparse.explain(wrapped, token_batches(1)[0], plan=plan)
+    assert any(r.name == "model.layers.0.mlp.up_proj" for r in report.rows)
+    ids = token_batches(1, batch=1, seq=40)[0][0]
+    assert evaluate(wrapped, ids, plan, window=16, progress=False).sparse_ppl > 0
