@@ -285,7 +285,8 @@ def test_cuda_kernels_match_reference(dtype):
 def test_relu2_grad24_matches_reference(mvue, dtype):
     g = torch.Generator().manual_seed(0)
     y1 = torch.randn(24, 40, generator=g).to(dtype)
-    y2s, _ = P.sparsify24(y1, "mvue" if mvue else "naive", relu2=True, seed=3, use_triton=True)
+    y2s, _ = P.sparsify24(y1.to(DEV), "mvue" if mvue else "naive", relu2=True, seed=3, use_triton=True)
+    y2s = y2s.cpu()  # the Triton kernels run where DEV is (CPU tensors only when interpreted)
     dy2 = torch.randn(24, 40, generator=g).to(dtype)
     got = P.relu2_grad24(dy2.to(DEV), y1.to(DEV), y2s.to(DEV), mvue, use_triton=True).cpu()
     want = P.relu2_grad24_reference(dy2, y1, y2s, mvue)
