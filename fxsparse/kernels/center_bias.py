@@ -6,17 +6,21 @@ takes its weights as inputs, though: an in-place update after compiling (``load_
 an optimizer step, ``p.data = ...``) must not leave a stale constant behind. Each folded value
 is therefore registered with the weight's storage and version counter when it is made, and the
 CUDA paths that add it call ``fresh_center_bias`` first, which recomputes it in place when the
-weight changed. That check runs on the host, so under CUDA graphs (``mode="reduce-overhead"``)
-a replay cannot see it: there, recompile after changing weights in place.
+weight changed (only values registered here: a caller's own tensor is never written). That
+check runs on the host, so under CUDA graphs (``mode="reduce-overhead"``) a replay cannot see
+it: there, recompile after changing weights in place.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# center_bias storage -> (weight storage, weight version) it was computed from
+# center_bias storage -> (weight storage, weight version) it was computed from; an entry lives
+# as long as its tensor, so a later tensor at the same address is never mistaken for it
 _SOURCE: dict[int, tuple[int, int]] = {}
 
 
@@ -34,23 +38,28 @@ def center_bias_value(weight: Tensor, center: Tensor) -> Tensor:
 
 def register_center_bias(center_bias: Tensor, weight: Tensor) -> Tensor:
     """Record that ``center_bias`` was computed from ``weight`` as it is now; returns it."""
-    _SOURCE[center_bias.data_ptr()] = _stamp(weight)
+    key = center_bias.data_ptr()
+    _SOURCE[key] = _stamp(weight)
+    weakref.finalize(center_bias, _SOURCE.pop, key, None)
     return center_bias
 
 
 def fresh_center_bias(weight: Tensor, center: Tensor | None, center_bias: Tensor | None) -> None:
-    """Recompute ``center_bias`` in place if ``weight`` changed since it was computed.
+    """Recompute a registered ``center_bias`` in place if ``weight`` changed since.
 
-    A value this module has not seen (made elsewhere, or its storage moved) is taken as
-    current and recorded. Nothing is checked while a CUDA graph is being captured (the graph
-    would replay the check's decision, not make it again)."""
+    Values this module did not register (a caller's own ``W @ c``) are left alone: the ops
+    do not write their inputs. Nothing is checked while a CUDA graph is being captured (the
+    graph would replay the check's decision, not make it again)."""
     if center_bias is None or center is None:
         return
     if center_bias.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    key, now = center_bias.data_ptr(), _stamp(weight)
+    key = center_bias.data_ptr()
     seen = _SOURCE.get(key)
-    if seen is not None and seen != now:
+    if seen is None:
+        return
+    now = _stamp(weight)
+    if seen != now:
         with torch.no_grad():
             center_bias.copy_(center_bias_value(weight, center))
-    _SOURCE[key] = now
+        _SOURCE[key] = now
