@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .methods import METHODS
-from .observers import ActivationObserver
+from .observers import ActivationObserver, observed_tokens
 from .plan import LayerPlan, SparsityPlan, linear_layers, uncompiled
 from .scope import IgnoredScope, ScopeError, TargetScope, resolve_targets
 
@@ -38,7 +38,8 @@ def iterate_batches(dataset: Any, device: torch.device
 
     Tensors (token ids for a language model; 1-D ids get a batch dimension) are passed
     positionally, dicts as keyword arguments; ``datasets.Dataset`` rows are dicts whose lists
-    become tensors.
+    become tensors. While the caller runs a dict's batch, observers skip the positions its
+    ``attention_mask`` marks as padding (``observers.observed_tokens``).
     """
     for i, item in enumerate(dataset):
         if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor):
@@ -62,7 +63,9 @@ def iterate_batches(dataset: Any, device: torch.device
                     v = v.unsqueeze(0)
                 v = v.to(device)
             kwargs[k] = v
-        yield (), kwargs
+        mask = kwargs.get("attention_mask")
+        with observed_tokens(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None):
+            yield (), kwargs  # the caller runs the model on it inside this block
 
 
 def _call_kwargs(model: nn.Module) -> dict[str, Any]:

@@ -23,6 +23,8 @@ did is recorded: a threshold that falls among them warns, as its bin says little
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 
@@ -94,6 +96,21 @@ def _table(table: Tensor, device: torch.device) -> Tensor:
     return _tables_on[key]
 
 
+# the calibration batch's attention mask ([batch, seq] bool) while the model runs on it
+_TOKENS: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("fxsparse_tokens", default=None)
+
+
+@contextlib.contextmanager
+def observed_tokens(attention_mask: Tensor | None):
+    """Observers record only the positions where ``attention_mask`` is nonzero (padding is not
+    calibration data) for inputs shaped ``[batch, seq, ...]`` like the mask."""
+    token = _TOKENS.set(None if attention_mask is None else attention_mask.bool())
+    try:
+        yield
+    finally:
+        _TOKENS.reset(token)
+
+
 class ActivationObserver(nn.Module):
     """Records the distribution of one layer's input; see the module docstring."""
 
@@ -155,7 +172,11 @@ class ActivationObserver(nn.Module):
             )
         if self.signed_hist.device != x.device:
             self.to(x.device)
-        v = x.detach().reshape(-1, self.in_features).float()
+        v = x.detach()
+        mask = _TOKENS.get()
+        if mask is not None and v.dim() >= 3 and tuple(v.shape[:2]) == tuple(mask.shape):
+            v = v[mask.to(v.device)]  # the batch's real tokens only, not its padding
+        v = v.reshape(-1, self.in_features).float()
         if self.record_stats:
             f = v
             if self._record_signed(v):  # rare: keep inf/NaN out of the channel statistics

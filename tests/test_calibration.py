@@ -204,3 +204,20 @@ def test_a_torch_compile_wrapper_is_the_model_it_holds():
     assert any(r.name == "model.layers.0.mlp.up_proj" for r in report.rows)
     ids = token_batches(1, batch=1, seq=40)[0][0]
     assert evaluate(wrapped, ids, plan, window=16, progress=False).sparse_ppl > 0
+
+
+def test_padding_is_not_calibration_data():
+    """Right padding (attention_mask 0) leaves the real tokens' activations as they are under
+    causal attention; the observers must skip the padded positions, so the plan is the same."""
+    model = tiny_llama()
+    ids = token_batches(2, batch=1, seq=16)
+    pad = torch.zeros(1, 8, dtype=torch.long)
+    plain = [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
+    padded = [{"input_ids": torch.cat([x, pad], 1),
+               "attention_mask": torch.cat([torch.ones_like(x), torch.zeros_like(pad)], 1)} for x in ids]
+    scope = {TargetScope(patterns=[r".*mlp\..*"]): 0.5}
+    a = fxsparse.calibrate(model, plain, scope, progress=False)
+    b = fxsparse.calibrate(model, padded, scope, progress=False)
+    assert b.meta["calibration_tokens"] == a.meta["calibration_tokens"] == 32
+    for name, lp in a.layers.items():
+        assert b.layers[name].threshold == pytest.approx(lp.threshold, rel=1e-6), name
