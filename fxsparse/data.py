@@ -139,6 +139,8 @@ def token_chunks(tokenizer, text: str, seq_len: int, max_chunks: int | None = No
     evenly spaced over the whole text, so that a calibration set of a few windows samples every
     part of a corpus of many documents instead of only its first few documents.
     """
+    if max_chunks is not None and max_chunks < 1:
+        raise ValueError(f"need at least one window, got max_chunks={max_chunks}")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     total = ids.numel() // seq_len
     n = total if max_chunks is None else min(total, max_chunks)

@@ -145,6 +145,8 @@ def evaluate(
         raise ValueError(f"engine must be 'compile' or 'hooks', got {engine!r}")
     stride = stride or window
     ids = ids.reshape(-1)
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be at least 1 (or None: all), got {max_windows}")
     model = uncompiled(model)  # a torch.compile wrapper: score the module it holds
     device = next(model.parameters()).device
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}

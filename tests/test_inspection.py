@@ -184,3 +184,9 @@ def test_explain_counts_tied_weight_bytes_at_their_dtype():
     report = fxsparse.explain(model, token_batches(1)[0], plan=plan)
     (row,) = [r for r in report.rows if r.name == "lm_head"]
     assert row.dense_bytes == 96 * 48 * 4
+
+
+def test_evaluate_rejects_zero_windows():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="max_windows must be at least 1"):
+        evaluate(model, token_batches(1, batch=1, seq=40)[0][0], window=16, max_windows=0, progress=False)
