@@ -384,3 +384,30 @@ def test_backend_warns_when_the_plan_does_not_fit_the_graph():
             assert not found
         else:
             assert found and message in found[0]
+
+
+def test_plan_applies_to_a_compiled_module_holding_the_model():
+    """A wrapper around the model (its graphs name ``model.model.layers...``) takes the plan's
+    entries by their ending, without a warning."""
+    import warnings
+
+    class Wrapper(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids, use_cache=False).logits
+
+    model = tiny_llama()
+    plan = fxsparse.calibrate(model, token_batches(2), {TargetScope(patterns=[r".*mlp\..*"]): 0.5},
+                              progress=False)
+    torch._dynamo.reset()
+    record = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(Wrapper(model), backend="sparse_act",
+                      options={"plan": plan, "inductor": False, "record": record})(token_batches(1)[0])
+    assert not [w for w in caught if "sparse_act:" in str(w.message)]
+    ops = {d["name"]: d["op"] for g in record for d in g["decisions"]}
+    assert ops["model.model.layers.0.mlp.down_proj"] != "linear"

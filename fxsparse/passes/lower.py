@@ -277,7 +277,8 @@ def _unplanned_reason(plan: SparsityPlan, name: str) -> tuple[str, bool]:
     if len(hits) > 1:
         return f"matches {len(hits)} plan entries ({hits[0]}, ...): compile the model the plan names", True
     linears = (plan.model or {}).get("linears") or {}
-    if linears and name not in linears and not any(k.endswith("." + name) for k in linears):
+    if linears and name not in linears and not any(k.endswith("." + name) or name.endswith("." + k)
+                                                   for k in linears):
         model = plan.model.get("class", "?")
         return f"not a linear of the plan's model ({model}): plan made for another model?", True
     return plan.skip_reason(name), False
