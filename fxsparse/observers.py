@@ -288,7 +288,7 @@ class ActivationObserver(nn.Module):
         c = float(center)
         t = np.unique(np.concatenate([[0.0], np.abs(edges - c)]))
         at = (np.interp(c + t, edges, cum) - np.interp(c - t, edges, cum)) / n
-        k = int(np.searchsorted(at, sparsity, side="left"))  # at[0] = 0 < sparsity <= at[-1] = 1
+        k = min(int(np.searchsorted(at, sparsity, side="left")), len(t) - 1)  # at[0] = 0 < s <= at[-1] = 1
         tau = float(t[k - 1] + (sparsity - at[k - 1]) / (at[k] - at[k - 1]) * (t[k] - t[k - 1]))
         under, neg, pos = self.signed_outside.tolist()
         top = edges[-1]
