@@ -13,7 +13,8 @@ An observer is an ``nn.Module`` whose ``forward(x)`` returns ``x`` unchanged and
   dropped entries and the per-token dropped fraction (mean and spread), for inspection and
   evaluation.
 
-Nothing stores activations, so memory is fixed per observer: 512 KiB for the signed histogram,
+Nothing stores activations, so memory is fixed per observer: 512 KiB for the signed histogram
+(none for a probe without statistics, as `evaluate` and `explain` use),
 256 KiB more for the scaled one (int64 counts); ~100 MiB (plain) to ~250 MiB (with a scaled
 observer beside it) for a model's ~200 linears.
 The grid is wide because the scaled criterion multiplies |x| by arbitrary scales (column norms,
@@ -163,6 +164,16 @@ class ActivationObserver(nn.Module):
         """
         self.probe = (float(threshold), center, channel_scale)
         self.record_stats = stats
+        # a probe alone needs no histograms (512 KiB each): empty until statistics are asked for
+        sizes = {"signed_hist": 2 * _M + 1, "scaled_hist": _M + 1}
+        for name, size in sizes.items():
+            h = getattr(self, name, None)
+            if h is None:
+                continue
+            if not stats and not h.any():
+                setattr(self, name, h.new_zeros(0))
+            elif stats and h.numel() == 0:
+                setattr(self, name, h.new_zeros(size))
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:

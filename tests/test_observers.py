@@ -154,3 +154,14 @@ def test_probe_counts_non_finite_as_kept_like_the_op(stats):
     obs(x)
     want = ~keep_mask_reference(x, 1.0, c, s)
     assert obs.probe_stats()["sparsity"] == want.float().mean().item() == 0.25
+
+
+def test_a_probe_without_statistics_holds_no_histogram():
+    obs = ActivationObserver("p", 8)
+    obs.set_probe(0.5, None, None, stats=False)
+    assert obs.signed_hist.numel() == 0
+    obs(torch.randn(4, 8))
+    assert obs.probe_dropped > 0
+    obs.set_probe(0.5, None, None, stats=True)  # statistics again: full size, recording
+    obs(torch.randn(4, 8))
+    assert obs.signed_hist.sum() == 32
