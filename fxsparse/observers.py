@@ -14,7 +14,7 @@ An observer is an ``nn.Module`` whose ``forward(x)`` returns ``x`` unchanged and
   evaluation.
 
 Nothing stores activations, so memory is fixed per observer: 512 KiB for the signed histogram
-(none for a probe without statistics, as `evaluate` and `explain` use),
+(none for a probe without statistics, as ``evaluate`` and ``explain`` use),
 256 KiB more for the scaled one (int64 counts); ~100 MiB (plain) to ~250 MiB (with a scaled
 observer beside it) for a model's ~200 linears.
 The grid is wide because the scaled criterion multiplies |x| by arbitrary scales (column norms,
