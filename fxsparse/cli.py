@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace):
     return model, tok
 
 
-def _calibrate(args, model, tok):
+def _calibrate(args, model, tok, targets: dict):
     from . import calibrate
     from .data import read_text, token_chunks
     from .scope import IgnoredScope
@@ -76,7 +76,7 @@ def _calibrate(args, model, tok):
                            spread=getattr(args, "calib_spread", False))
     names = ["lm_head"] if "lm_head" in dict(model.named_modules()) else []
     ignored = IgnoredScope(names=names, patterns=args.ignore or []) if names or args.ignore else None
-    plan = calibrate(model, batches, _scopes(args), ignored, method=args.method, progress=True,
+    plan = calibrate(model, batches, targets, ignored, method=args.method, progress=True,
                      prefill=args.prefill, decode_rows=args.decode_rows, **_method_options(args))
     plan.meta["calibration_text"] = str(args.calib_text or "lee")
     return plan
@@ -108,9 +108,9 @@ def _evaluate(args, model, tok, plan):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    _scopes(args)  # bad targets fail before the model loads
+    targets = _scopes(args)  # bad targets fail before the model loads
     model, tok = _load(args)
-    plan = _calibrate(args, model, tok)
+    plan = _calibrate(args, model, tok, targets)
     print(plan.summary())
     print(f"plan written to {plan.save(args.out)}")
 
@@ -215,9 +215,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .data import read_text
     from .evaluation import evaluate
 
-    _scopes(args)
+    targets = _scopes(args)
     model, tok = _load(args)
-    plan = _calibrate(args, model, tok)
+    plan = _calibrate(args, model, tok, targets)
     out = Path(args.out)
     plan.save(out / "plan.json")
     result = _evaluate(args, model, tok, plan)

@@ -55,8 +55,9 @@ __all__ = ["LayerPlan", "SparsityPlan", "PlanError", "linear_layers", "linear_sh
 PLAN_FORMAT = "fxsparse.plan"
 PLAN_VERSION = 1
 PREFILL_KINDS = ("threshold", "dense", "2:4")
-# ``methods.METHODS``, spelled out here because methods imports this module (a test keeps them
-# equal). Lowering only tells "topk" from the rest, so a typo would silently run the threshold op.
+# The calibration methods (``methods.METHODS`` is this tuple; methods imports this module, not
+# the other way). Lowering only tells "topk" from the rest, so a typo would silently run the
+# threshold op: ``validate`` rejects unknown names.
 LAYER_METHODS = ("quantile", "mode", "norm", "topk", "fat", "pplp", "attribution")
 
 

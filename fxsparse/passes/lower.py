@@ -370,12 +370,18 @@ def lower_linears(
         if what == "threshold" and lp.method != "topk":  # never the kernel: mask left to Inductor
             reason = _above_kernel_rows(x, lp, None if w_val is None else w_val.dtype)
             what = "mask+linear" if reason else what
-        if device.type not in autocast:
+        if device.type not in autocast:  # enter/exit nodes stay where they are as sites are lowered
             autocast[device.type] = autocast_dtypes(gm, device.type)
         cast_to = autocast[device.type].get(node)  # the linear would run (and return) in this dtype
-        if cast_to is not None and what != "dense" and lp.method != "topk":
-            what, reason = "mask+linear", (f"under torch.autocast({device.type!r}, {cast_to}): the mask "
-                                           "in x's dtype, then the autocast linear, as eager runs it")
+        cast_out = None  # top-k under autocast: the op, then its output in autocast's dtype
+        if cast_to is not None and what != "dense":
+            if lp.method == "topk":
+                cast_out = cast_to
+                reason = f"under torch.autocast({device.type!r}, {cast_to}): output cast to it"
+            else:
+                what = "mask+linear"
+                reason = (f"under torch.autocast({device.type!r}, {cast_to}): the mask in x's dtype, "
+                          "then the autocast linear, as eager runs it")
         reason = reason or "planned"
 
         # -- constants, computed once ----------------------------------------------------------
@@ -415,12 +421,11 @@ def lower_linears(
                         args = (*args, int(lp.decode_rows), int(min_rows_24))
                     new = graph.call_function(op, args)
         new.meta.update(node.meta)
-        if cast_to is not None and what != "dense" and lp.method == "topk":  # the op ignores autocast
+        if cast_out is not None:  # the op ignores autocast
             new.meta.pop("val", None)
             with graph.inserting_after(new):
-                cast = graph.call_function(torch.ops.aten._to_copy.default, (new,), {"dtype": cast_to})
+                cast = graph.call_function(torch.ops.aten._to_copy.default, (new,), {"dtype": cast_out})
             cast.meta.update(node.meta)
-            reason = f"under torch.autocast({device.type!r}, {cast_to}): output cast to it"
             new = cast
         node.replace_all_uses_with(new)
         graph.erase_node(node)
