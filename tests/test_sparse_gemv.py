@@ -557,6 +557,41 @@ def test_chain_in_cuda_graph_gpu(pdl: bool) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_two_streams_gpu(deterministic: bool) -> None:
+    """Two models on two streams: their split-K epilogues share the device's counters (and,
+    atomic, its sums), so launches interleaved on two streams must not overlap."""
+    n = k = 4096
+    inputs = [make_inputs(Case(1, n, k, torch.bfloat16, 0.5, "none", False, True, False, "contiguous",
+                               0, seed), "cuda") for seed in (11, 12)]
+    for x, *_ in inputs:  # only the first K-split keeps channels: the second arrives at once,
+        x[:, k // 2:] = 0  # so with the other stream's launch running its count would mix in
+    # a grid for 4 SMs: each launch leaves the GPU room for the other stream's, as small
+    # layers or a busy device would
+    cfg = sg._pick_config(1, n, k, 2, 4, deterministic=deterministic)
+    assert cfg.split_k > 1 and cfg.atomic_epilogue != deterministic
+    for x, w, b, *_ in inputs:  # compile first: the queues below must fill faster than they drain
+        sg.threshold_gemv(x, w, b, 0.5, config=cfg)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs: list[list[torch.Tensor]] = [[], []]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(20_000_000)  # ~10 ms: both queues fill before either runs
+    for _ in range(20):  # host launches alternate; unordered, the GPU would overlap the queues
+        for i, (s, (x, w, b, *_)) in enumerate(zip(streams, inputs, strict=True)):
+            with torch.cuda.stream(s):
+                outs[i].append(sg.threshold_gemv(x, w, b, 0.5, config=cfg))
+    torch.cuda.synchronize()
+    for (x, w, b, *_), got in zip(inputs, outs, strict=True):
+        for out in got:
+            check(out, x, w, b, 0.5, None, None, torch.bfloat16)
+    assert not sg._split_sums(torch.device("cuda")).any()
+    assert not sg._arrival_counters(torch.device("cuda")).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
 def test_opcheck_gpu() -> None:
     import fxsparse.kernels  # noqa: F401  (registers the op)
 

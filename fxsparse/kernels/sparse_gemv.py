@@ -84,7 +84,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .center_bias import fresh_center_bias
+from .center_bias import center_bias_value, fresh_center_bias
 from .threshold_linear import ACTIVATIONS, activation_reference
 
 try:  # grid dependency control (Hopper's programmatic dependent launch)
@@ -1032,6 +1032,27 @@ def _arrival_counters(device: torch.device) -> Tensor:
     return buf
 
 
+_last_stream: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _order_streams(device: torch.device) -> None:
+    """Order this launch after the previous one that used the device's shared counters / sums.
+
+    Launches on one stream never overlap, but two streams (two models served side by side)
+    could run split-K epilogues on the same counters at once and mix their sums. When the
+    stream changes, the current one waits for the other's work so far; on one stream this is
+    a comparison. A capture is left alone: waiting on work outside it is not capturable, and a
+    replay runs no host code (concurrent replays on several streams are not ordered).
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return
+    cur = torch.cuda.current_stream(device)
+    last = _last_stream.get(device)
+    if last is not None and last.cuda_stream != cur.cuda_stream:
+        cur.wait_stream(last)
+    _last_stream[device] = cur
+
+
 def _split_sums(device: torch.device) -> Tensor:
     """Per-device float32 sums of the atomic split-K epilogue; zeroed once, then zeroed again
     column by column by the last split that reads them."""
@@ -1183,9 +1204,9 @@ def threshold_gemv_group(
         center_mode = 1 if center.dim() == 0 else 2
         for w, cb in zip(weights, center_biases, strict=True):
             fresh_center_bias(w, center, cb)  # the weight may have changed in place since
-        if any(cb is None for cb in center_biases):  # slow path: W @ fill computed per call
-            fill = center.to(wdtype).float().expand(k)
-            center_biases = [torch.mv(w.float(), fill) if cb is None else cb
+        if any(cb is None for cb in center_biases):  # slow path: W @ c computed per call,
+            # as the lowering folds it (a float32 copy of W here would double the call's bytes)
+            center_biases = [center_bias_value(w, center) if cb is None else cb
                              for w, cb in zip(weights, center_biases, strict=True)]
     else:
         torch._check(all(cb is None for cb in center_biases),
@@ -1223,9 +1244,11 @@ def threshold_gemv_group(
         torch._check(_sums_fit(config, rows, ns),
                      lambda: "threshold_gemv: too many columns for the atomic epilogue")
         ws, cnt = _split_sums(x.device), _arrival_counters(x.device)
+        _order_streams(x.device)
     elif config.split_k > 1 and accumulate is None:
         ws = torch.empty((config.split_k, rows, ws_n), dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device)
+        _order_streams(x.device)
     else:
         ws = cnt = outs[0]
     epi_r = _next_pow2(rows)
