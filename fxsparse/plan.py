@@ -353,22 +353,26 @@ class SparsityPlan:
                 f"in_features={lp.in_features}, the model's weight is {tuple(out_in)}"
             )
 
-    def resolve(self, module_name: str) -> str | None:
-        """The plan entry for a module path: exact, else the unique entry ending in ``.name``.
+    def candidates(self, module_name: str) -> list[str]:
+        """The plan entries a module path could mean: itself, else every entry ending in
+        ``.name``, else the longest entry the name ends with.
 
         The suffix rule lets a plan made on ``LlamaForCausalLM`` apply when a user compiles only
         its inner ``model`` (whose graphs name ``layers.0.mlp.up_proj``); the other way round,
         a name that ends in an entry (a module holding the model, compiled) takes that entry.
         """
         if module_name in self.layers:
-            return module_name
+            return [module_name]
         hits = [k for k in self.layers if k.endswith("." + module_name)]
         if hits:
-            return hits[0] if len(hits) == 1 else None
-        # the model inside a wrapper that was compiled (``Wrapper.model.layers...``): the
-        # longest entry the name ends with
+            return hits
         inner = [k for k in self.layers if module_name.endswith("." + k)]
-        return max(inner, key=len) if inner else None
+        return [max(inner, key=len)] if inner else []
+
+    def resolve(self, module_name: str) -> str | None:
+        """The plan entry for a module path, if ``candidates`` finds exactly one."""
+        hits = self.candidates(module_name)
+        return hits[0] if len(hits) == 1 else None
 
     def skip_reason(self, module_name: str) -> str:
         for key in (module_name, *[k for k in self.skipped if k.endswith("." + module_name)]):

@@ -1032,7 +1032,7 @@ def _arrival_counters(device: torch.device) -> Tensor:
     return buf
 
 
-_last_stream: dict[torch.device, torch.cuda.Stream] = {}
+_last_stream: dict[torch.device, tuple[int, torch.cuda.Stream]] = {}
 
 
 def _order_streams(device: torch.device) -> None:
@@ -1041,16 +1041,19 @@ def _order_streams(device: torch.device) -> None:
     Launches on one stream never overlap, but two streams (two models served side by side)
     could run split-K epilogues on the same counters at once and mix their sums. When the
     stream changes, the current one waits for the other's work so far; on one stream this is
-    a comparison. A capture is left alone: waiting on work outside it is not capturable, and a
-    replay runs no host code (concurrent replays on several streams are not ordered).
+    an integer comparison. A capture is left alone: waiting on work outside it is not
+    capturable, and a replay runs no host code (concurrent replays on several streams are not
+    ordered).
     """
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return
-    cur = torch.cuda.current_stream(device)
+    raw = torch._C._cuda_getCurrentRawStream(device.index)
     last = _last_stream.get(device)
-    if last is not None and last.cuda_stream != cur.cuda_stream:
-        cur.wait_stream(last)
-    _last_stream[device] = cur
+    if last is None or last[0] != raw:
+        cur = torch.cuda.current_stream(device)
+        if last is not None:
+            cur.wait_stream(last[1])
+        _last_stream[device] = (raw, cur)
 
 
 def _split_sums(device: torch.device) -> Tensor:

@@ -273,7 +273,7 @@ def _unplanned_reason(plan: SparsityPlan, name: str) -> tuple[str, bool]:
     """Why a linear with no plan entry stays dense, and whether that looks like a mistake: a
     name several entries end with (a submodule compiled alone), or one the plan's model did
     not have (a plan made for another model). Ignored layers are in that model's fingerprint."""
-    hits = [k for k in plan.layers if k.endswith("." + name)]
+    hits = plan.candidates(name)
     if len(hits) > 1:
         return f"matches {len(hits)} plan entries ({hits[0]}, ...): compile the model the plan names", True
     linears = (plan.model or {}).get("linears") or {}
