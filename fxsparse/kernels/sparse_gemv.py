@@ -76,6 +76,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -1013,22 +1014,46 @@ _SUM_CAPACITY = 1 << 18  # float32 columns of the atomic epilogue's workspace (1
 
 
 def reserve(device: torch.device) -> None:
-    """Allocate the persistent per-device state now, outside any CUDA-graph memory pool.
-
-    Created lazily inside a ``mode="reduce-overhead"`` warm-up, the counters would live in the
-    graph pool untracked, which cudagraph trees reject ("tensor(s) in the cudagraph pool not
-    tracked as outputs"); the lower pass calls this at compile time.
-    """
+    """Allocate the persistent per-device state now (the lower pass calls this at compile
+    time; a first call does it too, see ``_persistent_zeros``)."""
     if device.type == "cuda":
         _arrival_counters(device)
         _split_sums(device)
+
+
+def _persistent_zeros(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Zeros that outlive every call, made on a thread of their own.
+
+    During a cudagraph-trees warm-up (``mode="reduce-overhead"``) every allocation of the
+    calling thread goes to the graph's memory pool, which then rejects tensors it does not
+    track as outputs ("tensor(s) in the cudagraph pool not tracked as outputs"); another
+    thread allocates from the ordinary pool. Done once per device.
+    """
+    if device.type != "cuda":
+        return torch.zeros(n, dtype=dtype, device=device)
+    made: list[Tensor | BaseException] = []
+
+    def make() -> None:
+        try:
+            with torch.cuda.device(device):
+                made.append(torch.zeros(n, dtype=dtype, device=device))
+                torch.cuda.synchronize(device)  # zero before any stream of the caller reads it
+        except BaseException as e:  # noqa: BLE001  (re-raised on the calling thread)
+            made.append(e)
+
+    worker = threading.Thread(target=make, name="fxsparse-reserve")
+    worker.start()
+    worker.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def _arrival_counters(device: torch.device) -> Tensor:
     """Per-device split-K counters; zeroed once, then reset by the kernel itself."""
     buf = _counters.get(device)
     if buf is None:
-        buf = _counters[device] = torch.zeros(_COUNTER_CAPACITY, dtype=torch.int32, device=device)
+        buf = _counters[device] = _persistent_zeros(_COUNTER_CAPACITY, torch.int32, device)
     return buf
 
 
@@ -1061,7 +1086,7 @@ def _split_sums(device: torch.device) -> Tensor:
     column by column by the last split that reads them."""
     buf = _sums.get(device)
     if buf is None:
-        buf = _sums[device] = torch.zeros(_SUM_CAPACITY, dtype=torch.float32, device=device)
+        buf = _sums[device] = _persistent_zeros(_SUM_CAPACITY, torch.float32, device)
     return buf
 
 
