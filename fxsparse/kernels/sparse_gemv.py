@@ -1038,7 +1038,7 @@ def _persistent_zeros(n: int, dtype: torch.dtype, device: torch.device) -> Tenso
             with torch.cuda.device(device):
                 made.append(torch.zeros(n, dtype=dtype, device=device))
                 torch.cuda.synchronize(device)  # zero before any stream of the caller reads it
-        except BaseException as e:  # noqa: BLE001  (re-raised on the calling thread)
+        except BaseException as e:  # re-raised on the calling thread
             made.append(e)
 
     worker = threading.Thread(target=make, name="fxsparse-reserve")
