@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -558,9 +559,10 @@ def test_chain_in_cuda_graph_gpu(pdl: bool) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_two_streams_gpu(deterministic: bool) -> None:
-    """Two models on two streams: their split-K epilogues share the device's counters (and,
-    atomic, its sums), so launches interleaved on two streams must not overlap."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_two_streams_gpu(deterministic: bool, threads: int) -> None:
+    """Two models on two streams, from one thread or a thread each: their split-K epilogues
+    share the device's counters (and, atomic, its sums), so the launches must not overlap."""
     n = k = 4096
     inputs = [make_inputs(Case(1, n, k, torch.bfloat16, 0.5, "none", False, True, False, "contiguous",
                                0, seed), "cuda") for seed in (11, 12)]
@@ -578,10 +580,23 @@ def test_two_streams_gpu(deterministic: bool) -> None:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             torch.cuda._sleep(20_000_000)  # ~10 ms: both queues fill before either runs
-    for _ in range(20):  # host launches alternate; unordered, the GPU would overlap the queues
-        for i, (s, (x, w, b, *_)) in enumerate(zip(streams, inputs, strict=True)):
-            with torch.cuda.stream(s):
-                outs[i].append(sg.threshold_gemv(x, w, b, 0.5, config=cfg))
+
+    def launch(i: int) -> None:
+        x, w, b, *_ = inputs[i]
+        with torch.cuda.stream(streams[i]):
+            outs[i].append(sg.threshold_gemv(x, w, b, 0.5, config=cfg))
+
+    if threads == 1:
+        for _ in range(20):  # launches alternate; unordered, the GPU would overlap the queues
+            launch(0)
+            launch(1)
+    else:
+        workers = [threading.Thread(target=lambda i=i: [launch(i) for _ in range(20)]) for i in (0, 1)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    assert [len(o) for o in outs] == [20, 20]
     torch.cuda.synchronize()
     for (x, w, b, *_), got in zip(inputs, outs, strict=True):
         for out in got:

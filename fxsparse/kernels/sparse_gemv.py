@@ -73,6 +73,7 @@ calls one). The wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -1058,27 +1059,32 @@ def _arrival_counters(device: torch.device) -> Tensor:
 
 
 _last_stream: dict[torch.device, tuple[int, torch.cuda.Stream]] = {}
+_launch_lock = threading.Lock()
 
 
-def _order_streams(device: torch.device) -> None:
-    """Order this launch after the previous one that used the device's shared counters / sums.
+@contextlib.contextmanager
+def _ordered_launch(device: torch.device):
+    """Hold while launching on the device's shared counters / sums: the launch is ordered
+    after the previous one that used them.
 
-    Launches on one stream never overlap, but two streams (two models served side by side)
-    could run split-K epilogues on the same counters at once and mix their sums. When the
-    stream changes, the current one waits for the other's work so far; on one stream this is
-    an integer comparison. A capture is left alone: waiting on work outside it is not
-    capturable, and a replay runs no host code (concurrent replays on several streams are not
-    ordered).
+    Launches on one stream never overlap, but two streams (two models served side by side,
+    from one thread or several) could run split-K epilogues on the same counters at once and
+    mix their sums. When the stream changes, the current one waits for the other's work so far
+    (on one stream this is an integer comparison); the lock keeps another thread's launch from
+    slipping between that wait and this launch. A capture is not ordered (waiting on work
+    outside it is not capturable), and a replay runs no host code: concurrent replays on
+    several streams are not ordered.
     """
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return
-    raw = torch._C._cuda_getCurrentRawStream(device.index)
-    last = _last_stream.get(device)
-    if last is None or last[0] != raw:
-        cur = torch.cuda.current_stream(device)
-        if last is not None:
-            cur.wait_stream(last[1])
-        _last_stream[device] = (raw, cur)
+    with _launch_lock:
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            raw = torch._C._cuda_getCurrentRawStream(device.index)
+            last = _last_stream.get(device)
+            if last is None or last[0] != raw:
+                cur = torch.cuda.current_stream(device)
+                if last is not None:
+                    cur.wait_stream(last[1])
+                _last_stream[device] = (raw, cur)
+        yield
 
 
 def _split_sums(device: torch.device) -> Tensor:
@@ -1272,13 +1278,12 @@ def threshold_gemv_group(
         torch._check(_sums_fit(config, rows, ns),
                      lambda: "threshold_gemv: too many columns for the atomic epilogue")
         ws, cnt = _split_sums(x.device), _arrival_counters(x.device)
-        _order_streams(x.device)
     elif config.split_k > 1 and accumulate is None:
         ws = torch.empty((config.split_k, rows, ws_n), dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device)
-        _order_streams(x.device)
     else:
         ws = cnt = outs[0]
+    shared = atomic_epi or (config.split_k > 1 and accumulate is None)  # the device's counters
     epi_r = _next_pow2(rows)
     split_group = _split_group(config, epi_r)
     dummy = x2
@@ -1289,74 +1294,75 @@ def threshold_gemv_group(
         member_args += [w, outs[j], b if b is not None else dummy, cb if cb is not None else dummy,
                         ns[j], w.stride(0), w.stride(1)]
     grid = (n_blocks, config.split_k)
-    if config.row_kernel:
-        pdl = config.pdl and _pdl_ok(x.device)
-        _row_gemv_kernel[grid](
-            x2, xm2, *member_args,
+    with _ordered_launch(x.device) if shared else contextlib.nullcontext():
+        if config.row_kernel:
+            pdl = config.pdl and _pdl_ok(x.device)
+            _row_gemv_kernel[grid](
+                x2, xm2, *member_args,
+                center if center is not None else dummy,
+                channel_scale if channel_scale is not None else dummy,
+                ws, cnt, scr, shaped if zeros_next else dummy, zeros_next,
+                triton.cdiv(zeros_next, grid[0] * grid[1]),
+                k, ws_n, x2.stride(1), xm2.stride(1), rows, x2.stride(0), xm2.stride(0), float(threshold),
+                config.split_k, split_len,
+                config.chunks_per_split, config.scratch_group,
+                NUM_W=members,
+                BLOCK_R=config.block_r,
+                USE_DOT=config.use_dot,
+                DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
+                CENTER_MODE=center_mode,
+                HAS_SCALE=channel_scale is not None,
+                HAS_BIAS=has_bias,
+                HAS_CB=center_biases[0] is not None,
+                BLOCK_N=config.block_n,
+                CHUNK_K=config.chunk_k,
+                SUB_K=config.sub_k,
+                SPLIT_GROUP=split_group,
+                ACC_TILE=config.acc_tile,
+                PDL=pdl,
+                ACT=_ACT_CODE[act] if act is not None else 0,
+                GATED=x_mul is not None,
+                ACCUM=accumulate is not None,
+                ZERO=zeros_next > 0,
+                STAGES=config.stages,
+                ATOMIC_EPI=atomic_epi,
+                num_warps=config.num_warps,
+                launch_pdl=pdl,
+            )
+            return shaped
+        _threshold_gemv_kernel[grid](
+            x2,
+            *member_args,
             center if center is not None else dummy,
             channel_scale if channel_scale is not None else dummy,
-            ws, cnt, scr, shaped if zeros_next else dummy, zeros_next,
-            triton.cdiv(zeros_next, grid[0] * grid[1]),
-            k, ws_n, x2.stride(1), xm2.stride(1), rows, x2.stride(0), xm2.stride(0), float(threshold),
-            config.split_k, split_len,
-            config.chunks_per_split, config.scratch_group,
+            ws,
+            cnt,
+            scr,
+            rows,
+            k,
+            ws_n,
+            x2.stride(0),
+            x2.stride(1),
+            float(threshold),
+            config.split_k,
+            split_len,
+            config.chunks_per_split,
+            config.scratch_group,
             NUM_W=members,
-            BLOCK_R=config.block_r,
-            USE_DOT=config.use_dot,
-            DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
             CENTER_MODE=center_mode,
             HAS_SCALE=channel_scale is not None,
             HAS_BIAS=has_bias,
             HAS_CB=center_biases[0] is not None,
+            BLOCK_R=config.block_r,
+            EPI_R=epi_r,
             BLOCK_N=config.block_n,
             CHUNK_K=config.chunk_k,
             SUB_K=config.sub_k,
+            USE_DOT=config.use_dot,
+            DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
             SPLIT_GROUP=split_group,
-            ACC_TILE=config.acc_tile,
-            PDL=pdl,
-            ACT=_ACT_CODE[act] if act is not None else 0,
-            GATED=x_mul is not None,
-            ACCUM=accumulate is not None,
-            ZERO=zeros_next > 0,
-            STAGES=config.stages,
-            ATOMIC_EPI=atomic_epi,
+            ONE_STEP=config.chunks_per_split == 1,
             num_warps=config.num_warps,
-            launch_pdl=pdl,
+            num_stages=config.num_stages,
         )
         return shaped
-    _threshold_gemv_kernel[grid](
-        x2,
-        *member_args,
-        center if center is not None else dummy,
-        channel_scale if channel_scale is not None else dummy,
-        ws,
-        cnt,
-        scr,
-        rows,
-        k,
-        ws_n,
-        x2.stride(0),
-        x2.stride(1),
-        float(threshold),
-        config.split_k,
-        split_len,
-        config.chunks_per_split,
-        config.scratch_group,
-        NUM_W=members,
-        CENTER_MODE=center_mode,
-        HAS_SCALE=channel_scale is not None,
-        HAS_BIAS=has_bias,
-        HAS_CB=center_biases[0] is not None,
-        BLOCK_R=config.block_r,
-        EPI_R=epi_r,
-        BLOCK_N=config.block_n,
-        CHUNK_K=config.chunk_k,
-        SUB_K=config.sub_k,
-        USE_DOT=config.use_dot,
-        DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
-        SPLIT_GROUP=split_group,
-        ONE_STEP=config.chunks_per_split == 1,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-    return shaped
