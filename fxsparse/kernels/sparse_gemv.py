@@ -1269,7 +1269,8 @@ def threshold_gemv_group(
     n_scr = config.split_k * triton.cdiv(n_blocks, config.scratch_group)
     scr_rows = config.block_r if config.row_kernel else rows  # value rows per scratch copy
     scr = torch.empty((n_scr, 1 + scr_rows, split_len), dtype=torch.float32, device=x.device)
-    atomic_epi = config.atomic_epilogue and config.split_k > 1 and accumulate is None
+    shared = config.split_k > 1 and accumulate is None  # a split-K epilogue: the device's counters
+    atomic_epi = config.atomic_epilogue and shared
     torch._check(not config.row_kernel or rows == 1
                  or (config.stages > 0 and (atomic_epi or config.split_k == 1)),
                  lambda: "threshold_gemv: several rows in the one-row kernel need its pipelined loop and "
@@ -1278,12 +1279,11 @@ def threshold_gemv_group(
         torch._check(_sums_fit(config, rows, ns),
                      lambda: "threshold_gemv: too many columns for the atomic epilogue")
         ws, cnt = _split_sums(x.device), _arrival_counters(x.device)
-    elif config.split_k > 1 and accumulate is None:
+    elif shared:
         ws = torch.empty((config.split_k, rows, ws_n), dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device)
     else:
         ws = cnt = outs[0]
-    shared = atomic_epi or (config.split_k > 1 and accumulate is None)  # the device's counters
     epi_r = _next_pow2(rows)
     split_group = _split_group(config, epi_r)
     dummy = x2
