@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,23 @@ def size_weighted_mean(values: Mapping[str, float], shapes: Mapping[str, tuple[i
     ``shapes``, e.g. :func:`linear_layers`): for sparsities, the share of multiply-adds skipped."""
     w = {n: shapes[n][0] * shapes[n][1] for n in values}
     return sum(w[n] * values[n] for n in values) / sum(w.values())
+
+
+def name_candidates(names: Collection[str], module_name: str) -> list[str]:
+    """The names a module path could mean: itself, else every name ending in ``.module_name``,
+    else the longest name it ends with.
+
+    The suffix rule lets a plan made on ``LlamaForCausalLM`` apply when a user compiles only
+    its inner ``model`` (whose graphs name ``layers.0.mlp.up_proj``); the other way round,
+    a name that ends in an entry (a module holding the model, compiled) takes that entry.
+    """
+    if module_name in names:
+        return [module_name]
+    hits = [k for k in names if k.endswith("." + module_name)]
+    if hits:
+        return hits
+    inner = [k for k in names if module_name.endswith("." + k)]
+    return [max(inner, key=len)] if inner else []
 
 
 def _is_number(v: Any) -> bool:
@@ -354,20 +371,8 @@ class SparsityPlan:
             )
 
     def candidates(self, module_name: str) -> list[str]:
-        """The plan entries a module path could mean: itself, else every entry ending in
-        ``.name``, else the longest entry the name ends with.
-
-        The suffix rule lets a plan made on ``LlamaForCausalLM`` apply when a user compiles only
-        its inner ``model`` (whose graphs name ``layers.0.mlp.up_proj``); the other way round,
-        a name that ends in an entry (a module holding the model, compiled) takes that entry.
-        """
-        if module_name in self.layers:
-            return [module_name]
-        hits = [k for k in self.layers if k.endswith("." + module_name)]
-        if hits:
-            return hits
-        inner = [k for k in self.layers if module_name.endswith("." + k)]
-        return [max(inner, key=len)] if inner else []
+        """The plan entries a module path could mean (``name_candidates`` over the entries)."""
+        return name_candidates(self.layers, module_name)
 
     def resolve(self, module_name: str) -> str | None:
         """The plan entry for a module path, if ``candidates`` finds exactly one."""

@@ -64,7 +64,7 @@ from ..kernels.center_bias import center_bias_value, register_center_bias
 from ..kernels.crossover import NEVER, gemv_pays, resolve_min_rows_24
 from ..kernels.prefill_linear import branch
 from ..kernels.topk_linear import topk_keep_count
-from ..plan import LayerPlan, SparsityPlan
+from ..plan import LayerPlan, SparsityPlan, name_candidates
 from .match import linear_args, linear_sites, mutation_epochs
 
 __all__ = ["lower_linears"]
@@ -277,8 +277,7 @@ def _unplanned_reason(plan: SparsityPlan, name: str) -> tuple[str, bool]:
     if len(hits) > 1:
         return f"matches {len(hits)} plan entries ({hits[0]}, ...): compile the model the plan names", True
     linears = (plan.model or {}).get("linears") or {}
-    if linears and name not in linears and not any(k.endswith("." + name) or name.endswith("." + k)
-                                                   for k in linears):
+    if linears and not name_candidates(linears, name):
         model = plan.model.get("class", "?")
         return f"not a linear of the plan's model ({model}): plan made for another model?", True
     return plan.skip_reason(name), False
