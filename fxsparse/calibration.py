@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods import METHODS
+from .methods import METHODS, method_options
 from .observers import ActivationObserver, observed_tokens
 from .plan import LayerPlan, SparsityPlan, linear_layers, uncompiled
 from .scope import IgnoredScope, ScopeError, TargetScope, resolve_targets
@@ -250,24 +250,16 @@ def _reiterable(dataset: Any, max_batches: int | None) -> Any:
 def _check_arguments(method: str, targets: Mapping[str, float],
                      linears: Mapping[str, tuple[int, int]], options: Mapping[str, Any],
                      prefill: str | Mapping[TargetScope, str], decode_rows: int | None) -> None:
-    """Raise, before any data is read, the errors that ``plan_from_observers`` and
-    ``set_prefill`` would raise only after the calibration pass (same types and messages)."""
-    from .methods import _OPTIONS, CENTERS
-
-    unused = set(options) - set(_OPTIONS[method])
-    if unused:
-        raise TypeError(f"unknown option(s) for method {method!r}: {sorted(unused)}")
+    """Raise, before any data is read, the errors that ``plan_from_observers`` (its
+    ``method_options``), the attribution pass and ``set_prefill`` would raise only after the
+    calibration pass (same types and messages)."""
+    opt = method_options(method, options)
     if method == "attribution":
         from .attribution import METRICS
 
-        if options.get("metric", "gxo") not in METRICS:
-            raise ValueError(f"unknown attribution metric(s) {[options['metric']]}; choose from {METRICS}")
-    if method == "mode" and options.get("center", "zero") not in CENTERS:
-        raise ValueError(f"center must be one of {CENTERS}, got {options['center']!r}")
-    if method == "quantile" and options.get("quantile_ema") \
-            and options.get("ema_rule", "nncf") not in ("nncf", "pandas"):
-        raise ValueError(f"rule must be 'nncf' or 'pandas', got {options['ema_rule']!r}")
-    epsilon = options.get("epsilon") if method == "fat" else None
+        if opt["metric"] not in METRICS:
+            raise ValueError(f"unknown attribution metric(s) {[opt['metric']]}; choose from {METRICS}")
+    epsilon = opt["epsilon"] if method == "fat" else None
     threshold = 0.0 if epsilon is None else float(epsilon)
     scopes = {None: prefill} if isinstance(prefill, str) else prefill
     for scope, kind in scopes.items():

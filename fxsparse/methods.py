@@ -67,6 +67,7 @@ __all__ = [
 
 METHODS = LAYER_METHODS  # the names a plan entry's "method" may take
 CENTERS = ("zero", "median", "kde")
+EMA_RULES = ("nncf", "pandas")
 _GRID = tuple(round(0.01 * i, 2) for i in range(1, 100))  # per-batch quantile levels
 
 
@@ -125,7 +126,7 @@ def nncf_ema(values: Sequence[float], alpha: float = 0.2, rule: str = "nncf") ->
     """
     if not values:
         raise ValueError("no values")
-    if rule not in ("nncf", "pandas"):
+    if rule not in EMA_RULES:
         raise ValueError(f"rule must be 'nncf' or 'pandas', got {rule!r}")
     beta = 1.0 - alpha
     if rule == "pandas":
@@ -394,6 +395,23 @@ _OPTIONS = {
 }
 
 
+def method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` over the method's defaults (``_OPTIONS``), after the checks that need no
+    statistics: the method, another method's option (an error rather than silently ignored),
+    the ``mode`` center and, with ``quantile_ema``, the EMA rule."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {METHODS}")
+    unused = set(options) - set(_OPTIONS[method])
+    if unused:
+        raise TypeError(f"unknown option(s) for method {method!r}: {sorted(unused)}")
+    opt = {**_OPTIONS[method], **options}
+    if method == "mode" and opt["center"] not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}, got {opt['center']!r}")
+    if method == "quantile" and opt["quantile_ema"] and opt["ema_rule"] not in EMA_RULES:
+        raise ValueError(f"rule must be 'nncf' or 'pandas', got {opt['ema_rule']!r}")
+    return opt
+
+
 def plan_from_observers(
     stats: MethodStatistics,
     targets: Mapping[str, float],
@@ -408,12 +426,7 @@ def plan_from_observers(
     batches, to measure perplexity); attribution: ``metric``. Another method's option is an
     error rather than silently ignored.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {METHODS}")
-    unused = set(options) - set(_OPTIONS[method])
-    if unused:
-        raise TypeError(f"unknown option(s) for method {method!r}: {sorted(unused)}")
-    opt = {**_OPTIONS[method], **options}
+    opt = method_options(method, options)
     quantile_ema, ema_alpha, ema_rule = opt.get("quantile_ema"), opt.get("ema_alpha"), opt.get("ema_rule")
     center, epsilon, cett, p = opt.get("center"), opt.get("epsilon"), opt.get("cett"), opt.get("p")
     metric, model, data = opt.get("metric"), opt.get("model"), opt.get("data")
@@ -436,8 +449,6 @@ def plan_from_observers(
                 tau = obs.threshold_for(s)
             layers[n] = _layer_plan(stats, n, s, method, tau, obs.sparsity_at(tau))
     elif method == "mode":
-        if center not in CENTERS:
-            raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
         meta["center"] = center
         for n, s in targets.items():
             obs = stats.groups[n]["plain"]
