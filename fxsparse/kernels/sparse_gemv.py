@@ -87,17 +87,18 @@ import triton.language as tl
 from torch import Tensor
 
 from .center_bias import center_bias_value, fresh_center_bias
-from .threshold_linear import ACTIVATIONS, activation_reference
+from .threshold_linear import ACTIVATIONS, QUANT_DTYPES, activation_reference
 
 try:  # grid dependency control (Hopper's programmatic dependent launch)
     from triton.language.extra.cuda import gdc_wait
 except ImportError:  # an older Triton: configs never ask for it (_pdl_ok)
     gdc_wait = None
 
-__all__ = ["MAX_MEMBERS", "GemvConfig", "masked_input", "max_rows", "reserve", "supports", "threshold_gemv",
-           "threshold_gemv_group"]
+__all__ = ["MAX_MEMBERS", "QUANT_DTYPES", "GemvConfig", "masked_input", "max_rows", "reserve", "supports",
+           "threshold_gemv", "threshold_gemv_group"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _ACT_CODE = {"silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}  # _prologue's ACT
 assert set(_ACT_CODE) == set(ACTIVATIONS)
 _COUNTER_CAPACITY = 16384  # N-blocks that can use split-K at once (N <= 2M at BLOCK_N = 128)
@@ -408,7 +409,7 @@ def _dot_acc(acc, v, w, DOT_FP32: tl.constexpr, SPLIT_LO: tl.constexpr):
     rounding error in a second product; ``DOT_FP32`` (fp32 weights, or the CPU interpreter,
     which mis-multiplies 16-bit dots): exact IEEE products."""
     if DOT_FP32:
-        return tl.dot(v, w.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(v, _dequant(w), acc, input_precision="ieee")
     v_hi = v.to(w.dtype)
     acc = tl.dot(v_hi, w, acc)
     if SPLIT_LO:
@@ -448,6 +449,8 @@ def _row_gemv_kernel(
     w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
     w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
     w2_ptr, out2_ptr, bias2_ptr, cb2_ptr, N2, stride_wn2, stride_wk2,
+    # with QUANT, each member's per-output-channel float32 weight scale [N_i] and its stride
+    wsc0_ptr, wsc1_ptr, wsc2_ptr, stride_sc0, stride_sc1, stride_sc2,
     center_ptr,  # [] or [K] center (read when CENTER_MODE > 0)
     scale_ptr,  # [K] channel scale (read when HAS_SCALE)
     ws_ptr,  # [split_k, ws_n] float32 partial sums (when split_k > 1)
@@ -469,6 +472,8 @@ def _row_gemv_kernel(
     steps,  # masking steps per split: cdiv(split_len, CHUNK_K)
     scr_group,  # N-blocks per scratch copy
     NUM_W: tl.constexpr,
+    XDT: tl.constexpr,  # the layer's activation dtype: x (a float32 sum, or the prologue) rounds to it
+    QUANT: tl.constexpr,  # 8-bit weights (int8 or fp8 e4m3) with per-output-channel scales
     BLOCK_R: tl.constexpr,  # 1, or rows padded to a power of two (>= 16 with USE_DOT)
     USE_DOT: tl.constexpr,  # several rows: tensor-core products (else FMAs, BLOCK_R <= 4)
     DOT_FP32: tl.constexpr,
@@ -500,7 +505,6 @@ def _row_gemv_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     thr = tl.cast(threshold, tl.float32)
-    WDT: tl.constexpr = w0_ptr.dtype.element_ty  # the layer's dtype (x may be a float32 sum)
     w_ptr, out_ptr, bias_ptr, cb_ptr, N, stride_wn, stride_wk, blk = _member(
         pid_n, w0_ptr, out0_ptr, bias0_ptr, cb0_ptr, N0, stride_wn0, stride_wk0,
         w1_ptr, out1_ptr, bias1_ptr, cb1_ptr, N1, stride_wn1, stride_wk1,
@@ -531,7 +535,7 @@ def _row_gemv_kernel(
         xc_next, mc_next = _load_input(x_ptr, xm_ptr, kc, kc < k_end, stride_xk, stride_xmk, GATED)
         for _ in range(0, steps):
             kc_ok = kc < k_end
-            xc = _prologue(_as_dtype(xc_next, WDT), _as_dtype(mc_next, WDT), ACT, GATED)
+            xc = _prologue(_as_dtype(xc_next, XDT), _as_dtype(mc_next, XDT), ACT, GATED)
             kn = kc + CHUNK_K  # the next step's x is in flight while this one is compacted
             xc_next, mc_next = _load_input(x_ptr, xm_ptr, kn, kn < k_end, stride_xk, stride_xmk, GATED)
             keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
@@ -545,7 +549,7 @@ def _row_gemv_kernel(
     else:
         n_kept = _compact_rows(x_ptr, xm_ptr, k_first, k_end, steps, offs_r, r_ok, stride_xr, stride_xk,
                                stride_xmr, stride_xmk, center_ptr, scale_ptr, thr, scr_ids, scr_val,
-                               split_len, WDT, CHUNK_K, CENTER_MODE, HAS_SCALE, ACT, GATED)
+                               split_len, XDT, CHUNK_K, CENTER_MODE, HAS_SCALE, ACT, GATED)
     tl.debug_barrier()  # the scratch is read back by other threads of this program
 
     # ---- phase 2: the kept rows of Wᵀ ------------------------------------------------------
@@ -571,7 +575,7 @@ def _row_gemv_kernel(
             elif USE_DOT:
                 acc = _dot_acc(acc, v, w, DOT_FP32, CENTER_MODE > 0)
             else:
-                acc += tl.sum(v[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+                acc += tl.sum(v[:, :, None] * _dequant(w)[None, :, :], axis=1)
     else:  # by hand: ids two tiles ahead, weights one
         s_ok = offs_s < n_kept
         k = tl.load(scr_ids + offs_s, mask=s_ok, other=0.0).to(tl.int32)
@@ -592,6 +596,14 @@ def _row_gemv_kernel(
         part = tl.sum(acc, axis=0)  # [BLOCK_N]
     else:
         part = acc  # [BLOCK_N], or [BLOCK_R, BLOCK_N]
+    if QUANT:  # scale each partial (linear: the split-K sums and atomics below add scaled values)
+        sc_ptr, stride_sc = _member_scale(pid_n, wsc0_ptr, wsc1_ptr, wsc2_ptr, stride_sc0, stride_sc1,
+                                          stride_sc2, N0, N1, NUM_W, BLOCK_N)
+        sc = tl.load(sc_ptr + offs_n * stride_sc, mask=n_ok, other=0.0)
+        if BLOCK_R > 1:
+            part = part * sc[None, :]
+        else:
+            part = part * sc
 
     # ---- epilogue: the last-arriving split sums the partials in order, adds biases, stores ---
     offs_w = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # this N-block's workspace columns
@@ -652,7 +664,7 @@ def _atomic_epilogue(part, ws_tile, ok, cnt_ptr, split_k, out_tile, bias_ptr, cb
 
 @triton.jit
 def _compact_rows(x_ptr, xm_ptr, k_first, k_end, steps, offs_r, r_ok, stride_xr, stride_xk, stride_xmr,
-                  stride_xmk, center_ptr, scale_ptr, thr, scr_ids, scr_val, split_len, WDT: tl.constexpr,
+                  stride_xmk, center_ptr, scale_ptr, thr, scr_ids, scr_val, split_len, XDT: tl.constexpr,
                   CHUNK_K: tl.constexpr, CENTER_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
                   ACT: tl.constexpr, GATED: tl.constexpr):
     """Phase 1 for several rows: the split's channels that any row keeps, compacted (ids, and
@@ -664,7 +676,7 @@ def _compact_rows(x_ptr, xm_ptr, k_first, k_end, steps, offs_r, r_ok, stride_xr,
         ok = r_ok[:, None] & kc_ok[None, :]
         xv, mv = _load_input(x_ptr + offs_r[:, None] * stride_xr, xm_ptr + offs_r[:, None] * stride_xmr,
                              kc[None, :], ok, stride_xk, stride_xmk, GATED)
-        xc = _prologue(_as_dtype(xv, WDT), _as_dtype(mv, WDT), ACT, GATED)
+        xc = _prologue(_as_dtype(xv, XDT), _as_dtype(mv, XDT), ACT, GATED)
         keep, v = _kept_value(xc, kc, kc_ok, center_ptr, scale_ptr, thr, CENTER_MODE, HAS_SCALE)
         any_keep = tl.max((keep & ok).to(tl.int32), axis=0)  # [CHUNK_K]
         slot = n_kept + tl.cumsum(any_keep, axis=0) - 1
@@ -684,11 +696,38 @@ def _kept_rows(w_ptr, k, s_ok, offs_n, n_ok, stride_wk, stride_wn):
 
 
 @triton.jit
+def _dequant(w):
+    """A weight tile in float32. int8 without I2F, which sm_90 issues at 16 per SM per clock
+    (an 8-bit stream at ~3 TB/s needs ~12 values per SM per clock): the value is added to the
+    bits of 1.5 * 2^23, where one unit of the mantissa is 1.0, and that float is subtracted
+    (integer add, float add; exact for |q| < 2^22). fp8 e4m3 and 16-bit: Triton's conversion
+    (fp8 pairs through cvt to f16x2 on sm_90). Scales are applied to the partial sums."""
+    if w.dtype == tl.int8:
+        return (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return w.to(tl.float32)
+
+
+@triton.jit
 def _accumulate(acc, v, w, ACC_TILE: tl.constexpr):
     """``acc`` plus the tile's products in float32: per slot (ACC_TILE) or reduced over slots."""
     if ACC_TILE:
-        return acc + v[:, None] * w.to(tl.float32)
-    return acc + tl.sum(v[:, None] * w.to(tl.float32), axis=0)
+        return acc + v[:, None] * _dequant(w)
+    return acc + tl.sum(v[:, None] * _dequant(w), axis=0)
+
+
+@triton.jit
+def _member_scale(pid_n, s0_ptr, s1_ptr, s2_ptr, stride0, stride1, stride2, N0, N1, NUM_W: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The weight scale (pointer, stride) of grid column ``pid_n``'s member (as ``_member``)."""
+    s_ptr, stride = s0_ptr, stride0
+    if NUM_W > 1:
+        nb0 = tl.cdiv(N0, BLOCK_N)
+        m1 = pid_n >= nb0
+        s_ptr, stride = tl.where(m1, s1_ptr, s_ptr), tl.where(m1, stride1, stride)
+        if NUM_W > 2:
+            m2 = pid_n >= nb0 + tl.cdiv(N1, BLOCK_N)
+            s_ptr, stride = tl.where(m2, s2_ptr, s_ptr), tl.where(m2, stride2, stride)
+    return s_ptr, stride
 
 
 @triton.jit
@@ -1112,23 +1151,31 @@ def max_rows(n: int, k: int, dtype: torch.dtype, sparsity: float | None = None) 
     at 0.9; the stream passes mask + cuBLAS between s = 0.25 and 0.5. Three rows ran 0.63-0.80x
     at s = 0 and lost up to s = 0.5 (union 0.12), four 0.62-0.80x, 8-16 rows on tensor cores
     0.46-0.73x (``bench/gemv.py --crossover``, ``results/gemv_crossover_h200.md``). So a layer
-    planned below ``TWO_ROW_MIN_SPARSITY`` keeps one row.
+    planned below ``TWO_ROW_MIN_SPARSITY`` keeps one row. 8-bit weights (``dtype`` int8 or fp8)
+    follow the 16-bit rule: per kept channel a row reads half the bytes, and torchao's path
+    for two rows reads them all (unmeasured).
     """
-    if dtype.itemsize != 2 or torch.are_deterministic_algorithms_enabled():
+    if dtype.itemsize > 2 or torch.are_deterministic_algorithms_enabled():
         return 1  # float32 is unmeasured; deterministic launches sum partials in a fixed order
     if sparsity is not None and sparsity < TWO_ROW_MIN_SPARSITY:
         return 1
     return _STREAM_MAX_ROWS
 
 
-def supports(x: Tensor, weight: Tensor, accumulate: bool = False) -> bool:
+def supports(x: Tensor, weight: Tensor, accumulate: bool = False, weight_scale: Tensor | None = None) -> bool:
     """Whether the fused kernel handles this call (else the op runs mask + cuBLAS); with
-    ``accumulate`` x may also be a float32 sum (rounded to the weight's dtype in the kernel)."""
+    ``accumulate`` x may also be a float32 sum (rounded to the weight's dtype in the kernel).
+    With ``weight_scale`` the weight is 8-bit (``QUANT_DTYPES``) and x any of ``_DTYPES``."""
     if not x.is_cuda or weight.device != x.device or weight.dim() != 2:
         return False
-    x_dtypes = (weight.dtype, torch.float32) if accumulate else (weight.dtype,)
-    if weight.dtype not in _DTYPES or x.dtype not in x_dtypes:
-        return False
+    if weight_scale is not None:
+        if not (weight.dtype in QUANT_DTYPES and x.dtype in _DTYPES and weight_scale.device == x.device
+                and weight_scale.dtype == torch.float32 and weight_scale.shape == weight.shape[:1]):
+            return False
+    else:
+        x_dtypes = (weight.dtype, torch.float32) if accumulate else (weight.dtype,)
+        if weight.dtype not in _DTYPES or x.dtype not in x_dtypes:
+            return False
     n, k = weight.shape
     if n == 0 or k == 0 or x.shape[-1] != k:
         return False
@@ -1148,14 +1195,17 @@ def threshold_gemv(
     center_bias: Tensor | None = None,
     *,
     config: GemvConfig | None = None,
+    weight_scale: Tensor | None = None,
 ) -> Tensor:
     """``F.linear(where(|x - center| * scale >= threshold, x, center), weight, bias)``, fused.
 
     Any weight strides are correct; column-major ones are fast. ``config`` overrides the block
-    sizes (tests and benchmarks only).
+    sizes (tests and benchmarks only). With ``weight_scale`` (float32 [N]) ``weight`` is 8-bit
+    (``QUANT_DTYPES``) and stands for ``weight.float() * weight_scale[:, None]``.
     """
     (out,) = threshold_gemv_group(x, [weight], [bias], threshold, center, channel_scale,
-                                  [center_bias], config=config)
+                                  [center_bias], config=config,
+                                  weight_scales=None if weight_scale is None else [weight_scale])
     return out
 
 
@@ -1173,6 +1223,8 @@ def threshold_gemv_group(
     x_mul: Tensor | None = None,
     accumulate: Tensor | None = None,
     zeros_next: int = 0,
+    weight_scales: Sequence[Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[Tensor] | Tensor:
     """``threshold_gemv`` of 1-3 weights that share ``x`` and its mask, in one launch.
 
@@ -1185,6 +1237,11 @@ def threshold_gemv_group(
     With ``accumulate`` (float32, [*x.shape[:-1], sum of N], members side by side; one row and
     the one-row kernel only, as ``fxsparse::threshold_linear_acc`` runs it) the outputs are added to it
     instead, and the call returns ``zeros_next`` float32 zeros written by the same launch.
+
+    With ``weight_scales`` (one float32 [N_i] per weight, any stride) the weights are 8-bit
+    (int8 or fp8 e4m3, ``QUANT_DTYPES``): the one-row kernel converts each tile to float32 and
+    scales the partial sums. ``dtype`` is the layer's activation dtype, what a float32 ``x`` is
+    rounded to: the weights' dtype for 16-bit weights (the default), else x's dtype by default.
     """
     if act is not None:
         torch._check(act in _ACT_CODE, lambda: f"threshold_gemv: unknown activation {act!r}")
@@ -1200,12 +1257,25 @@ def threshold_gemv_group(
     torch._check(len(biases) == members and len(center_biases) == members,
                  lambda: "threshold_gemv: one bias and one center_bias per weight")
     wdtype = weights[0].dtype
-    x_ok = (x.dtype == wdtype or (accumulate is not None and x.dtype == torch.float32)) and (
+    quant = weight_scales is not None
+    if quant:
+        torch._check(wdtype in QUANT_DTYPES, lambda: f"threshold_gemv: weight_scales with {wdtype} weights; "
+                     f"they are for {QUANT_DTYPES}")
+        ldtype = x.dtype if dtype is None else dtype
+        torch._check(len(weight_scales) == members, lambda: "threshold_gemv: one weight scale per weight")
+        for w, sc in zip(weights, weight_scales, strict=True):
+            torch._check(sc.dtype == torch.float32 and sc.shape == w.shape[:1] and sc.device == w.device,
+                         lambda: "threshold_gemv: a weight scale must be float32 [N] on the weight's device")
+    else:
+        ldtype = wdtype if dtype is None else dtype
+        torch._check(ldtype == wdtype, lambda: f"threshold_gemv: dtype {dtype} for {wdtype} weights")
+    torch._check(ldtype in _DTYPES, lambda: f"threshold_gemv: unsupported activation dtype {ldtype}")
+    x_ok = (x.dtype == ldtype or (accumulate is not None and x.dtype == torch.float32)) and (
         x_mul is None or x_mul.dtype == x.dtype)
     for w in weights:
         torch._check(w.dim() == 2 and w.shape[1] == k, lambda: "threshold_gemv: bad weight")
         torch._check(w.dtype == wdtype and x_ok, lambda: "threshold_gemv: weight and x dtypes differ")
-    torch._check(wdtype in _DTYPES, lambda: f"threshold_gemv: unsupported dtype {wdtype}")
+    torch._check(wdtype in _DTYPES or quant, lambda: f"threshold_gemv: unsupported dtype {wdtype}")
     has_bias = biases[0] is not None
     torch._check(all((b is not None) == has_bias for b in biases),
                  lambda: "threshold_gemv: biases must be all present or all absent")
@@ -1221,7 +1291,7 @@ def threshold_gemv_group(
         outs = [acc2[:, o:o + n] for o, n in zip(offs, ns, strict=True)]
         shaped = _uninitialised(zeros_next, x.device)  # the kernel writes the zeros
     else:
-        outs = [torch.empty((rows, n), dtype=x.dtype, device=x.device) for n in ns]
+        outs = [torch.empty((rows, n), dtype=ldtype, device=x.device) for n in ns]
         shaped = [o.reshape(*x.shape[:-1], n) for o, n in zip(outs, ns, strict=True)]
     if rows == 0 or sum(ns) == 0 or k == 0:
         if accumulate is not None:
@@ -1236,12 +1306,13 @@ def threshold_gemv_group(
     center_mode = 0
     if center is not None:
         center_mode = 1 if center.dim() == 0 else 2
-        for w, cb in zip(weights, center_biases, strict=True):
-            fresh_center_bias(w, center, cb)  # the weight may have changed in place since
+        scales = list(weight_scales) if quant else [None] * members
+        for w, cb, sc in zip(weights, center_biases, scales, strict=True):
+            fresh_center_bias(w, center, cb, sc, ldtype)  # the weight may have changed in place since
         if any(cb is None for cb in center_biases):  # slow path: W @ c computed per call,
             # as the lowering folds it (a float32 copy of W here would double the call's bytes)
-            center_biases = [center_bias_value(w, center) if cb is None else cb
-                             for w, cb in zip(weights, center_biases, strict=True)]
+            center_biases = [center_bias_value(w, center, sc, ldtype) if cb is None else cb
+                             for w, cb, sc in zip(weights, center_biases, scales, strict=True)]
     else:
         torch._check(all(cb is None for cb in center_biases),
                      lambda: "threshold_gemv: center_bias without a center")
@@ -1254,6 +1325,8 @@ def threshold_gemv_group(
             config = pick(deterministic=True)  # wider than the sums workspace: partials instead
     torch._check(accumulate is None or (config.row_kernel and rows == 1),
                  lambda: "threshold_gemv: accumulate needs one row and the one-row kernel")
+    torch._check(not quant or config.row_kernel,
+                 lambda: "threshold_gemv: 8-bit weights need the one-row kernel")
     torch._check(not config.row_kernel or _rows_block(rows, config.use_dot) == config.block_r,
                  lambda: f"threshold_gemv: config for {config.block_r} rows, x has {rows}")
     if act is not None and not config.row_kernel:  # only the one-row kernel has the prologue
@@ -1293,12 +1366,16 @@ def threshold_gemv_group(
         w, b, cb = weights[j], biases[j], center_biases[j]
         member_args += [w, outs[j], b if b is not None else dummy, cb if cb is not None else dummy,
                         ns[j], w.stride(0), w.stride(1)]
+    scale_args = [dummy] * MAX_MEMBERS + [0] * MAX_MEMBERS
+    if quant:
+        sel = [weight_scales[min(i, members - 1)] for i in range(MAX_MEMBERS)]
+        scale_args = sel + [sc.stride(0) for sc in sel]
     grid = (n_blocks, config.split_k)
     with _ordered_launch(x.device) if shared else contextlib.nullcontext():
         if config.row_kernel:
             pdl = config.pdl and _pdl_ok(x.device)
             _row_gemv_kernel[grid](
-                x2, xm2, *member_args,
+                x2, xm2, *member_args, *scale_args,
                 center if center is not None else dummy,
                 channel_scale if channel_scale is not None else dummy,
                 ws, cnt, scr, shaped if zeros_next else dummy, zeros_next,
@@ -1307,9 +1384,11 @@ def threshold_gemv_group(
                 config.split_k, split_len,
                 config.chunks_per_split, config.scratch_group,
                 NUM_W=members,
+                XDT=_TL_DTYPES[ldtype],
+                QUANT=quant,
                 BLOCK_R=config.block_r,
                 USE_DOT=config.use_dot,
-                DOT_FP32=x.dtype == torch.float32 or _INTERPRET,
+                DOT_FP32=x.dtype == torch.float32 or _INTERPRET or quant,
                 CENTER_MODE=center_mode,
                 HAS_SCALE=channel_scale is not None,
                 HAS_BIAS=has_bias,
