@@ -6,7 +6,10 @@ issue before the FMAs of the tile in hand is what "tiles in flight" means in SAS
 Triton need not be the device's: 3.9 gives the small rule 167 registers, 3.6 on the lent H200
 108-112 (session 7), so check counts against ``bench/gemv.py --sweep``'s printout.
 
-    python bench/probe/row_sass.py [NxK ...]      (default: the decode shapes)
+    python bench/probe/row_sass.py [--weights int8|fp8] [NxK ...]      (default: the decode shapes)
+
+``--weights``: 8-bit weights with scales (1-byte elements, so 4096-column blocks); also counts
+the weight loop's conversion instructions (I2F, F2FP, PRMT, I2I, HADD2.F32) per FFMA.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -26,9 +30,14 @@ from fxsparse.kernels import sparse_gemv as sg
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumulate: bool = True):
+WEIGHT_PTR = {None: "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}
+
+
+def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumulate: bool = True,
+                weights: str | None = None):
     fn = sg._row_gemv_kernel
-    const = dict(NUM_W=members, BLOCK_R=cfg.block_r, USE_DOT=cfg.use_dot, DOT_FP32=False,
+    const = dict(NUM_W=members, XDT=tl.bfloat16, QUANT=weights is not None, BLOCK_R=cfg.block_r,
+                 USE_DOT=cfg.use_dot, DOT_FP32=weights is not None,
                  CENTER_MODE=0, HAS_SCALE=False, HAS_BIAS=False,
                  HAS_CB=False,
                  BLOCK_N=cfg.block_n, CHUNK_K=cfg.chunk_k, SUB_K=cfg.sub_k,
@@ -36,14 +45,19 @@ def compile_row(cfg: sg.GemvConfig, members: int = 1, pdl: bool = False, accumul
                  ACCUM=accumulate, ZERO=accumulate, STAGES=cfg.stages,
                  ATOMIC_EPI=cfg.atomic_epilogue and not accumulate,
                  # column-major weights: launches pass stride 1, which Triton's JIT specialises
-                 stride_wn0=1, stride_wn1=1, stride_wn2=1)
+                 stride_wn0=1, stride_wn1=1, stride_wn2=1, stride_sc0=1, stride_sc1=1, stride_sc2=1)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
             sig[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in ("ws_ptr", "scr_ptr") else "*i32" if name == "cnt_ptr" else "*bf16"
+            if name in ("ws_ptr", "scr_ptr") or name.startswith("wsc"):
+                sig[name] = "*fp32"
+            elif name == "cnt_ptr":
+                sig[name] = "*i32"
+            else:
+                sig[name] = WEIGHT_PTR[weights] if name in ("w0_ptr", "w1_ptr", "w2_ptr") else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "threshold":
             sig[name] = "fp32"
@@ -85,21 +99,37 @@ def loop_order(text: str) -> str:
     return re.sub(r"(L+|F+)", run, s)
 
 
+def conversions(text: str) -> str:
+    """Conversion-type instructions of the kernel per FFMA (what 8-bit tiles add to the loop)."""
+    ffma = max(1, text.count("FFMA"))
+    names = ("I2F", "F2FP", "PRMT", "I2I", "HADD2.F32", "IADD3", "FADD")
+    return ", ".join(f"{m} {text.count(m) / ffma:.2f}" for m in names)
+
+
 def main() -> None:
-    shapes = [tuple(map(int, a.split("x"))) for a in sys.argv[1:]] or [
+    args = sys.argv[1:]
+    weights = None
+    if args[:1] == ["--weights"]:
+        weights, args = args[1], args[2:]
+    elem = 2 if weights is None else 1
+    shapes = [tuple(map(int, a.split("x"))) for a in args] or [
         (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
     for n, k in shapes:
         for acc, det in ((True, False), (False, False), (False, True)):  # accumulating, op, deterministic op
-            cfg = sg._pick_config(1, n, k, 2, 132, accumulate=acc, deterministic=det)
-            text, regs = sass(compile_row(cfg, accumulate=acc))
+            cfg = sg._pick_config(1, n, k, elem, 132, accumulate=acc, deterministic=det)
+            text, regs = sass(compile_row(cfg, accumulate=acc, weights=weights))
             print(f"{n}x{k} accumulate={acc} deterministic={det} "
                   f"warps={cfg.num_warps} block_n={cfg.block_n} sub_k={cfg.sub_k} stages={cfg.stages}: "
                   f"{regs} registers, {text.count('BAR.SYNC')} BAR.SYNC, {text.count('MEMBAR')} MEMBAR")
             print("   ", loop_order(text))
+            if weights:
+                print("    per FFMA:", conversions(text))
         for rows, dot, bn in ((2, False, None), (4, False, None), (4, True, 1024), (16, True, 1024)):
-            cfg = sg._pick_config(rows, n, k, 2, 132, deterministic=False, row_kernel=True, row_dot=dot,
+            if weights and rows > 2:
+                continue  # the op sends 1-2 rows of 8-bit weights to the kernel
+            cfg = sg._pick_config(rows, n, k, elem, 132, deterministic=False, row_kernel=True, row_dot=dot,
                                   **({"block_n": bn} if bn else {}))
-            text, regs = sass(compile_row(cfg, accumulate=False))
+            text, regs = sass(compile_row(cfg, accumulate=False, weights=weights))
             print(f"{n}x{k} rows={rows} dot={cfg.use_dot} warps={cfg.num_warps} block_n={cfg.block_n} "
                   f"sub_k={cfg.sub_k} stages={cfg.stages}: {regs} registers, "
                   f"{text.count('BAR.SYNC')} BAR.SYNC, {text.count('HMMA')} HMMA")

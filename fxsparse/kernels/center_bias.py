@@ -38,7 +38,8 @@ def _stamp(weight: Tensor, weight_scale: Tensor | None = None) -> tuple[int, ...
 
 def dequantize(weight: Tensor, weight_scale: Tensor) -> Tensor:
     """``weight.float() * weight_scale[:, None]``: an 8-bit weight's float32 values."""
-    return weight.float() * weight_scale.float()[:, None]
+    scale = weight_scale if weight_scale.dtype == torch.float32 else weight_scale.float()  # never an alias
+    return weight.float() * scale[:, None]
 
 
 def center_bias_value(weight: Tensor, center: Tensor, weight_scale: Tensor | None = None,
