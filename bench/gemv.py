@@ -19,6 +19,12 @@ cuBLAS per member, and against one cuBLAS call on the members' weights concatena
 the op takes for two rows; three variants) against cuBLAS at s = 0 / 0.5 / 0.8 / 0.9.
 ``--compiled`` times RMSNorm -> linear pairs compiled by Inductor (dense) and by ``sparse_act``
 (where a multi-row call's mask fuses into the norm).
+``--weights fp8|int8`` times 8-bit weights as torchao's weight-only configs make them
+(``Float8WeightOnlyConfig`` / ``Int8WeightOnlyConfig``, per-row scales) instead of the bf16
+table: bf16 cuBLAS on the same shape, torchao's own one-row path (``torch.compile``d
+``F.linear`` on its tensor), and the op on the column-major 8-bit data with its scales, at
+s = 0 / 0.25 / 0.5 / 0.75 / 0.9 (1-2 rows); TB/s and the fraction of copy bandwidth count
+the kept 8-bit rows + scales + x + out.
 """
 
 from __future__ import annotations
@@ -341,6 +347,121 @@ def group_markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- 8-bit weights (torchao) ----------------------------------------------------------------------
+
+QUANT_SPARSITIES = [0.0, 0.25, 0.5, 0.75, 0.9]
+
+
+def torchao_copies(n: int, k: int, weights: str, copies: int) -> list[torch.Tensor]:
+    """``copies`` [N, K] weights quantized by torchao's weight-only config (its tensor subclass)."""
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = {"fp8": Float8WeightOnlyConfig, "int8": Int8WeightOnlyConfig}[weights]
+    out = []
+    for _ in range(copies):
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=DT)
+        with torch.no_grad():
+            lin.weight.normal_(0, k**-0.5)
+        quantize_(lin, config())
+        out.append(lin.weight)
+    return out
+
+
+def time_graph_or_eager(calls) -> tuple[float, bool]:
+    """µs per call in a CUDA graph, or (when a call cannot be captured) eagerly; and which."""
+    try:
+        return time_graph(calls)[0], True
+    except Exception as e:  # noqa: BLE001  (a path that does not capture: time it eagerly)
+        print(f"  (not capturable: {type(e).__name__}: {str(e)[:120]}; timed eagerly)", flush=True)
+        torch.cuda.synchronize()
+        return time_calls(calls, 5, 10.0, graphs=False)[0], False
+
+
+def quant_table(weights: str, shapes, rows_list, env: dict) -> list[dict]:
+    """8-bit weights: bf16 cuBLAS, torchao's compiled one-row path, the op (module docstring)."""
+    from fxsparse.quantized import weight_format
+
+    out = []
+    tao_linear = torch.compile(lambda x, w: F.linear(x, w), dynamic=False)
+    for n, k in shapes:
+        copies = min(64, max(4, math.ceil(TOUCH_BYTES / (n * k))))
+        tao = torchao_copies(n, k, weights, copies)
+        fmts = [weight_format(w) for w in tao]
+        assert all(f.quantized for f in fmts), fmts[0].reason
+        qs = [f.qdata.t().contiguous().t() for f in fmts]  # the op's layout (torchao keeps its own)
+        scales = [f.scale for f in fmts]
+        st = make_setup(n, k)  # bf16 copies for cuBLAS
+        for rows in rows_list:
+            dense = time_dense(st, rows)
+            xs0 = [torch.randn(rows, k, device="cuda", dtype=DT) for _ in tao]
+            x0 = xs0[0]
+            with torch.no_grad():  # torchao's path and the op against the float64 dequantized layer
+                ref = F.linear(x0.double(), fmts[0].qdata.double() * scales[0].double()[:, None])
+                got_tao = tao_linear(x0, tao[0])
+                got = threshold_linear_cuda(x0, qs[0], None, 0.0, weight_scale=scales[0])
+            e_tao, e_op = rel_err(got_tao, ref), rel_err(got, ref)
+            if not e_op < 1e-2:
+                print(f"!!!! WRONG 8-BIT RESULT {n}x{k} rows={rows}: {e_op}")
+                sys.exit(1)
+            pairs = list(zip(xs0, tao, strict=True))
+            with torch.no_grad():
+                tao_us, tao_graph = time_graph_or_eager(
+                    [lambda x=x, w=w: tao_linear(x, w) for x, w in cycle(pairs)])
+            print(f"\n[{weights} {n}x{k} rows={rows}] bf16 cuBLAS {dense:.1f} us, torchao {tao_us:.1f} us "
+                  f"(graph {tao_graph}, err {e_tao:.1e}), op err {e_op:.1e}", flush=True)
+            for s in QUANT_SPARSITIES:
+                inputs = []
+                for x in xs0:
+                    thr = float(torch.quantile(x.float().abs().flatten(), s)) if s > 0 else 0.0
+                    keep = ~(x.float().abs() < thr)
+                    inputs.append((x, thr, 1 - keep.float().mean().item(),
+                                   1 - keep.any(0).float().mean().item()))
+                x, thr = inputs[0][:2]
+                got = threshold_linear_cuda(x, qs[0], None, thr, weight_scale=scales[0])
+                ref = F.linear(torch.where(x.float().abs() < thr, 0.0, x.float()).double(),
+                               fmts[0].qdata.double() * scales[0].double()[:, None])
+                if not rel_err(got, ref) < 1e-2:
+                    print(f"!!!! WRONG 8-BIT RESULT {n}x{k} rows={rows} s={s}")
+                    sys.exit(1)
+                calls = [lambda i=i, q=q, sc=sc: threshold_linear_cuda(i[0], q, None, i[1], weight_scale=sc)
+                         for i, q, sc in cycle(list(zip(inputs, qs, scales, strict=True)))]
+                us, spread = time_graph(calls)
+                su = statistics.mean(i[3] for i in inputs)
+                need = (1 - su) * n * k + 4 * n + rows * k * 2 + rows * n * 2
+                r = dict(weights=weights, n=n, k=k, rows=rows, s=s, s_union=su, us=us, spread=spread,
+                         dense_us=dense, torchao_us=tao_us, torchao_graph=tao_graph, speedup=dense / us,
+                         vs_torchao=tao_us / us, tbps=need / us / 1e6,
+                         config=dataclasses.asdict(sg._pick_config(rows, n, k, 1, env["sms"])))
+                r["frac_copy_bw"] = r["tbps"] / env["copy_tbps"]
+                out.append(r)
+                print(f"  s={s:.2f} (union {su:.3f}) {us:8.1f} us  x{r['speedup']:5.2f} vs bf16 cuBLAS, "
+                      f"x{r['vs_torchao']:5.2f} vs torchao  {r['tbps']:.2f} TB/s "
+                      f"({r['frac_copy_bw']:.2f} of copy)  spread {spread:.1%}", flush=True)
+        del tao, fmts, qs, scales, st
+        torch.cuda.empty_cache()
+    return out
+
+
+def quant_markdown(env: dict, rows: list[dict]) -> str:
+    w = rows[0]["weights"] if rows else "?"
+    lines = [f"# Sparse GEMV, {w} weights (torchao weight-only), on {env['gpu']} (torch {env['torch']}, "
+             f"triton {env['triton']}, torchao {env.get('torchao')})", "",
+             f"bf16 activations, CUDA-graph medians (torchao's path eagerly where marked); copy bandwidth "
+             f"{env['copy_tbps']:.2f} TB/s (read + write). bf16 cuBLAS: F.linear on a bf16 weight of the "
+             "shape; torchao: torch.compile(F.linear) on torchao's tensor (its one-row path); op: "
+             "fxsparse::threshold_linear on the column-major 8-bit data with per-row scales. TB/s counts "
+             "the kept 8-bit rows + scales + x + out.", "",
+             "| N x K | rows | s | s_union | bf16 cuBLAS µs | torchao µs | op µs | vs cuBLAS | vs torchao "
+             "| TB/s | of copy BW |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']}x{r['k']} | {r['rows']} | {r['s']:.2f} | {r['s_union']:.3f} | "
+              f"{r['dense_us']:.1f} | {r['torchao_us']:.1f}{'' if r['torchao_graph'] else ' (eager)'} | "
+              f"{r['us']:.1f} | "
+              f"{r['speedup']:.2f} | {r['vs_torchao']:.2f} | {r['tbps']:.2f} | {r['frac_copy_bw']:.2f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -423,6 +544,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--group", action="store_true", help="also time sibling sets in one launch")
     ap.add_argument("--shapes", nargs="*", default=None, help="N x K to run, e.g. 4096x4096")
+    ap.add_argument("--weights", choices=["bf16", "fp8", "int8"], default="bf16",
+                    help="8-bit weights as torchao quantizes them: the 8-bit table instead of the bf16 one")
     ap.add_argument("--compiled", nargs="*", default=None, metavar="NxK",
                     help="also time RMSNorm -> linear pairs compiled, dense vs sparse_act, on these "
                          "shapes (default 4096x4096 14336x4096)")
@@ -446,6 +569,18 @@ def main() -> None:
     env["copy_tbps"] = copy_bandwidth()
     print(f"copy bandwidth {env['copy_tbps']:.2f} TB/s", flush=True)
     nsm = props.multi_processor_count
+    if args.weights != "bf16":
+        import torchao
+
+        env["torchao"] = torchao.__version__
+        shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes] if args.shapes else SHAPES
+        rows = [r for r in args.rows if r <= sg.max_rows(1, 1, torch.int8)] or [1]
+        table = quant_table(args.weights, shapes[:2] if args.quick else shapes, rows, env)
+        doc = json.dumps(dict(env=env, results=table), indent=1)
+        (out_dir / f"gemv_{args.weights}_{tag}.json").write_text(doc)
+        (out_dir / f"gemv_{args.weights}_{tag}.md").write_text(quant_markdown(env, table))
+        print(quant_markdown(env, table))
+        return
 
     if args.group:
         groups = time_groups(nsm)
