@@ -7,6 +7,8 @@ weight), keeping the ``nn.Parameter`` objects; cuBLAS takes either layout for th
 nothing else changes. Done before ``torch.compile``, it costs no recompilation (Dynamo guards
 on strides). A weight tied to another tensor (``lm_head`` sharing the token embedding) stays
 row-major: the sparse op is exact with any strides, column-major is only its fast layout.
+An 8-bit torchao weight (``quantized.weight_format``) gets its ``qdata`` laid out column-major in
+place (``quantized.to_column_major``); one the kernel cannot read is left as torchao made it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from .logs import log
 from .passes.lower import dense_reason, group_width, sibling_sets
 from .plan import SparsityPlan, uncompiled
+from .quantized import is_torchao, to_column_major, weight_format
 
 __all__ = ["prepare_weights", "compile"]
 
@@ -53,26 +56,42 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
         if not isinstance(modules[name], nn.Linear):
             continue  # GPT-2's Conv1D already stores W [in, out]: the kernel's layout
         w = modules[name].weight
-        if w.device.type not in device_types or (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
+        fmt = weight_format(w)
+        if fmt.kind == "unsupported":
+            continue  # torchao's own path runs it (the lower pass says why)
+        data = fmt.qdata  # the plain weight, or an 8-bit weight's data
+        if w.device.type not in device_types or (data.stride(0) == 1 and data.stride(1) == data.shape[0]):
             continue
         width = group_width(plan, name, sets, group_siblings)
         if dense_reason(lp, w.dtype, w.device, dense_when_faster, width) is not None:
             continue  # lowered dense: cuBLAS's usual layout
         if spans is None:  # taken before any conversion: freed old weights never overlap a live one
-            spans = [(n, t.device, *_span(t)) for n, t in (
+            spans = [(n, t.device, *_span(_data(t))) for n, t in (
                 *model.named_parameters(remove_duplicate=False),
-                *model.named_buffers(remove_duplicate=False)) if t.numel()]
+                *model.named_buffers(remove_duplicate=False)) if t.numel() and _data(t) is not None]
         own = f"{name}.weight" if name else "weight"
-        lo, hi = _span(w)
+        lo, hi = _span(data)
         tied = [n for n, dev, a, b in spans if n != own and dev == w.device and a < hi and lo < b]
         if tied:
             log.info("prepare_weights: %s left row-major: its memory is shared with %s (tied "
                      "weights; the sparse op takes either layout, column-major is only faster)",
                      own, ", ".join(tied))
             continue
-        w.data = w.data.t().contiguous().t()
+        if fmt.quantized:
+            to_column_major(w)
+        else:
+            w.data = w.data.t().contiguous().t()
         done.append(name)
     return done
+
+
+def _data(t: torch.Tensor) -> torch.Tensor | None:
+    """The memory a parameter's values live in: itself, a torchao tensor's 8-bit data (None for
+    other tensor subclasses, which share nothing the kernel's layout would change)."""
+    if not is_torchao(t):
+        return t
+    fmt = weight_format(t)
+    return fmt.qdata if fmt.quantized else None
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

@@ -39,20 +39,22 @@ _OPS = torch.ops.fxsparse
 
 
 def _operands(node: fx.Node) -> tuple | None:
-    """``(x, x_mul, weights, biases, threshold, center, scale, center_biases, act)`` of a call
-    this pass converts, None for anything else."""
+    """``(x, x_mul, weights, biases, threshold, center, scale, center_biases, act, weight_scales)``
+    of a call this pass converts (``weight_scales``: None, or one per 8-bit weight), None for
+    anything else."""
     if node.op != "call_function" or node.kwargs:
         return None
     t, a = node.target, node.args
-    if t is _OPS.threshold_linear.default and len(a) == 7:
-        x, w, b, thr, c, s, cb = a
-        return x, None, [w], [b] if b is not None else [], thr, c, s, [cb] if cb is not None else [], None
-    if t is _OPS.threshold_linear_group.default and len(a) == 7:
-        x, ws, bs, thr, c, s, cbs = a
-        return x, None, list(ws), list(bs), thr, c, s, list(cbs), None
-    if t is _OPS.threshold_linear_act.default and len(a) == 9:
-        x, xm, w, b, thr, c, s, cb, act = a
-        return x, xm, [w], [b] if b is not None else [], thr, c, s, [cb] if cb is not None else [], act
+    one = lambda v: [v] if v is not None else []  # noqa: E731
+    if t is _OPS.threshold_linear.default and len(a) in (7, 8):
+        x, w, b, thr, c, s, cb, sc = (*a, None)[:8]
+        return x, None, [w], one(b), thr, c, s, one(cb), None, None if sc is None else [sc]
+    if t is _OPS.threshold_linear_group.default and len(a) in (7, 8):
+        x, ws, bs, thr, c, s, cbs, scs = (*a, None)[:8]
+        return x, None, list(ws), list(bs), thr, c, s, list(cbs), None, None if scs is None else list(scs)
+    if t is _OPS.threshold_linear_act.default and len(a) in (9, 10):
+        x, xm, w, b, thr, c, s, cb, act, sc = (*a, None)[:10]
+        return x, xm, [w], one(b), thr, c, s, one(cb), act, None if sc is None else [sc]
     return None
 
 
@@ -70,13 +72,19 @@ def _outputs(node: fx.Node) -> list[tuple[fx.Node, torch.Tensor]] | None:
 
 
 def _reads_as_input(user: fx.Node, y: fx.Node, dtype: torch.dtype) -> bool:
-    """Whether ``user`` is an accumulating call that reads ``y`` as x or x_mul only, with
-    weights of ``dtype`` (so it rounds a float32 x to what ``y`` holds)."""
+    """Whether ``user`` is an accumulating call that reads ``y`` as x or x_mul only, of layers
+    of ``dtype`` (so it rounds a float32 x to what ``y`` holds): 16-bit weights of that dtype,
+    or 8-bit weights whose call names it."""
     if user.target is not _OPS.threshold_linear_acc.default:
         return False
     a = user.args
-    w = _traced_value(a[3][0])
-    return w is not None and w.dtype == dtype and y in (a[1], a[2]) and y not in (a[0], *a[3:])
+    if len(a) > 12 and a[11] is not None:  # 8-bit weights: the call's dtype argument
+        layer = a[12]
+    else:
+        w = _traced_value(a[3][0])
+        layer = None if w is None else w.dtype
+    return layer == dtype and y in (a[1], a[2]) and not any(
+        y is v or (isinstance(v, list | tuple) and y in v) for v in (a[0], *a[3:]))
 
 
 def accumulate_outputs(gm: fx.GraphModule, devices: Iterable[str] = ("cuda",)) -> fx.GraphModule:
@@ -92,7 +100,8 @@ def accumulate_outputs(gm: fx.GraphModule, devices: Iterable[str] = ("cuda",)) -
         weights = [_traced_value(w) for w in ops[2]]
         if outs is None or any(w is None for w in weights):
             continue
-        wdtype = weights[0].dtype
+        # the layers' dtype: 16-bit weights', or with 8-bit weights their outputs'
+        wdtype = weights[0].dtype if ops[9] is None else outs[0][1].dtype
         if any(v.requires_grad or v.device.type not in devices or v.dtype != wdtype for _, v in outs):
             continue
         shape = (*outs[0][1].shape[:-1], sum(v.shape[-1] for _, v in outs))
@@ -104,14 +113,15 @@ def accumulate_outputs(gm: fx.GraphModule, devices: Iterable[str] = ("cuda",)) -
     renamed: dict[str, str] = {}
     acc = None
     for i, (node, outs, shape, device) in enumerate(sites):
-        x, xm, ws, bs, thr, c, s, cbs, act = _operands(node)  # now: earlier sites' outputs were replaced
+        x, xm, ws, bs, thr, c, s, cbs, act, scs = _operands(node)  # earlier sites' outputs replaced now
         chained = i + 1 < len(sites) and sites[i + 1][3] == device  # several GPUs: a chain per run of one
         nxt = list(sites[i + 1][2]) if chained else [0]
         with graph.inserting_before(node):
             if acc is None:
                 acc = graph.call_function(torch.zeros, (shape,), {"dtype": torch.float32, "device": device})
+            quant = () if scs is None else (scs, outs[0][1].dtype)  # 8-bit: scales, the layers' dtype
             new = graph.call_function(_OPS.threshold_linear_acc.default,
-                                      (acc, x, xm, ws, bs, thr, c, s, cbs, act, nxt))
+                                      (acc, x, xm, ws, bs, thr, c, s, cbs, act, nxt, *quant))
             offset = 0
             for out, val in outs:
                 n = val.shape[-1]

@@ -108,10 +108,10 @@ def fuse_activations(gm: fx.GraphModule) -> fx.GraphModule:
         act, a, b, replaced = found
         if any(epochs[r] != epochs[node] for r in replaced):
             continue
-        _, w, bias, thr, c, s, cb = node.args
+        _, w, bias, thr, c, s, cb, *scale = node.args  # scale: an 8-bit weight's weight_scale
         with graph.inserting_before(node):
             new = graph.call_function(torch.ops.fxsparse.threshold_linear_act.default,
-                                      (a, b, w, bias, thr, c, s, cb, act))
+                                      (a, b, w, bias, thr, c, s, cb, act, *scale))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

@@ -6,7 +6,8 @@ belong to one sibling set of the plan (``lower.sibling_sets``: same parent modul
 and mask arguments, e.g. q/k/v or gate/up calibrated on the same input) and agree on having a
 bias and a center bias are replaced, up to ``MAX_MEMBERS`` at a time in graph order, by one
 ``fxsparse::threshold_linear_group(x, [W...], [b...], threshold, center, channel_scale, [cb...])``
-and a ``getitem`` per member. The result is the same function: one mask instead of several,
+and a ``getitem`` per member (8-bit members, which must all be: their ``weight_scales`` last).
+The result is the same function: one mask instead of several,
 and on CUDA one kernel launch, so the kernel's fixed cost is paid once per set and small
 members (k/v) ride along with a large one. The members' decisions in
 ``gm.meta["fxsparse_decisions"]`` gain ``group`` (the member names) and the new op.
@@ -78,30 +79,33 @@ def group_siblings(gm: fx.GraphModule, plan: SparsityPlan) -> fx.GraphModule:
         key = plan.resolve(node.meta[SITE_KEY].name)
         if key is None:
             continue
-        x, _w, b, _thr, _c, _s, cb = node.args
+        x, _w, b, _thr, _c, _s, cb = node.args[:7]
+        quantized = len(node.args) > 7 and node.args[7] is not None  # 8-bit weights with scales
         if isinstance(x, fx.Node) and x.meta.get("fxsparse_observer"):
             x = x.args[0]  # an observer returns its input: siblings still share it
-        buckets[(x, sets[key], b is None, cb is None, epochs[node])].append(node)
+        buckets[(x, sets[key], b is None, cb is None, quantized, epochs[node])].append(node)
 
     renamed: dict[str, tuple[str, list[str]]] = {}
     orphans: list[fx.Node] = []  # the other members' own center/scale/center-bias buffers
-    for (x, _set, no_bias, no_cb, _epoch), nodes in buckets.items():
+    for (x, _set, no_bias, no_cb, quantized, _epoch), nodes in buckets.items():
         for i in range(0, len(nodes), MAX_MEMBERS):
             members = nodes[i:i + MAX_MEMBERS]
             if len(members) < 2:
                 continue
             names = [m.meta[SITE_KEY].name for m in members]
             first = members[0]
-            _, _, _, thr, c, s, _ = first.args
+            _, _, _, thr, c, s, _ = first.args[:7]
             weights = [m.args[1] for m in members]
             biases = [] if no_bias else [m.args[2] for m in members]
             cbs = [] if no_cb else [m.args[6] for m in members]
-            if not all(_constant(a) for a in [*weights, *biases, *cbs]):
-                continue  # an operand computed from activations: leave the members alone
-            _hoist_before(first, [*weights, *biases, *cbs])
+            scales = [m.args[7] for m in members] if quantized else []
+            dtypes = {getattr(m.args[1], "meta", {}).get("val", torch.empty(0)).dtype for m in members}
+            if len(dtypes) > 1 or not all(_constant(a) for a in [*weights, *biases, *cbs, *scales]):
+                continue  # an operand computed from activations, or int8 beside fp8: leave them
+            _hoist_before(first, [*weights, *biases, *cbs, *scales])
+            args = (x, weights, biases, thr, c, s, cbs) + ((scales,) if quantized else ())
             with graph.inserting_before(first):
-                new = graph.call_function(torch.ops.fxsparse.threshold_linear_group.default,
-                                          (x, weights, biases, thr, c, s, cbs))
+                new = graph.call_function(torch.ops.fxsparse.threshold_linear_group.default, args)
                 new.meta["val"] = [m.meta.get("val") for m in members]
                 for j, m in enumerate(members):
                     item = graph.call_function(operator.getitem, (new, j))

@@ -45,6 +45,16 @@ old node's ``meta`` (shape, stack trace, module stack).
 (``branch``: threshold | mask+linear | dense | 2:4 | per-call);
 ``torch._dynamo.utils.counters["fxsparse"]`` counts lowered (mask+linear included) and dense sites.
 
+8-bit weights (a torchao weight-only tensor that ``quantized.weight_format`` reads: fp8 or int8
+data with one scale per output channel): the op reads the subclass's data and scale, taken as
+graph values (``getattr(w, "qdata")``, ``getattr(w, "scale")`` reshaped to [N]; AOTAutograd
+flattens the subclass input into those tensors), with ``weight_scale`` after ``center_bias``,
+and ``center_bias`` folds the dequantized weight. ``"mask+linear"`` and dense sites call
+``linear`` on the subclass itself, i.e. torchao's own path. A torchao tensor the kernel cannot
+read, a top-k entry, or a prefill entry whose calls are not all the threshold branch runs
+torchao's path dense, with the reason. Whether the sparse GEMV pays (``dense_when_faster``) and
+the row limit are judged as for the activation dtype's 16-bit weights (8-bit: unmeasured).
+
 Raises ``PlanError`` when a planned layer's weight shape differs from the plan's.
 """
 
@@ -65,6 +75,7 @@ from ..kernels.crossover import NEVER, gemv_pays, resolve_min_rows_24
 from ..kernels.prefill_linear import branch
 from ..kernels.topk_linear import topk_keep_count
 from ..plan import LayerPlan, SparsityPlan, name_candidates
+from ..quantized import WeightFormat, is_torchao, weight_format
 from .match import linear_args, linear_sites, mutation_epochs
 
 __all__ = ["lower_linears"]
@@ -269,6 +280,40 @@ def _masked_input(gm: fx.GraphModule, graph: fx.Graph, x: fx.Node, lp: LayerPlan
     return call(aten.where.self, keep, x, c if dtype == f32 else call(aten._to_copy.default, c, dtype=dtype))
 
 
+def _quantized_operands(graph: fx.Graph, w: fx.Node, fmt: WeightFormat) -> tuple[fx.Node, fx.Node]:
+    """``(qdata, scale [N])`` of the 8-bit weight node ``w`` as graph values (``getattr`` on the
+    subclass; a per-tensor scale broadcast as a stride-0 view). Their ``val`` is the weight's
+    traced value's (fake) data where there is one, else the real data."""
+    traced = _traced_value(w)
+    src = weight_format(traced) if traced is not None and is_torchao(traced) else fmt
+    src = src if src.quantized else fmt
+    n = fmt.qdata.shape[0]
+    q = graph.call_function(getattr, (w, "qdata"))
+    q.meta["val"] = src.qdata
+    sc = graph.call_function(getattr, (w, "scale"))
+    if fmt.scale.stride(0) == 0:  # one scale for the tensor
+        sc = graph.call_method("expand", (graph.call_method("reshape", (sc, 1)), n))
+    else:
+        sc = graph.call_method("reshape", (sc, n))
+    sc.meta["val"] = src.scale
+    return q, sc
+
+
+def _quantized_dense_reason(fmt: WeightFormat | None, w_val: object, lp: LayerPlan, kind: str) -> str | None:
+    """Why a planned layer's weight keeps torchao's dense path whatever the row count, or None."""
+    if fmt is None:
+        return None
+    if fmt.kind == "unsupported" and isinstance(w_val, torch.Tensor) and is_torchao(w_val):
+        return f"weight not read by the sparse kernel: {fmt.reason}; torchao's own path"
+    if not fmt.quantized:
+        return None
+    if lp.method == "topk":
+        return "top-k layers read 16-bit weights only: torchao's own path"
+    if kind == "conv1d":
+        return "8-bit Conv1D weights are not read: torchao's own path"
+    return None
+
+
 def _unplanned_reason(plan: SparsityPlan, name: str) -> tuple[str, bool]:
     """Why a linear with no plan entry stays dense, and whether that looks like a mistake: a
     name several entries end with (a submodule compiled alone), or one the plan's model did
@@ -350,22 +395,31 @@ def lower_linears(
             plan.check_shape(key, tuple(w_val.shape))
         device = w_val.device if w_val is not None else torch.device("cpu")
         sparse_gemv.reserve(device)  # the kernel's persistent state, outside CUDA-graph pools
+        # an 8-bit torchao weight (the op reads its data and scales), or why torchao's path stays
+        fmt = weight_format(w_val) if isinstance(w_val, torch.Tensor) else None
+        quant = fmt is not None and fmt.quantized
 
         # -- prefill dispatch: which rows run what, decided here when the row count allows --
         what = "threshold"  # the branch emitted: threshold | mask+linear | dense | 2:4 | per-call
         min_rows_24 = None
+        # (a torchao tensor's dtype is its activation dtype: 8-bit layers are judged as 16-bit ones)
         reason = dense_reason(lp, None if w_val is None else w_val.dtype, device, dense_when_faster,
                               group_width(plan, key, sets, grouped))
+        reason = reason or _quantized_dense_reason(fmt, w_val, lp, site.kind)
         if reason is not None:
             what = "dense"
         elif lp.prefill != "threshold":
             min_rows_24 = NEVER
-            if lp.prefill == "2:4":
+            if lp.prefill == "2:4" and not quant:
                 dtype = w_val.dtype if w_val is not None else torch.float32
                 epilogue = b is not None or lp.center_tensor() is not None
                 min_rows_24 = resolve_min_rows_24(lp.out_features, lp.in_features, dtype, device,
                                                   crossover_rows, epilogue, cudagraphs)
             what = _static_branch(_row_range(x), lp.decode_rows, min_rows_24) or "per-call"
+            if quant and what != "threshold":  # prefill_linear reads 16-bit weights only
+                what = "dense"
+                reason = (f"prefill {lp.prefill!r} with 8-bit weights: calls beyond the threshold branch "
+                          "run torchao's own path")
         if what == "threshold" and lp.method != "topk":  # never the kernel: mask left to Inductor
             reason = _above_kernel_rows(x, lp, None if w_val is None else w_val.dtype)
             what = "mask+linear" if reason else what
@@ -391,7 +445,11 @@ def lower_linears(
         plain = what in ("dense", "mask+linear")  # a plain linear, on x or on its aten mask
         if center is not None and real_w is not None and not plain:
             # kept fresh by the kernels if the weight changes in place later (kernels/center_bias.py)
-            center_bias = register_center_bias(center_bias_value(real_w, center), real_w)
+            if quant:
+                center_bias = register_center_bias(
+                    center_bias_value(fmt.qdata, center, fmt.scale, fmt.dtype), fmt.qdata, fmt.scale)
+            else:
+                center_bias = register_center_bias(center_bias_value(real_w, center), real_w)
         with graph.inserting_before(node):
             if plain:
                 op = torch._C._nn.linear
@@ -413,6 +471,9 @@ def lower_linears(
                     cb_node = (None if center_bias is None
                                else _buffer(gm, graph, key + "_cbias", center_bias))
                     args = (x, w, b, float(lp.threshold), c_node, s_node, cb_node)
+                    if quant:  # the 8-bit data and its scales, weight_scale last
+                        q_node, sc_node = _quantized_operands(graph, w, fmt)
+                        args = (x, q_node, b, float(lp.threshold), c_node, s_node, cb_node, sc_node)
                     if what == "threshold":
                         op = torch.ops.fxsparse.threshold_linear.default
                     else:  # 2:4 for every call, or decided per call
@@ -432,7 +493,8 @@ def lower_linears(
             "fxsparse." + op._schema.name.split("::")[1]
         decisions.append({"name": site.name, "plan_key": key, "node": new.name, "op": op_name,
                           "reason": reason, "prefill": lp.prefill, "decode_rows": lp.decode_rows,
-                          "min_rows_24": min_rows_24, "branch": what})
+                          "min_rows_24": min_rows_24, "branch": what,
+                          "weights": None if fmt is None else fmt.kind})
         counters["fxsparse"]["dense" if what == "dense" else "lowered"] += 1
 
     if suspects and plan.layers:
