@@ -55,6 +55,16 @@ with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
 follows that flag), ``g`` launches the GEMV with it in any case, ``a`` keeps the down
 projections' input ``silu(gate) * up`` as its own kernel (``fuse_activations=False``).
 
+8-bit weights (``--weights fp8`` or ``int8``, torchao's weight-only configs on every projection,
+``lm_head`` kept bf16): a sparsity with a ``q`` suffix runs on the quantized twin (the plan is
+calibrated on the bf16 model, whose layer names the twin keeps): ``denseq`` is torchao's path
+under Inductor, ``0.5q`` fxsparse on the 8-bit data. The model is quantized in place once, after
+every bf16 variant, so ``q`` variants run last; each row's "vs dense" is against its own format's
+dense twin, and ``q`` rows also show the ratio to bf16 dense. Llama-3-8B at batch 1:
+
+    PYTHONPATH=. python bench/decode.py --preset llama3-8b --loops lean --batch 1 --weights fp8 \
+        --sparsity dense denseq 0.0q 0.4q 0.5q --budget-s 520 --out $OUT/decode_fp8
+
 Smoke test on CPU (no CUDA graphs, profiler by aten op):
 
     PYTHONPATH=. python bench/decode.py --preset tiny --device cpu --new-tokens 16 --out /tmp/d
@@ -129,9 +139,17 @@ def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype
 
 
 def set_layout(model, plan, grouped: bool = True) -> None:
-    """Planned linears' weights column-major (``prepare_weights``) with a plan, row-major without."""
+    """Planned linears' weights column-major (``prepare_weights``) with a plan, row-major without
+    (a torchao weight: its 8-bit data, as torchao made it)."""
+    from fxsparse.quantized import is_torchao
+
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and not m.weight.is_contiguous():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if is_torchao(m.weight):
+            if not m.weight.qdata.is_contiguous():
+                m.weight.qdata = m.weight.qdata.contiguous()
+        elif not m.weight.is_contiguous():
             m.weight.data = m.weight.data.contiguous()
     if plan is not None:
         fxsparse.prepare_weights(model, plan, group_siblings=grouped)
@@ -145,9 +163,11 @@ def parse_sparsity(s: str) -> tuple[float | str, dict]:
     (``triton.enable_pdl``, also for dense), ``g`` the GEMV launched with it whatever Inductor
     does (``sparse_gemv.ROW_PDL``): (value, options; ``inductor_pdl`` and ``gemv_pdl`` are not
     backend options)."""
-    value = "dense" if s.startswith("dense") else s.rstrip("ufpgas")
+    value = "dense" if s.startswith("dense") else s.rstrip("ufpgasq")
     flags = s[len(value):]
     opts = {"inductor_pdl": True} if "p" in flags else {}
+    if "q" in flags:
+        opts["quantized"] = True  # on the 8-bit twin (--weights); not a backend option
     if value == "dense":
         return value, opts
     opts["group_siblings"] = "u" not in flags
@@ -180,7 +200,10 @@ def table(rows: list[dict], info: list[str]) -> str:
     # each variant against the dense twin compiled the same way (``p``: Inductor PDL on both)
     dense = {(r["preset"], r["layers"], r["loop"], r["batch"], r["sparsity"]): r["ms_per_step"]
              for r in rows if str(r.get("sparsity")).startswith("dense") and r.get("ms_per_step")}
-    lines = ["# decode: dense (Inductor) vs sparse_act", "", *[f"* {i}" for i in info], "",
+    weights = {r.get("weights") for r in rows if r.get("weights")}
+    title = "# decode: dense (Inductor) vs sparse_act" + (
+        f" ({', '.join(sorted(weights))} weights)" if weights - {"bf16"} else "")
+    lines = [title, "", *[f"* {i}" for i in info], "",
              "ms/step: one decode step (batch B tokens); tok/s = B / step; weight TB/s: linear "
              "weight bytes the step needs at the achieved sparsity (batch > 1: union of rows) / step "
              "time; kernel columns: GPU ms per step by family (profiler); gap = step - GPU busy "
@@ -196,11 +219,17 @@ def table(rows: list[dict], info: list[str]) -> str:
                          f"{r['error'][:80]} |" + " |" * 14)
             continue
         ms = r["ms_per_step"]
-        twin = "densep" if "inductor_pdl" in parse_sparsity(str(r["sparsity"]))[1] else "dense"
+        flags = parse_sparsity(str(r["sparsity"]))[1]
+        twin = ("densep" if "inductor_pdl" in flags else "dense") + ("q" if flags.get("quantized") else "")
         base = dense.get((r["preset"], r["layers"], r["loop"], r["batch"], twin))
         ratio = f"{base / ms:.2f}x" if base else "—"
+        bf16 = dense.get((r["preset"], r["layers"], r["loop"], r["batch"], twin.rstrip("q")))
+        if flags.get("quantized") and bf16:
+            ratio += f" ({bf16 / ms:.2f}x bf16)"
         is_dense = str(r["sparsity"]).startswith("dense")
         variant = r["sparsity"] if is_dense else f"sparse_act {r['sparsity']}"
+        if r.get("weights") and r["weights"] != "bf16":
+            variant += f" ({r['weights']})"
         ach = r.get("achieved_sparsity")
         b = r.get("breakdown") or {}
         lines.append(
@@ -271,6 +300,8 @@ def parse_args(argv=None):
     ap.add_argument("--sparsity-steps", type=int, default=8,
                     help="decode steps over which achieved sparsity is measured (eager hooks)")
     ap.add_argument("--calib-prompts", type=int, default=4)
+    ap.add_argument("--weights", choices=("fp8", "int8"), default="fp8",
+                    help="the 8-bit format of 'q' variants (torchao weight-only, lm_head kept bf16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--mode", default=None,
                     help="Inductor mode (default: reduce-overhead on CUDA, none on CPU)")
@@ -343,6 +374,9 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
     achieved: dict[tuple, dict] = {}
     max_len = args.prompt_len + args.new_tokens + 8
     last_s = 0.0
+    quantized = False
+    # the bf16 variants first: the model is quantized in place before the first 'q' one
+    variants = sorted(variants, key=lambda v: bool(parse_sparsity(str(v[2]))[1].get("quantized")))
     for loop, b, s in variants:
         if args.budget_s is not None and time.perf_counter() - _T0 + last_s > args.budget_s:
             log(f"--- {preset}:{loop}:{b}:{s} skipped: the budget of {args.budget_s:.0f} s would run out")
@@ -352,13 +386,20 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
                "sparsity": s, "mode": mode, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
         value, opts = parse_sparsity(str(s))
         plan = plans.get(value)
+        q = opts.pop("quantized", False)
+        row["weights"] = args.weights if q else "bf16"
         log(f"--- {variant_key(row)}")
         try:
-            if plan is not None and (value, b) not in achieved:
+            if q and not quantized:
                 t = time.perf_counter()
-                achieved[(value, b)] = speed.decode_sparsity(model, plan, prompts[b], args.sparsity_steps)
+                quantize_weights(model, args.weights)
+                quantized = True
+                log(f"quantized to {args.weights} (torchao weight-only) in {time.perf_counter() - t:.1f} s")
+            if plan is not None and (value, b, q) not in achieved:
+                t = time.perf_counter()
+                achieved[(value, b, q)] = speed.decode_sparsity(model, plan, prompts[b], args.sparsity_steps)
                 log(f"achieved sparsity measured in {time.perf_counter() - t:.1f} s")
-            per_layer = achieved.get((value, b), {})
+            per_layer = achieved.get((value, b, q), {})
             torch.compiler.reset()
             torch._dynamo.utils.counters.clear()
             set_layout(model, plan, opts.get("group_siblings", True))
@@ -414,6 +455,16 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
     gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()
+
+
+def quantize_weights(model, weights: str) -> None:
+    """torchao's weight-only quantization of every projection in place (``lm_head`` kept bf16,
+    as the plans leave it dense)."""
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = {"fp8": Float8WeightOnlyConfig, "int8": Int8WeightOnlyConfig}[weights]()
+    set_layout(model, None)  # row-major, as torchao expects its inputs
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
 
 
 def run_lean(args, model, plan, prompt, mode, max_len, row, opts) -> None:

@@ -213,12 +213,20 @@ def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of each linear layer's weight (and bias): what a decode step reads per layer.
 
     A tied ``lm_head`` counts (it reads the whole embedding matrix); embeddings do not (a step
-    gathers B rows).
+    gathers B rows). An 8-bit torchao weight counts its data and scales.
     """
+    from .quantized import is_torchao, weight_format
+
+    def nbytes(p: torch.Tensor) -> int:
+        fmt = weight_format(p) if is_torchao(p) else None
+        if fmt is not None and fmt.quantized:
+            return fmt.qdata.numel() * fmt.qdata.element_size() + p.scale.numel() * p.scale.element_size()
+        return p.numel() * p.element_size()
+
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
-            out[name] = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+            out[name] = sum(nbytes(p) for p in m.parameters(recurse=False))
     return out
 
 

@@ -529,3 +529,107 @@ def test_torchao_weights_gpu(name: str) -> None:
         want = lin(torch.where(x.abs() < 0.6, 0.0, x))
     assert _rel(got, want) < 2e-2
 
+
+
+# -- the backend on a torchao-quantized model (CPU) -------------------------------------------------
+
+
+def quantized_tiny_llama(config_name: str, dtype: torch.dtype = torch.float32):
+    """The calibrated tiny Llama quantized by torchao (scales rounded to powers of two, so the
+    dequantized weights are exact in ``dtype``), its dequantized twin, and the plan."""
+    import copy
+
+    ao = pytest.importorskip("torchao.quantization")
+    from fxsparse.quantized import is_torchao
+
+    from conftest import calibrated_tiny_llama
+
+    model, plan = calibrated_tiny_llama()
+    model = model.to(dtype)
+    twin = copy.deepcopy(model)
+    config = {"int8": ao.Int8WeightOnlyConfig, "fp8": ao.Float8WeightOnlyConfig,
+              "int8_group": lambda: ao.Int8WeightOnlyConfig(granularity=ao.PerGroup(16))}[config_name]
+    ao.quantize_(model, config())
+    twins = dict(twin.named_modules())
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and is_torchao(mod.weight):
+            with torch.no_grad():
+                mod.weight.scale.copy_(torch.exp2(torch.log2(mod.weight.scale).round()))
+            twins[name].weight = torch.nn.Parameter(mod.weight.dequantize(dtype), requires_grad=False)
+    return model, twin, plan
+
+
+@pytest.mark.parametrize("config_name", ["int8", "fp8"])
+@pytest.mark.parametrize("inductor", [False, True])
+def test_quantized_model_matches_the_dequantized_reference(config_name: str, inductor: bool) -> None:
+    """``sparse_act`` on a torchao-quantized tiny Llama equals the eager hooks on its dequantized
+    twin: one row through the 8-bit ops (grouped, activation prologue), five rows through the
+    mask and torchao's own linear."""
+    from fxsparse.reference import plan_hooks
+
+    model, twin, plan = quantized_tiny_llama(config_name)
+    record: list = []
+    fast = torch.compile(model, backend="sparse_act", options={"plan": plan, "record": record,
+                                                                 "dense_when_faster": False,
+                                                                 "inductor": inductor})
+    for rows in (1, 5):
+        x = torch.randint(0, 96, (1, rows), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            got = fast(x, use_cache=False).logits
+            with plan_hooks(twin, plan):
+                want = twin(x, use_cache=False).logits
+            dense = twin(x, use_cache=False).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (dense - want).abs().max() > 1e-3  # the plan changes the output
+    decisions = [d for g in record for d in g["decisions"] if d["name"] in plan.layers]
+    kind = config_name
+    assert {d["weights"] for d in decisions} == {kind}
+    ops = {d["op"] for d in decisions}
+    assert {"fxsparse.threshold_linear_group", "fxsparse.threshold_linear_act", "mask+linear"} <= ops
+    code = record[0]["stages"]["lower"]
+    assert "_weight_.qdata" in code and "_weight_.scale" in code  # getattr nodes on the subclass
+
+
+def test_unreadable_torchao_weights_run_dense_with_the_reason() -> None:
+    """Per-group int8 scales: torchao's own path, the decision saying why, and prepare_weights
+    leaves the weights alone."""
+    import fxsparse
+
+    model, _, plan = quantized_tiny_llama("int8_group")
+    assert fxsparse.prepare_weights(model, plan, device_types=("cpu",), dense_when_faster=False) == []
+    record: list = []
+    options = {"plan": plan, "record": record, "dense_when_faster": False, "inductor": False}
+    fast = torch.compile(model, backend="sparse_act", options=options)
+    x = torch.randint(0, 96, (1, 1))
+    with torch.no_grad():
+        got = fast(x, use_cache=False).logits
+        want = model(x, use_cache=False).logits
+    torch.testing.assert_close(got, want)
+    decisions = [d for g in record for d in g["decisions"] if d["name"] in plan.layers]
+    assert decisions and all(d["op"] == "linear" and "one scale per output channel" in d["reason"]
+                             for d in decisions)
+
+
+def test_prepare_weights_lays_out_torchao_data() -> None:
+    """``prepare_weights`` makes each planned 8-bit weight's data column-major in place (same
+    Parameter objects), and the compiled model still matches."""
+    import fxsparse
+    from fxsparse.quantized import weight_format
+    from fxsparse.reference import plan_hooks
+
+    model, twin, plan = quantized_tiny_llama("int8")
+    params = {n: m.weight for n, m in model.named_modules() if n in plan.layers}
+    done = fxsparse.prepare_weights(model, plan, device_types=("cpu",), dense_when_faster=False)
+    assert sorted(done) == sorted(plan.layers)
+    for name, p in params.items():
+        mod = dict(model.named_modules())[name]
+        q = weight_format(mod.weight).qdata
+        assert mod.weight is p and q.stride() == (1, q.shape[0])
+    fast = torch.compile(model, backend="sparse_act", options={"plan": plan, "dense_when_faster": False,
+                                                                 "inductor": False})
+    x = torch.randint(0, 96, (1, 1))
+    with torch.no_grad():
+        got = fast(x, use_cache=False).logits
+        with plan_hooks(twin, plan):
+            want = twin(x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
