@@ -152,6 +152,14 @@ def _prefill_ranges(d: dict[str, Any], device: torch.device) -> str:
     return text
 
 
+def _element_size(p: torch.Tensor) -> int:
+    """Bytes per weight element as a step reads it: a torchao 8-bit weight's data, else the tensor's."""
+    from .quantized import is_torchao, weight_format
+
+    fmt = weight_format(p) if is_torchao(p) else None
+    return fmt.qdata.element_size() if fmt is not None and fmt.quantized else p.element_size()
+
+
 def _center_repr(center: float | list[float]) -> float | str:
     return f"[{len(center)}]" if isinstance(center, list) else float(center)
 
@@ -188,7 +196,7 @@ def explain(
 
     report = Report(graphs=record)
     seen: dict[str, LayerRow] = {}
-    elem = {n: p.element_size() for n, p in model.named_parameters(remove_duplicate=False)}  # tied too
+    elem = {n: _element_size(p) for n, p in model.named_parameters(remove_duplicate=False)}  # tied too
     modules = dict(model.named_modules())
     for g in record:
         for d in g["decisions"]:

@@ -633,3 +633,33 @@ def test_prepare_weights_lays_out_torchao_data() -> None:
         with plan_hooks(twin, plan):
             want = twin(x, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("config_name", ["int8", "fp8"])
+def test_quantized_model_gpu(config_name: str) -> None:
+    """The quantized tiny Llama in bf16 on the GPU, weights prepared (column-major 8-bit data),
+    compiled by ``sparse_act`` through Inductor: one row runs the 8-bit kernel (grouped,
+    prologue, float32 accumulation), five rows the fused mask and torchao's linear on the
+    column-major data; both near the eager hooks on the dequantized twin."""
+    import fxsparse
+    from fxsparse.reference import plan_hooks
+
+    model, twin, plan = quantized_tiny_llama(config_name, torch.bfloat16)
+    model, twin = model.cuda(), twin.cuda()
+    assert sorted(fxsparse.prepare_weights(model, plan, dense_when_faster=False)) == sorted(plan.layers)
+    record: list = []
+    fast = torch.compile(model, backend="sparse_act",
+                         options={"plan": plan, "record": record, "dense_when_faster": False})
+    for rows in (1, 5):
+        x = torch.randint(0, 96, (1, rows), generator=torch.Generator().manual_seed(rows)).cuda()
+        with torch.no_grad():
+            got = fast(x, use_cache=False).logits.float()
+            with plan_hooks(twin, plan):
+                want = twin(x, use_cache=False).logits.float()
+        assert _rel(got, want) < 3e-2  # bf16, Inductor's rounding: a few masks may flip
+    decisions = [d for g in record for d in g["decisions"] if d["name"] in plan.layers]
+    assert {d["weights"] for d in decisions} == {config_name}
+    assert any(d.get("accumulate") for d in decisions)
+    assert "mask+linear" in {d["op"] for d in decisions}
