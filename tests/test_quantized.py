@@ -561,11 +561,15 @@ def quantized_tiny_llama(config_name: str, dtype: torch.dtype = torch.float32):
 
 @pytest.mark.parametrize("config_name", ["int8", "fp8"])
 @pytest.mark.parametrize("inductor", [False, True])
-def test_quantized_model_matches_the_dequantized_reference(config_name: str, inductor: bool) -> None:
+def test_quantized_model_matches_the_dequantized_reference(config_name: str, inductor: bool,
+                                                           monkeypatch) -> None:
     """``sparse_act`` on a torchao-quantized tiny Llama equals the eager hooks on its dequantized
-    twin: one row through the 8-bit ops (grouped, activation prologue), five rows through the
-    mask and torchao's own linear."""
+    twin: one row through the 8-bit ops (grouped, activation prologue, chained through float32
+    accumulators, as on CUDA), five rows through the mask and torchao's own linear."""
+    import fxsparse.backend
     from fxsparse.reference import plan_hooks
+
+    monkeypatch.setattr(fxsparse.backend, "ACCUMULATE_DEVICES", ("cuda", "cpu"))
 
     model, twin, plan = quantized_tiny_llama(config_name)
     record: list = []
@@ -586,6 +590,8 @@ def test_quantized_model_matches_the_dequantized_reference(config_name: str, ind
     assert {d["weights"] for d in decisions} == {kind}
     ops = {d["op"] for d in decisions}
     assert {"fxsparse.threshold_linear_group", "fxsparse.threshold_linear_act", "mask+linear"} <= ops
+    assert any(d.get("accumulate") for d in decisions)
+    assert "threshold_linear_acc" in record[0]["stages"]["accumulate"]
     code = record[0]["stages"]["lower"]
     assert "_weight_.qdata" in code and "_weight_.scale" in code  # getattr nodes on the subclass
 
