@@ -59,6 +59,7 @@ import torch
 from torch import fx
 from torch._dynamo.utils import counters
 
+from .. import sharding
 from ..kernels import prefill_linear, sparse_gemv, threshold_linear  # noqa: F401  (registers the ops)
 from ..kernels.center_bias import center_bias_value, register_center_bias
 from ..kernels.crossover import NEVER, gemv_pays, resolve_min_rows_24
@@ -348,14 +349,33 @@ def lower_linears(
             w_val = _weight_value(site.weight_index, w, example_inputs)
         if w_val is not None:
             plan.check_shape(key, tuple(w_val.shape))
+        # -- tensor parallelism: this rank's piece of the layer, from its weight's placement ------
+        shard = sharding.site_sharding(x, w, w_val) if site.kind == "call_function" else None
+        tp = None
+        if shard is not None:
+            reason = shard.reason or (sharding.unsliceable_reason(lp, shard.layout) if shard.layout else None)
+            if reason is not None:  # left as it is: DTensor (or the engine) runs it dense
+                decisions.append({"name": site.name, "plan_key": key, "node": node.name, "op": "linear",
+                                  "reason": f"tensor parallel: {reason}", "branch": "dense"})
+                counters["fxsparse"]["dense"] += 1
+                continue
+            layout = shard.layout
+            lp = sharding.local_plan(key, lp, layout)
+            tp = f"{layout.kind} [{layout.lo}, {layout.hi}) of {layout.world}"
+            with graph.inserting_before(node):
+                x, w, b = shard.local_operands(graph, x, w, b)
+            w_val = w_val.to_local()
         device = w_val.device if w_val is not None else torch.device("cpu")
         sparse_gemv.reserve(device)  # the kernel's persistent state, outside CUDA-graph pools
 
         # -- prefill dispatch: which rows run what, decided here when the row count allows --
         what = "threshold"  # the branch emitted: threshold | mask+linear | dense | 2:4 | per-call
         min_rows_24 = None
-        reason = dense_reason(lp, None if w_val is None else w_val.dtype, device, dense_when_faster,
-                              group_width(plan, key, sets, grouped))
+        width = group_width(plan, key, sets, grouped)
+        if shard is not None and shard.layout.kind == "colwise":  # the rank's rows of each member
+            width = sum(sharding.local_features(plan.layers[m].out_features, shard.layout)
+                        for m in (sets[key] if grouped else (key,)))
+        reason = dense_reason(lp, None if w_val is None else w_val.dtype, device, dense_when_faster, width)
         if reason is not None:
             what = "dense"
         elif lp.prefill != "threshold":
@@ -426,13 +446,18 @@ def lower_linears(
                 cast = graph.call_function(torch.ops.aten._to_copy.default, (new,), {"dtype": cast_out})
             cast.meta.update(node.meta)
             new = cast
+        op_node = new
+        if shard is not None:  # a DTensor call: the local result back in DTensor's placement
+            new = shard.wrap_output(graph, new, node)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        if shard is not None:
+            shard.erase_unused_input(graph)
         op_name = {"dense": "linear", "mask+linear": "mask+linear"}.get(what) or \
             "fxsparse." + op._schema.name.split("::")[1]
-        decisions.append({"name": site.name, "plan_key": key, "node": new.name, "op": op_name,
+        decisions.append({"name": site.name, "plan_key": key, "node": op_node.name, "op": op_name,
                           "reason": reason, "prefill": lp.prefill, "decode_rows": lp.decode_rows,
-                          "min_rows_24": min_rows_24, "branch": what})
+                          "min_rows_24": min_rows_24, "branch": what, **({"tp": tp} if tp else {})})
         counters["fxsparse"]["dense" if what == "dense" else "lowered"] += 1
 
     if suspects and plan.layers:
