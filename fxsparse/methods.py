@@ -90,6 +90,10 @@ class BatchQuantileObserver(ActivationObserver):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         super().forward(x)
+        if self.shard is not None:  # a quantile of the whole input needs all of it: gather the slices
+            from .sharding import gather_channels
+
+            x = gather_channels(x, self.in_features, self.shard[2])
         v = x.detach().reshape(-1).float().abs()
         v = v[torch.isfinite(v)].sort().values.double()
         if v.numel():
@@ -155,13 +159,25 @@ class ObserverGroup(nn.Module):
     def count(self) -> int:
         return min(int(m.count) for m in self.members.values())
 
+    def set_shard(self, lo: int, hi: int, group: object) -> None:
+        """Tensor parallelism: every member sees input channels ``[lo, hi)`` only."""
+        for m in self.members.values():
+            m.set_shard(lo, hi, group)
+
+    def merge_shards(self) -> None:
+        for m in self.members.values():
+            m.merge_shards()
+
     def __getitem__(self, key: str) -> ActivationObserver:
         return self.members[key]
 
 
 def linear_weight(module: nn.Module) -> Tensor:
-    """The weight as ``[out_features, in_features]`` (GPT-2's ``Conv1D`` stores it transposed)."""
+    """The weight as ``[out_features, in_features]`` (GPT-2's ``Conv1D`` stores it transposed);
+    all of it for a tensor-parallel weight (a collective: every rank must ask for it)."""
     w = module.weight.detach()
+    if hasattr(w, "full_tensor"):  # a DTensor
+        w = w.full_tensor()
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 

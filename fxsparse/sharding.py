@@ -40,8 +40,8 @@ from torch import fx
 
 from .plan import LayerPlan, PlanError
 
-__all__ = ["Layout", "SiteSharding", "is_dtensor", "local_plan", "site_sharding", "unsliceable_reason",
-           "weight_layout"]
+__all__ = ["Layout", "SiteSharding", "gather_channels", "is_dtensor", "is_tensor_parallel", "local_plan",
+           "same_on_every_rank", "site_sharding", "unsliceable_reason", "weight_layout", "writes_files"]
 
 
 def is_dtensor(value: object) -> bool:
@@ -164,7 +164,7 @@ def _is_call(node: object, method: str) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_method" and node.target == method
 
 
-def _is_from_local(node: object) -> bool:
+def is_from_local(node: object) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
     from torch.distributed.tensor import DTensor
@@ -207,7 +207,7 @@ class SiteSharding:
 
     def erase_unused_input(self, graph: fx.Graph) -> None:
         """Drop the engine's ``from_local`` of the input once the rewritten call no longer reads it."""
-        if self._operands and _is_from_local(self._operands[0]) and not self._operands[0].users:
+        if self._operands and is_from_local(self._operands[0]) and not self._operands[0].users:
             graph.erase_node(self._operands[0])
 
     def wrap_output(self, graph: fx.Graph, new: fx.Node, old: fx.Node) -> fx.Node:
@@ -274,7 +274,7 @@ def _to_local(graph: fx.Graph, node: fx.Node) -> fx.Node:
 def local_input(graph: fx.Graph, x: fx.Node) -> fx.Node:
     """The local tensor of DTensor ``x``: the tensor the engine's ``from_local`` wrapped, else
     ``x.to_local()`` (inserted at the insertion point)."""
-    if _is_from_local(x):
+    if is_from_local(x):
         return x.kwargs.get("local_tensor", x.args[0] if x.args else None)
     return _to_local(graph, x)
 
@@ -283,7 +283,7 @@ def mesh_of(graph: fx.Graph, x: fx.Node, w: fx.Node) -> object:
     """The device mesh argument for a ``from_local`` of a linear's output: the mesh its input's
     ``from_local`` used (a graph input or a constant, whatever Dynamo made of it), else
     ``w.device_mesh``."""
-    if _is_from_local(x):
+    if is_from_local(x):
         mesh = x.kwargs.get("device_mesh", x.args[1] if len(x.args) > 1 else None)
         if mesh is not None:
             return mesh
@@ -327,3 +327,48 @@ def site_sharding(x: object, w: object, w_val: torch.Tensor | None, in_features:
         return SiteSharding(None, f"input has {xv.shape[-1]} features, this rank's weight slice "
                             f"{layout.hi - layout.lo}: left dense", on_dtensors)
     return SiteSharding(layout, None, on_dtensors)
+
+
+# -- calibration ------------------------------------------------------------------------------
+
+
+def gather_channels(x: torch.Tensor, channels: int, group: Any) -> torch.Tensor:
+    """The whole input of a row-parallel layer from the ranks' slices of its last dimension
+    (``torch.chunk`` pieces of ``channels``, in rank order): a collective over ``group``."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    size = -(-channels // world)
+    local = x.detach().contiguous()
+    pad = size - local.shape[-1]
+    if pad:
+        local = torch.nn.functional.pad(local, (0, pad))
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts, dim=-1)[..., :channels]
+
+
+def is_tensor_parallel(model: torch.nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor."""
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def same_on_every_rank(plan):
+    """Rank 0's plan on every rank (one broadcast; the plan is plain data)."""
+    import torch.distributed as dist
+
+    from .plan import SparsityPlan
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return plan
+    box = [plan.to_dict() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return SparsityPlan.from_dict(box[0])
+
+
+def writes_files() -> bool:
+    """Whether this process writes shared files: rank 0 of a ``torch.distributed`` job, or a
+    process outside one."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
