@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dispatch import SiteFacts, decide, group_width, sibling_sets
 from .logs import log
-from .passes.lower import dense_reason, group_width, sibling_sets
 from .plan import SparsityPlan, uncompiled
 
 __all__ = ["prepare_weights", "compile"]
@@ -31,8 +31,8 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
     """Make each planned linear's weight column-major in place; return the names converted.
 
     Only weights on ``device_types`` are converted (the CPU path gains nothing from it), and not
-    those of layers the lower pass will run dense (cuBLAS's usual layout; ``dense_reason``, with
-    ``dense_when_faster`` and ``group_siblings`` as the backend options of the same names).
+    those of layers the lower pass will run dense (cuBLAS's usual layout; ``dispatch.decide``,
+    with ``dense_when_faster`` and ``group_siblings`` as the backend options of the same names).
     A layer whose calls in some graph all have more rows than the kernel takes (lowered there
     as ``"mask+linear"``) is still converted: there are no row counts here, and its one-row
     (decode) graphs run the kernel on the same weight; cuBLAS takes either layout.
@@ -55,8 +55,9 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
         w = modules[name].weight
         if w.device.type not in device_types or (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
             continue
-        width = group_width(plan, name, sets, group_siblings)
-        if dense_reason(lp, w.dtype, w.device, dense_when_faster, width) is not None:
+        facts = SiteFacts(plan=lp, device=w.device, weight_dtype=w.dtype,
+                          width=group_width(plan, name, sets, group_siblings))
+        if decide(facts, dense_when_faster=dense_when_faster).branch == "dense":
             continue  # lowered dense: cuBLAS's usual layout
         if spans is None:  # taken before any conversion: freed old weights never overlap a live one
             spans = [(n, t.device, *_span(t)) for n, t in (
