@@ -14,8 +14,9 @@ prompts, all seven projections, ``lm_head`` dense) serves every sparsity; each v
   at each step start (no sync inside the loop).
 * ``hf``: ``model.generate`` with a static cache; transformers compiles the decode step from
   ``compile_config`` (``fxsparse.compile_config(plan)`` for sparse, ``CompileConfig(backend=
-  "inductor")`` with the same mode for dense); step time = (generate - prefill-only generate)
-  / (new tokens - 1), medians over ``--repeats``; exactly ``--new-tokens`` tokens.
+  "inductor")`` with the same mode for dense); step time = median interval between the tokens
+  a streamer receives, over ``--repeats`` runs (the difference generate - prefill-only generate
+  is kept as ``diff_ms_per_step``); exactly ``--new-tokens`` tokens.
 
 ``dense`` variants use the weights row-major (as loaded); sparse ones after
 ``fxsparse.prepare_weights`` (column-major). Per variant, compilation and warm-up are excluded,
@@ -458,9 +459,9 @@ def run_hf(args, model, plan, prompt, mode, dev, row, opts) -> None:
     row["compile_s"] = res["warmup_s"]
     row["first_tokens"] = toks[0, :8].tolist()
     log(f"generate: compiled + warmed up in {res['warmup_s']:.1f} s, prefill {res['prefill_ms']:.1f} ms, "
-        f"generate {res['generate_ms']:.1f} ms, streamer median {_fmt(res.get('streamer_ms_per_step'))} "
-        f"ms/step (max {_fmt(res.get('streamer_max_ms'))})" + (f"; profiler failed: {res['profile_error']}"
-                                                              if "profile_error" in res else ""))
+        f"generate {res['generate_ms']:.1f} ms, step median {_fmt(res['ms_per_step'])} ms "
+        f"(max {_fmt(res['max_step_ms'])}; by difference {_fmt(res['diff_ms_per_step'])})"
+        + (f"; profiler failed: {res['profile_error']}" if "profile_error" in res else ""))
 
 
 if __name__ == "__main__":
