@@ -290,7 +290,7 @@ def _threshold_gemv_kernel(
     # Every N-block of a split computes the same list. Groups of scr_group N-blocks share a
     # scratch copy, all members writing the same values to the same slots (a benign race):
     # one copy per split had 100-200 SMs storing to the same lines, which L2 serialised, and
-    # one per program costs the L2 write-back of megabytes of scratch (bench/NOTES.md).
+    # one per program costs the L2 write-back of megabytes of scratch (docs/performance.md).
     k_first = pid_k * split_len
     k_end = tl.minimum(K, k_first + split_len)
     scr_row = pid_k.to(tl.int64) * tl.cdiv(ws_n // BLOCK_N, scr_group) + pid_n // scr_group
@@ -820,7 +820,7 @@ def _rows_block(rows: int, use_dot: bool) -> int:
     return max(16, _next_pow2(rows)) if use_dot else _next_pow2(rows)
 
 
-# Programmatic dependent launch for the one-row kernel (H200, session 7, bench/NOTES.md). Back to
+# Programmatic dependent launch for the one-row kernel (H200, docs/performance.md). Back to
 # back in a CUDA graph it saves 0.4-0.7 µs per call on every decode shape. In a compiled decode
 # step the GEMVs follow Inductor kernels, and there it pays only when those kernels signal their
 # dependents early, i.e. with Inductor's own ``triton.enable_pdl`` (Llama-3-8B, 50%: 3.834 ->
@@ -839,7 +839,7 @@ _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v 
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
 
-# One-row launches that stream 4 KB runs of each kept row (session 11, H200,
+# One-row launches that stream 4 KB runs of each kept row (H200,
 # ``bench/results/gemv_stream_long_h200.md``; the "stream" rule below). block_n in bytes here.
 _STREAM = dict(num_warps=8, block_n=4096, sub_k=1, tile_bytes=16384, programs_per_sm=1, chunk_k=32,
                one_step_max=1024, scratch_group=1, max_split=256, stages=4, acc_tile=True,
@@ -857,11 +857,11 @@ def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False,
     last-arriving split rounds and stores them). On the H200 the op ran 0.95-1.08x cuBLAS at
     s = 0, 1.29-1.95x at 0.5 and 2.0-6.7x at 0.9 on the five benchmark shapes (``gemv_h200.md``),
     the rules below 0.84-0.95x, 1.15-1.69x and 1.8-5.3x: what limited those was not bytes in
-    flight but the DRAM efficiency of 128-256-byte runs scattered over rows (``bench/NOTES.md``,
-    session 11; ``gemv_stream_long_h200.md``). The addition order of atomics varies from run to
+    flight but the DRAM efficiency of 128-256-byte runs scattered over rows
+    (``docs/performance.md``; ``gemv_stream_long_h200.md``). The addition order of atomics varies from run to
     run, so under ``torch.use_deterministic_algorithms`` the rules below run instead.
 
-    By weight size (H200 sweeps of sessions 5 and 6, bench/NOTES.md), deterministic:
+    By weight size (H200 sweeps, docs/performance.md), deterministic:
 
     Programs of one or two warps keep scans and reductions inside a warp: the fixed cost
     (τ = ∞) fell from 6.4-16.7 µs (four warps) to 4.8-9.4 µs. What separates the rules is bytes
@@ -874,14 +874,13 @@ def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False,
     * large (70B shapes, gate/up grouped): one warp, 256-byte runs, 256-channel splits
       (28672x8192: 0.93/1.69/5.34x).
     Every rule sums all split-K partials in one load where 64 floats per thread hold them.
-    (Accumulating launches are never deterministic; before the stream rule they took 32-row
-    one-warp tiles at 8 programs per SM, ``gemv_rules2_h200.md``.)
+    Accumulating launches are never deterministic.
     """
     if accumulate or not deterministic:
         # two programs per SM when accumulating: in Llama-3-8B's decode chain 28.96 / 18.17 / 7.60
-        # µs per call at s = 0 / 0.5 / 0.9 against one per SM's 29.71 / 18.26 / 7.41 and the
-        # previous rule's 29.39 / 18.25 / 8.07 (gemv_rules3_h200.md): in q/k/v as one group k's
-        # and v's N-blocks are half as wide as q's, which one program per SM leaves uneven
+        # µs per call at s = 0 / 0.5 / 0.9 against one per SM's 29.71 / 18.26 / 7.41 (H200): in
+        # q/k/v as one group k's and v's N-blocks are half as wide as q's, which one program per
+        # SM leaves uneven
         return dict(_STREAM, block_n=_STREAM["block_n"] // elem_size, programs_per_sm=2 if accumulate else 1)
     one_warp = dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False, epi_floats=64)
     if n * k < _SMALL_WEIGHT:
@@ -935,7 +934,7 @@ def _block_config(
     row_dot: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
-    chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
+    chose it (H100 sweep, bf16, s = 0 / 0.5 / 0.9):
     * one row: 256-byte Wᵀ runs (BLOCK_N = 128 bf16), 16-row tiles (32-row tiles cost
       registers and occupancy: slower on 4 of 5 shapes), ~8 programs per SM (4 or 16: slower
       on 3 of 5), 256 channels per masking step (vs 128: 4096² s=0.9 12.3 -> 9.4 µs,
@@ -944,7 +943,7 @@ def _block_config(
 
     ``chunk_k`` is the split granularity and the masking step, except that a split of at most
     ``one_step_max`` channels is masked in one step (more costs registers, hence occupancy).
-    ``scratch_group``: N-blocks per compaction scratch copy (session 4 sweep: 4, 8 and 16
+    ``scratch_group``: N-blocks per compaction scratch copy (H100 sweep: 4, 8 and 16
     within 1-4%; one copy per split 1.15-1.3x slower at s = 0.9, one per program up to 7%
     slower at s = 0). ``row_kernel``: one row through ``_row_gemv_kernel`` (``num_warps``,
     ``acc_tile``, ``epi_floats``: partial sums per thread per epilogue load, each load an L2
@@ -1106,12 +1105,12 @@ def max_rows(n: int, k: int, dtype: torch.dtype, sparsity: float | None = None) 
     producer, ``passes/lower.py``).
 
     Two rows (16-bit weights, not deterministic) take the one-row kernel's stream with [2, ...]
-    masks. H200, bf16, independent masks per row (``results/gemv_h200.md``, rows 2, session 13),
+    masks. H200, bf16, independent masks per row (``bench/results/gemv_h200.md``, rows 2),
     speedup over cuBLAS on the five benchmark shapes: 0.80-0.97x at s = 0 (mask + cuBLAS:
     0.89-1.02x), 0.98-1.21x at s = 0.5 (union sparsity 0.25; mask + cuBLAS 0.91-1.02x), 1.49-3.51x
     at 0.9; the stream passes mask + cuBLAS between s = 0.25 and 0.5. Three rows ran 0.63-0.80x
     at s = 0 and lost up to s = 0.5 (union 0.12), four 0.62-0.80x, 8-16 rows on tensor cores
-    0.46-0.73x (``bench/gemv.py --crossover``, ``results/gemv_crossover_h200.md``). So a layer
+    0.46-0.73x (``bench/gemv.py --crossover``, ``bench/results/gemv_crossover_h200.md``). So a layer
     planned below ``TWO_ROW_MIN_SPARSITY`` keeps one row.
     """
     if dtype.itemsize != 2 or torch.are_deterministic_algorithms_enabled():
@@ -1177,7 +1176,7 @@ def threshold_gemv_group(
     """``threshold_gemv`` of 1-3 weights that share ``x`` and its mask, in one launch.
 
     Sibling projections (q/k/v, gate/up) then pay the kernel's fixed cost (launch, masking,
-    split-K epilogue: 4.8-9.4 µs on the H200, bench/NOTES.md) once instead of once each, and the
+    split-K epilogue: 4.8-9.4 µs on the H200, docs/performance.md) once instead of once each, and the
     small ones (k/v) ride along with a large one. Biases must be all present or all absent, and
     so must center biases. With ``act`` the input is ``act(x) * x_mul`` (``x_mul`` optional;
     ``ACTIVATIONS``), which the one-row kernel computes as it loads ``x``.
