@@ -1,74 +1,19 @@
 """Fused threshold-mask + sparse GEMV: the CUDA implementation of ``fxsparse::threshold_linear``.
 
-Decode is memory-bound: a batch-1 linear reads the whole weight. When a fraction ``s`` of the
-input activations is dropped, only ``1 - s`` of the weight has to be read, so the speedup limit
-is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of a dropped channel:
-
-* **Layout.** The weight ``W`` ([N, K]) must be *column-major* (strides ``(1, N)``, i.e.
-  ``W.t()`` is a contiguous [K, N]), so one input channel is one contiguous run of ``N`` elements
-  and skipping it skips whole memory sectors. ``supports()`` declines any other layout; the
-  caller converts parameters once (``p.data = p.data.t().contiguous().t()``).
-* **Mask in the kernel, then compaction.** Phase 1: each program loads its split of ``x`` for
-  all rows, computes ``keep = not(|x - center| * scale < threshold)`` in float32 (NaN is kept),
-  and stream-compacts the channels that any row keeps (prefix sum + scatter) into a small
-  scratch, one copy per split and group of ``scratch_group`` N-blocks: channel ids and each
-  row's kept value ``x - fill`` (0 where that row drops it, so every row keeps its exact mask).
-  Phase 2 walks that list in ``SUB_K``-row tiles and loads only those rows of ``Wᵀ``,
-  software-pipelined (by Triton: a ring of tiles in shared memory; or by hand, ids two tiles
-  ahead, weights one), so loads, conversions and FMAs scale with the kept count, not with ``K``.
-  Each program reads a long run of every kept row (4 KB in the default rule): DRAM streams
-  such runs at the rate of dense reads, 128-256-byte runs at 70-85% of it.
-* **Center as bias.** Dropped entries snap to the center ``c``; with ``c`` folded out,
-  ``out = Σ_kept W[:, i] (x_i - c_i) + (b + W c)``. ``W c`` (``center_bias``) is computed once
-  by the caller when preparing the model; without it the wrapper computes it (slow, correct).
-* **Split-K without a zeroing pass.** The grid is (N-blocks x K-splits). With several splits,
-  every program adds its float32 partial to a per-device sums buffer with atomics, then bumps a
-  per-N-block arrival counter; the last program to arrive reads the sums, zeroes them again,
-  adds the biases, writes the output and resets the counter, so no memset precedes the launch.
-  Under ``torch.use_deterministic_algorithms`` (and for launches wider than the sums buffer)
-  programs write their partials to a workspace instead and the last one sums them in a fixed
-  order. Counters and sums live in small per-device buffers that are zero between launches;
-  launches on one stream never overlap, so they never share them at once.
-* **Or accumulate** (one-row kernel, ``threshold_gemv_group(accumulate=acc)``, what
-  ``fxsparse::threshold_linear_acc`` runs): every program adds its partial to a float32
-  output with relaxed atomics and is done; that output's reader rounds it. The zeros it must
-  start from are written by the previous accumulating launch (``zeros_next``), so again no
-  memset. Fence, counter, reload and store leave the critical path: 1.2-2.2 µs per call at 50%
-  on the H200 (``bench/results/gemv_accum_h200.md``); the price is an addition order that varies
-  from run to run. The input may then be another call's float32 sum, rounded to the weight's
-  dtype as it is loaded.
-
-Two kernels share that design. ``_row_gemv_kernel`` (one row, what the op runs) keeps every
-tensor 1-D or [SUB_K, BLOCK_N]; it runs one eight-warp program per SM streaming 4 KB runs
-(``_row_defaults``' stream rule), or, deterministic, one- or two-warp programs whose scans and
-reductions stay inside a warp: the row-generic ``_threshold_gemv_kernel`` ([BLOCK_R, C] shapes,
-four warps, tensor cores for several rows) spent ~28 barriers of layout conversions per launch,
-and its fixed cost (τ = ∞) was 1.3-2.1x the one-row kernel's (H200: 6.4-16.7 vs 4.8-9.4 µs,
-``bench/results/gemv_sweep_row_h200.md``; stage by stage: ``gemv_fixed_h200.md``). Both
-take 1-3 *members*, weights that share x and the mask (q/k/v, gate/up; ``threshold_gemv_group``):
-the grid runs over all members' N-blocks, so siblings pay the fixed cost once. Asked for
-(``row_kernel=True``), the one-row kernel also streams up to ``MAX_ROW_KERNEL_ROWS`` rows with
-[rows, ...] masks, FMA accumulators up to ``MAX_FMA_ROWS`` rows and tensor-core products above
-(or with ``row_dot``): a row of Wᵀ is read if any row keeps its channel. The op sends two rows
-there (``max_rows``: from three rows on, mask + cuBLAS was faster at the sparsities plans use).
-
-Prologue: the one-row kernel can take its input as ``act(a) * b`` (silu, gelu, gelu_tanh, relu;
-``threshold_linear_act``), loading ``a`` and ``b`` a masking step ahead and computing the
-activation when the step is used, rounded per op as eager; so the down projection needs no
-kernel in front of it that writes ``silu(gate) * up``.
-
-Launch: with Inductor's ``triton.enable_pdl`` on (its kernels then signal their dependents
-early), the one-row kernel is launched as a programmatic dependent and waits for its producer
-in the kernel (``ROW_PDL``), so its launch overlaps the producer's tail; without it, that
-launch measured slower in a compiled decode step, so it is off.
-
-No host synchronisation, no autotuning: the block sizes come from ``_pick_config`` (a fixed rule
-on shape and dtype, with the measurements that chose it in ``bench/NOTES.md``), so the launch
-captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")``. Besides the
-output, a call takes small float32 workspaces (compaction scratch; partials when
-deterministic; accumulating calls: the next call's zeros) from PyTorch's caching allocator: no
-kernel, no sync, graph-safe. ``supports()`` accepts one or two rows (``max_rows``; accumulating
-calls one). The wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+A decode-time linear reads its whole weight for one or two rows, so its time is the weight's bytes.
+This kernel reads only the weight rows of the input channels it keeps: ``W`` ([N, K]) must be
+column-major (``W.t()`` contiguous; ``supports()`` declines other layouts), so a dropped channel
+is a skipped contiguous run. Phase 1: each program thresholds its K-split of ``x`` in float32
+(``keep = not(|x - center| * scale < threshold)``, NaN kept) and compacts the kept channels
+(prefix sum + scatter) into a small scratch; phase 2 streams only those rows of ``Wᵀ`` through a
+pipelined loop, so the work scales with the kept count. The center is folded out as a bias
+(``b + W @ center``, computed once by the caller). K-split partials are summed with float32
+atomics and finished by the last split to arrive (no memset), or, under
+``torch.use_deterministic_algorithms``, in a fixed order; ``accumulate`` leaves the float32 sums to
+the output's reader. One launch serves 1-3 weights that share ``x`` and the mask (q/k/v, gate/up),
+and the input may be ``act(a) * b``, computed while loading. Block sizes come from a fixed rule on
+shape and dtype (no autotuning: graph-capturable); docs/performance.md has the design and the
+measurements behind each rule. Runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
 from __future__ import annotations
