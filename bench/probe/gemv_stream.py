@@ -129,7 +129,7 @@ class Stream:
 
 
 def long_variants(n: int, k: int, nsm: int) -> list[Stream]:
-    """Run 2: long contiguous runs per row (2-8 KB), float32 atomics instead of the epilogue."""
+    """Long contiguous runs per row (2-8 KB), float32 atomics instead of the epilogue."""
     out = []
     for block_n, sub_k in ((1024, 8), (2048, 4), (4096, 2)):
         n_blocks = triton.cdiv(n, block_n)
@@ -207,7 +207,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", nargs="*", default=None)
-    ap.add_argument("--long", action="store_true", help="run 2's variants (long runs, atomics)")
+    ap.add_argument("--long", action="store_true", help="the long-run variants (2-8 KB runs, atomics)")
     args = ap.parse_args()
     global LONG
     LONG = args.long
