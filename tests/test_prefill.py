@@ -1,4 +1,4 @@
-"""Prefill kinds (issue 7): plan fields, fxsparse::prefill_linear, lowering, crossover cache, 2:4."""
+"""Prefill kinds: plan fields, fxsparse::prefill_linear, lowering, crossover cache, 2:4."""
 
 import json
 import logging
