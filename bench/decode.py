@@ -1,41 +1,18 @@
-"""Decode speed, dense (Inductor) vs sparse_act: lean gpt-fast loop and HF generate (issue 6).
+"""Decode speed, dense (Inductor) vs sparse_act: lean gpt-fast loop and HF generate.
 
-Random-weight models built from a config (no hub access on the GPU machine): ``llama3-8b``
-(Llama-3-8B's shapes, 32 layers, ``--layers`` to cut), ``smollm2-135m`` (SmolLM2-135M's
-architecture: hidden 576, intermediate 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152, tied
-embeddings) and ``tiny`` (CPU smoke test). Weights are made on the meta device and filled with
-random normals on the target device (seconds for 8B). One calibration pass (random-token
-prompts, all seven projections, ``lm_head`` dense) serves every sparsity; each variant is a
-``(loop, batch, sparsity)``:
-
-* ``lean``: static cache, the decode step (forward + argmax) compiled, position bumped in place,
-  nothing else per step (``fxsparse.speed.lean_decode``); CUDA graphs via
-  ``mode="reduce-overhead"``. Step time: median of the intervals between CUDA events recorded
-  at each step start (no sync inside the loop).
-* ``hf``: ``model.generate`` with a static cache; transformers compiles the decode step from
-  ``compile_config`` (``fxsparse.compile_config(plan)`` for sparse, ``CompileConfig(backend=
-  "inductor")`` with the same mode for dense); step time = (generate - prefill-only generate)
-  / (new tokens - 1), medians over ``--repeats``; exactly ``--new-tokens`` tokens.
-
-``dense`` variants use the weights row-major (as loaded); sparse ones after
-``fxsparse.prepare_weights`` (column-major). Per variant, compilation and warm-up are excluded,
-and the row reports ms/step, tokens/s (batch x steps/s), the ratio to the dense twin (same
-model, loop and batch), achieved weight bandwidth (bytes of all linear weights a step needs at
-the achieved sparsity measured on the decode inputs -- for batch > 1 the union over rows, i.e. the
-share of channels every row drops -- over the step time), and where the time goes: a
-``torch.profiler`` pass over ``--profile-steps`` steps gives the GPU kernel time per step by
-family (sparse GEMV Triton kernel, cuBLAS, attention, other kernels, memcpy/memset), GPU busy
-time, and the host gap = step time - busy time; also the host time per call, kernels per step,
-Dynamo graphs compiled and recompiles after warm-up, CUDA-graph skips. Progress lines carry
-timestamps; JSON and markdown are rewritten after every variant, so a run cut off still leaves
-its finished rows.
-
-The H100 matrix in two device calls, then one table from both, without a GPU. Each call is
-estimated at 6-7 minutes: ~15 s imports and model build, ~40 s calibration per preset, and per
-variant 40-60 s of compilation (Dynamo + Inductor + CUDA graph recording, 30-32 layers) plus
-~10 s of measuring (256 timed steps, profiler, achieved sparsity); six and five variants.
-``--budget-s`` starts no variant that the previous one's duration says would not finish in time,
-so a slow machine loses variants, never a whole call:
+Random-weight models built on the target device from a config (no hub access): ``llama3-8b``
+(Llama-3-8B's shapes, ``--layers`` to cut), ``smollm2-135m`` and ``tiny`` (CPU smoke test). One
+calibration pass (random-token prompts, all seven projections, ``lm_head`` dense) serves every
+sparsity. A variant ``preset:loop:batch:sparsity`` (``--only`` / ``--skip`` take globs) runs the
+``lean`` loop (``fxsparse.speed.lean_decode``: static cache, one compiled step, CUDA events per
+step) or ``hf`` (``generate`` with a static cache and ``compile_config``; step time: the median
+interval between the tokens a streamer receives). Sparse variants use
+``prepare_weights``; sparsity suffixes: ``u`` no sibling grouping, ``f`` no
+``emulate_precision_casts``, ``p`` Inductor's PDL, ``g`` the GEMV with PDL in any case, ``a`` no
+activation prologue. Each row: ms/step, tokens/s, ratio to the dense twin, weight TB/s at the
+achieved sparsity, the profiler's GPU time per kernel family, host gap, kernels per step,
+graphs and recompiles. JSON and markdown are rewritten after every variant; ``--budget-s`` skips
+variants that would not finish in time.
 
     PYTHONPATH=. python bench/decode.py --preset llama3-8b --loops lean --batch 1 4 \
         --sparsity dense 0.0 0.4 0.5 --skip '*:4:0.0' '*:4:0.4' --budget-s 520 --out $OUT/decode_lean
@@ -44,19 +21,6 @@ so a slow machine loses variants, never a whole call:
         'smollm2-135m:lean:1:0.5' --budget-s 520 --out $OUT/decode_hf
     PYTHONPATH=. python bench/decode.py --report decode_lean.json decode_hf.json \
         --out bench/results/decode_h100
-
-The first: Llama-3-8B lean loop, batch 1 at dense/0/40/50% and batch 4 at dense/50%; the
-second: HF generate at batch 1, dense/0/50%, and SmolLM2-135M's lean loop, dense/50%. Variant
-names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on them. A sparsity
-with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
-``group_siblings=False``: q/k/v and gate/up one launch each), one with ``f`` (``0.5f``) without
-``emulate_precision_casts`` for graphs with fused masks (batch > 1), for comparison; ``p``
-(``densep``, ``0.5p``) compiles with Inductor's programmatic dependent launch (the sparse GEMV
-follows that flag), ``g`` launches the GEMV with it in any case, ``a`` keeps the down
-projections' input ``silu(gate) * up`` as its own kernel (``fuse_activations=False``).
-
-Smoke test on CPU (no CUDA graphs, profiler by aten op):
-
     PYTHONPATH=. python bench/decode.py --preset tiny --device cpu --new-tokens 16 --out /tmp/d
 """
 
@@ -458,9 +422,9 @@ def run_hf(args, model, plan, prompt, mode, dev, row, opts) -> None:
     row["compile_s"] = res["warmup_s"]
     row["first_tokens"] = toks[0, :8].tolist()
     log(f"generate: compiled + warmed up in {res['warmup_s']:.1f} s, prefill {res['prefill_ms']:.1f} ms, "
-        f"generate {res['generate_ms']:.1f} ms, streamer median {_fmt(res.get('streamer_ms_per_step'))} "
-        f"ms/step (max {_fmt(res.get('streamer_max_ms'))})" + (f"; profiler failed: {res['profile_error']}"
-                                                              if "profile_error" in res else ""))
+        f"generate {res['generate_ms']:.1f} ms, step median {_fmt(res['ms_per_step'])} ms "
+        f"(max {_fmt(res['max_step_ms'])}; by difference {_fmt(res['diff_ms_per_step'])})"
+        + (f"; profiler failed: {res['profile_error']}" if "profile_error" in res else ""))
 
 
 if __name__ == "__main__":

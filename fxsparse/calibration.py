@@ -180,7 +180,7 @@ def calibrate(
             one pass over the data.
         target_sparsity_by_scope: ``{TargetScope(...): sparsity in [0, 1)}``.
         ignored_scope: layers to leave dense whatever the targets say.
-        method: one of ``METHODS`` (details and formulas in ``fxsparse.methods``):
+        method: one of ``METHODS`` (details and formulas in docs/calibration.md):
             ``"quantile"``: tau = Quantile(|X|, s) (NNCF, seed 000; ``quantile_ema=True``,
             ``ema_alpha``: NNCF's per-batch EMA estimate); ``"mode"``: SCAP mode-centering
             (seed 001; ``center="zero"|"median"|"kde"``); ``"norm"``: |x_i| * ||W[:, i]||

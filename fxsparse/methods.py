@@ -5,28 +5,10 @@ observers every requested method needs (plain histogram, per-batch quantiles, no
 attribution-scaled histograms). ``plan_from_observers`` then derives a ``SparsityPlan`` for any
 target sparsities without touching the data again, so a whole sweep costs one pass per model.
 
-Methods (all give the same plan format; ``x`` is the layer's input, ``s`` the target):
-
-``quantile``  tau = Quantile(|X|, s) over all calibration entries (NNCF, seed 000).
-              ``quantile_ema=True``: NNCF's own estimator instead: the exact quantile of each
-              batch, averaged over batches with NNCF's EMA update (``ema_alpha``, default 0.2;
-              ``ema_rule="pandas"`` for the bias-free weighted mean, see ``nncf_ema``).
-``mode``      SCAP (seed 001): c = 0 | median | KDE peak of X (``center=``), tau =
-              Quantile(|X - c|, s); dropped entries take the value c (the op adds W @ c).
-``norm``      Sparsing Law / WINA (seed 003): drop x_i when |x_i| * ||W[:, i]||_2 < tau, tau the
-              s-quantile of that product.
-``topk``      Sparsing Law Top-k (seed 003): keep the k = n - round(s n) largest |x_i| of each
-              token (``fxsparse::topk_linear``; ties kept). Needs no statistics.
-``fat``       Sparsing Law FAT-eps (seed 003): one absolute threshold eps for every chosen layer;
-              ``epsilon=`` sets it, else eps is solved so the weight-size-weighted mean sparsity
-              of each group of layers sharing a target equals that target.
-``pplp``      Sparsing Law PPL-p% (seed 003): per-layer thresholds on |x_i| * ||W[:, i]|| from a
-              common tail-error budget (CETT, see ``cett_curve``); with ``p=`` the budget is the
-              largest whose perplexity on the calibration text rises by at most p% (bisection),
-              with ``cett=`` it is given, else it is solved to meet the targets on average.
-``attribution`` Song et al. 2024 (seed 002): drop x_i when |x_i| * a_i < tau, a_i a per-channel
-              attribution score (``fxsparse.attribution``; ``metric=`` gradient | gxo | ig |
-              snip | cor_gxo), tau the s-quantile of that product.
+Methods, all writing the same plan format (rules and sources in docs/calibration.md):
+``quantile`` (NNCF, seed 000; ``quantile_ema`` for NNCF's per-batch EMA estimator), ``mode``
+(SCAP mode-centering, seed 001), ``norm``, ``topk``, ``fat`` and ``pplp`` (Sparsing Law, seed
+003), ``attribution`` (Song et al. 2024, seed 002; scores from ``fxsparse.attribution``).
 
 Beyond the seeds: ``allocate_sparsity`` spreads a model-wide budget over layers greedily by
 measured output error, so sensitive layers are sparsified less; ``refine_plan`` recalibrates a

@@ -2,24 +2,17 @@
 
 An observer is an ``nn.Module`` whose ``forward(x)`` returns ``x`` unchanged and records:
 
-* a signed histogram of ``x`` on a log-magnitude grid (256 bins per octave, 2^-64 .. 2^64, about
-  0.27% relative bin width), from which the threshold for *any* target sparsity and any center
-  (``Quantile(|X - c|, s)``) and the centers themselves (median, density peak) follow after one
-  pass, so a sparsity sweep never recalibrates;
-* optionally a magnitude histogram of ``|x - c| * scale`` for a fixed per-channel scale (the
-  norm-scaled criterion of Sparsing Law, seed 003);
-* per-channel count / sum / sum of squares / max |x| (float64, ``in_features`` each);
-* optionally an exact *probe*: given the plan's threshold, center and scale, the number of
-  dropped entries and the per-token dropped fraction (mean and spread), for inspection and
-  evaluation.
+* a signed histogram of ``x`` on a log-magnitude grid (256 bins per octave, 2^-64 .. 2^64), from
+  which the threshold for *any* target sparsity and center (``Quantile(|X - c|, s)``) and the
+  centers themselves (median, density peak) follow after one pass;
+* optionally a histogram of ``|x - c| * scale`` for a fixed per-channel scale (column norms,
+  attribution scores: hence the wide grid);
+* per-channel count / sum / sum of squares / max |x| (float64);
+* optionally an exact *probe*: given a plan entry, the dropped count and per-token dropped fraction.
 
-Nothing stores activations, so memory is fixed per observer: 512 KiB for the signed histogram
-(none for a probe without statistics, as ``evaluate`` and ``explain`` use),
-256 KiB more for the scaled one (int64 counts); ~100 MiB (plain) to ~250 MiB (with a scaled
-observer beside it) for a model's ~200 linears.
-The grid is wide because the scaled criterion multiplies |x| by arbitrary scales (column norms,
-attribution scores). Values outside it still count (in the zero or the top bin), and how many
-did is recorded: a threshold that falls among them warns, as its bin says little about them.
+Nothing stores activations, so memory is fixed: 512 KiB per signed histogram, none for a probe
+without statistics. Values outside the grid still count (in the zero or top bin), and a threshold
+that falls among them warns.
 """
 
 from __future__ import annotations

@@ -40,8 +40,9 @@ from torch import fx
 
 from .plan import LayerPlan, PlanError
 
-__all__ = ["Layout", "SiteSharding", "gather_channels", "is_dtensor", "is_tensor_parallel", "local_plan",
-           "same_on_every_rank", "site_sharding", "unsliceable_reason", "weight_layout", "writes_files"]
+__all__ = ["Layout", "SiteSharding", "gather_channels", "is_dtensor", "is_tensor_parallel", "layer_piece",
+           "local_plan", "local_tensor", "local_width", "make_column_major", "same_on_every_rank",
+           "site_sharding", "unsliceable_reason", "weight_layout", "writes_files"]
 
 
 def is_dtensor(value: object) -> bool:
@@ -111,10 +112,15 @@ def weight_layout(weight: torch.Tensor) -> Layout | str | None:
     return Layout("colwise" if dim == 0 else "rowwise", lo, hi, rank, world, mesh_dim, mesh)
 
 
-def local_features(n: int, layout: Layout) -> int:
-    """How many of a column-parallel layer's ``n`` outputs this rank computes."""
-    lo, hi = _chunk(n, layout.world, layout.rank)
-    return hi - lo
+def local_width(plan, members, layout: Layout) -> int:
+    """Output features this rank's kernel runs at for a sibling set ``members`` (``dispatch.group_width``
+    on the rank's pieces): each column-parallel member's rows, a row-parallel one's all."""
+    width = 0
+    for m in members:
+        n = plan.layers[m].out_features
+        lo, hi = _chunk(n, layout.world, layout.rank) if layout.kind == "colwise" else (0, n)
+        width += hi - lo
+    return width
 
 
 def unsliceable_reason(lp: LayerPlan, layout: Layout) -> str | None:
@@ -148,6 +154,45 @@ def local_plan(name: str, lp: LayerPlan, layout: Layout) -> LayerPlan:
     center = lp.center[lo:hi] if isinstance(lp.center, list) else lp.center
     scale = None if lp.channel_scale is None else lp.channel_scale[lo:hi]
     return replace(lp, in_features=hi - lo, center=center, channel_scale=scale)
+
+
+def layer_piece(plan, name: str, members, weight: torch.Tensor) -> tuple[LayerPlan, int, str | None]:
+    """For a layer without a graph (``prepare_weights``): ``(entry, width, unsliceable)``, the
+    rank's piece of plan entry ``name`` and of its sibling set ``members``' width as the lower
+    pass will see them, and why the piece cannot run the sparse op (None when it can). A plain
+    weight gives the entry itself."""
+    lp = plan.layers[name]
+    width = sum(plan.layers[m].out_features for m in members)
+    layout = weight_layout(weight)
+    if layout is None:
+        return lp, width, None
+    if isinstance(layout, str):
+        return lp, width, layout
+    reason = unsliceable_reason(lp, layout)
+    if reason is not None:
+        return lp, width, reason
+    return local_plan(name, lp, layout), local_width(plan, members, layout), None
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's tensor of a DTensor, else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+@torch.no_grad()
+def make_column_major(weight: torch.Tensor) -> None:
+    """Lay a weight ``[out, in]`` out column-major in place, keeping its ``Parameter`` object:
+    for a DTensor its local tensor, with the DTensor's strides to match (assigning ``.data``
+    of a DTensor leaves the local tensor as it was, so the two are swapped whole)."""
+    if not is_dtensor(weight):
+        weight.data = weight.data.t().contiguous().t()
+        return
+    from torch.distributed.tensor import DTensor
+
+    local = weight.to_local().t().contiguous().t()
+    new = DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                             shape=weight.shape, stride=(1, weight.shape[0]))
+    torch.utils.swap_tensors(weight, torch.nn.Parameter(new, requires_grad=weight.requires_grad))
 
 
 # -- graph sites --------------------------------------------------------------------------------

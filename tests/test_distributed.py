@@ -204,6 +204,20 @@ def _compile_checks(rank: int, folder: str, want: dict) -> None:
     (d,) = [d for g in record for d in g["decisions"]]
     assert d["op"] == "linear" and d["reason"].startswith("tensor parallel: input placement (Replicate(),)")
     torch.testing.assert_close(got, dense_out)
+    torch.compiler.reset()
+    (row,) = fxsparse.explain(odd, xs, plan=odd_plan).rows
+    assert row.runs_dense and row.reason == d["reason"]
+
+    # explain on the sharded model: each layer's measured sparsity is the unsharded model's
+    # (row-parallel probes add up their ranks' dropped counts per token)
+    torch.compiler.reset()
+    rows = {r.name: r for r in fxsparse.explain(sharded, x, plan=plan).rows}
+    torch.compiler.reset()
+    for r in fxsparse.explain(reference, x, plan=plan).rows:
+        if r.sparsity is not None:
+            assert rows[r.name].sparsity == pytest.approx(r.sparsity, abs=1e-6), r.name
+            assert rows[r.name].token_std == pytest.approx(r.token_std, abs=1e-6), r.name
+            assert rows[r.name].op == r.op, r.name
 
     # a plan for another model: refused, naming a layer
     torch.compiler.reset()

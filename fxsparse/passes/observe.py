@@ -10,7 +10,8 @@ Sites without an observer are left alone.
 Tensor parallelism (``sharding.py``): the observer sees this rank's tensor, the full input of a
 column-parallel layer or the slice of a row-parallel one (``observer.set_shard``; the ranks'
 statistics are merged after calibration). For a linear on DTensors, it is put on the tensor the
-engine's ``DTensor.from_local`` wraps.
+engine's ``DTensor.from_local`` wraps; a layout fxsparse does not slice is observed whole
+(``x.full_tensor()``, a collective).
 """
 
 from __future__ import annotations
@@ -77,10 +78,14 @@ def insert_observers(
         if site.kind == "call_function":  # tensor parallelism: the observer sees this rank's tensor
             w = linear_args(node)[1]
             shard = sharding.site_sharding(x, w, _value(sharding.dtensor_source(w) or w))
-        if shard is not None:
-            if shard.reason is not None:
+        if shard is not None and shard.reason is not None:  # a layout not sliced: observe it whole
+            if not shard.on_dtensors:
                 raise PlanError(f"layer {site.name!r}: tensor parallel: {shard.reason}; leave it out of "
                                 "the calibration (IgnoredScope) or calibrate the unsharded model")
+            with gm.graph.inserting_before(node):
+                x = gm.graph.call_method("full_tensor", (x,))
+            owner, slot = node, None
+        elif shard is not None:
             if shard.layout.kind == "rowwise":
                 obs.set_shard(shard.layout.lo, shard.layout.hi, shard.layout.group)
             if shard.on_dtensors:  # observe the engine's local tensor; the linear keeps its DTensor
@@ -92,7 +97,7 @@ def insert_observers(
                               if k in ("val", "tensor_meta", "example_value")})
         obs_node.meta["fxsparse_observer"] = True
         if slot is None:
-            pass  # observes ``x.to_local()``, which nothing else reads
+            pass  # observes ``x.to_local()`` or ``x.full_tensor()``, which nothing else reads
         elif isinstance(slot, str):
             owner.update_kwarg(slot, obs_node)
         else:
