@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import fxsparse
-from fxsparse import IgnoredScope, TargetScope, speed
+from fxsparse import IgnoredScope, TargetScope, sharding, speed
 from fxsparse.kernels import sparse_gemv
 from fxsparse.methods import collect_method_statistics, plan_from_observers
 from fxsparse.plan import linear_layers
@@ -55,6 +55,10 @@ PRESETS = {
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                          bos_token_id=0, eos_token_id=0, tie_word_embeddings=True),
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False),
     "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
@@ -62,13 +66,56 @@ PRESETS = {
 _T0 = time.perf_counter()
 
 
+_RANK = 0  # this process's rank under ``--tp`` (torchrun); only rank 0 logs and writes
+
+
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+    if _RANK == 0:
+        print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
+def init_tp(tp: int, device: str):
+    """``--tp N``: the process group torchrun set up (NCCL on CUDA, gloo on CPU), this rank's GPU,
+    and a one-dimensional device mesh of N ranks."""
+    global _RANK
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if "RANK" not in os.environ:
+        sys.exit("error: --tp runs under torchrun (torchrun --nproc-per-node N bench/decode.py --tp N ...)")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if dist.get_world_size() != tp:
+        sys.exit(f"error: --tp {tp} but torchrun started {dist.get_world_size()} processes")
+    _RANK = dist.get_rank()
+    return init_device_mesh(device, (tp,))
+
+
+def tp_styles(model) -> dict:
+    """``parallelize_module``'s plan for a Llama, as torchtitan and transformers' ``tp_plan`` shard
+    it: q/k/v and gate/up column-parallel, o and down row-parallel (one all-reduce each)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {}
+    for name, _ in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            styles[name] = ColwiseParallel()
+        elif leaf in ("o_proj", "down_proj"):
+            styles[name] = RowwiseParallel()
+    return styles
 
 
 @torch.no_grad()
-def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype, seed: int = 0):
-    """Random-weight Llama of a preset's shapes, initialised directly on ``device``."""
+def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype, seed: int = 0, mesh=None):
+    """Random-weight Llama of a preset's shapes, initialised directly on ``device``. With a
+    device ``mesh`` (``--tp``) it is sharded by ``parallelize_module`` while still on the meta
+    device, so each rank allocates and fills only its shards (a 70B model never exists whole);
+    every rank draws the same numbers, so replicated weights agree."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kw = dict(PRESETS[preset])
@@ -77,11 +124,17 @@ def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype
     cfg = LlamaConfig(**kw)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to(dtype).to_empty(device=device).eval()
+    model = model.to(dtype)
+    if mesh is not None:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        parallelize_module(model, mesh, tp_styles(model))
+    model = model.to_empty(device=device).eval()
     if cfg.tie_word_embeddings:  # to_empty makes a new tensor per module: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     g = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
+        p = sharding.local_tensor(p)  # a DTensor's shard, filled in place
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
@@ -95,8 +148,8 @@ def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype
 def set_layout(model, plan, grouped: bool = True) -> None:
     """Planned linears' weights column-major (``prepare_weights``) with a plan, row-major without."""
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and not m.weight.is_contiguous():
-            m.weight.data = m.weight.data.contiguous()
+        if isinstance(m, torch.nn.Linear) and not sharding.local_tensor(m.weight).is_contiguous():
+            sharding.make_row_major(m.weight)
     if plan is not None:
         fxsparse.prepare_weights(model, plan, group_siblings=grouped)
 
@@ -133,7 +186,8 @@ def matches(preset: str, loop: str, batch: int, sparsity, patterns: list[str]) -
 
 
 def variant_key(r: dict) -> str:
-    return f"{r['preset']}:{r['loop']}:{r['batch']}:{r['sparsity']}"
+    tp = f"@tp{r['tp']}" if r.get("tp") else ""
+    return f"{r['preset']}{tp}:{r['loop']}:{r['batch']}:{r['sparsity']}"
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -142,34 +196,41 @@ def _fmt(v, spec=".3f") -> str:
 
 def table(rows: list[dict], info: list[str]) -> str:
     # each variant against the dense twin compiled the same way (``p``: Inductor PDL on both)
-    dense = {(r["preset"], r["layers"], r["loop"], r["batch"], r["sparsity"]): r["ms_per_step"]
+    dense = {(r["preset"], r["layers"], r.get("tp"), r["loop"], r["batch"], r["sparsity"]): r["ms_per_step"]
              for r in rows if str(r.get("sparsity")).startswith("dense") and r.get("ms_per_step")}
+    # a tensor-parallel row against the same variant of the model without tensor parallelism
+    plain = {(r["preset"], r["layers"], r["loop"], r["batch"], str(r["sparsity"])): r["ms_per_step"]
+             for r in rows if not r.get("tp") and r.get("ms_per_step")}
     lines = ["# decode: dense (Inductor) vs sparse_act", "", *[f"* {i}" for i in info], "",
              "ms/step: one decode step (batch B tokens); tok/s = B / step; weight TB/s: linear "
              "weight bytes the step needs at the achieved sparsity (batch > 1: union of rows) / step "
-             "time; kernel columns: GPU ms per step by family (profiler); gap = step - GPU busy "
-             "(host-side); host: host ms per call.", "",
-             "| model | loop | B | variant | achieved sparsity | ms/step | tok/s | vs dense | weight TB/s "
-             "| sparse GEMV | gemm | attn | other | memcpy | GPU busy | gap | host | kernels/step "
-             "| graphs / recompiles |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "time; kernel columns: GPU ms per step by family (profiler; all-reduce: the collectives); "
+             "gap = step - GPU busy (host-side); host: host ms per call. TP N: sharded over N GPUs by "
+             "parallelize_module (rank 0's times; weight bytes are the whole model's); vs no TP: the same "
+             "variant's ms/step without tensor parallelism / this row's.", "",
+             "| model | loop | B | variant | achieved sparsity | ms/step | tok/s | vs dense | vs no TP "
+             "| weight TB/s | sparse GEMV | gemm | attn | other | memcpy | all-reduce | GPU busy | gap "
+             "| host | kernels/step | graphs / recompiles |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        model = f"{r['preset']} ({r['layers']} L)"
+        model = f"{r['preset']} ({r['layers']} L" + (f", TP {r['tp']})" if r.get("tp") else ")")
         if r.get("error"):
             lines.append(f"| {model} | {r['loop']} | {r['batch']} | {r['sparsity']} | error: "
-                         f"{r['error'][:80]} |" + " |" * 14)
+                         f"{r['error'][:80]} |" + " |" * 16)
             continue
         ms = r["ms_per_step"]
         twin = "densep" if "inductor_pdl" in parse_sparsity(str(r["sparsity"]))[1] else "dense"
-        base = dense.get((r["preset"], r["layers"], r["loop"], r["batch"], twin))
+        base = dense.get((r["preset"], r["layers"], r.get("tp"), r["loop"], r["batch"], twin))
         ratio = f"{base / ms:.2f}x" if base else "—"
+        no_tp = plain.get((r["preset"], r["layers"], r["loop"], r["batch"], str(r["sparsity"])))
+        vs_plain = f"{no_tp / ms:.3f}x" if r.get("tp") and no_tp else "—"
         is_dense = str(r["sparsity"]).startswith("dense")
         variant = r["sparsity"] if is_dense else f"sparse_act {r['sparsity']}"
         ach = r.get("achieved_sparsity")
         b = r.get("breakdown") or {}
         lines.append(
             f"| {model} | {r['loop']} | {r['batch']} | {variant} | {_fmt(ach, '.3f')} | {ms:.3f} | "
-            f"{r['tokens_per_s']:.1f} | {ratio} | {r['weight_TBps']:.3g} | "
+            f"{r['tokens_per_s']:.1f} | {ratio} | {vs_plain} | {r['weight_TBps']:.3g} | "
             + " | ".join(_fmt(b.get(f"{k}_ms")) for k in speed.FAMILIES)
             + f" | {_fmt(b.get('busy_ms'))} | {_fmt(b.get('gap_ms'))} | {_fmt(r.get('host_ms_per_step'))} "
             f"| {_fmt(b.get('kernels_per_step'), '.0f')} | {r.get('graphs', '—')} / "
@@ -190,7 +251,7 @@ def table(rows: list[dict], info: list[str]) -> str:
 
 def write(out: str | None, rows: list[dict], info: list[str]) -> str:
     text = table(rows, info)
-    if out:
+    if out and _RANK == 0:
         prefix = Path(out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
@@ -212,7 +273,11 @@ def report(files: list[str], out: str | None) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=["llama3-8b"], choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, default=None, help="override the llama3-8b layer count")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override the layer count of llama3-8b and llama3-70b")
+    ap.add_argument("--tp", type=int, default=0,
+                    help="tensor parallelism over N GPUs (parallelize_module; run under torchrun "
+                         "--nproc-per-node N); 0: none")
     ap.add_argument("--loops", nargs="+", default=["lean", "hf"], choices=("lean", "hf"))
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sparsity", nargs="+", default=["dense", "0.0", "0.4", "0.5"],
@@ -252,6 +317,7 @@ def main(argv=None) -> None:
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is available")
+    mesh = init_tp(args.tp, dev) if args.tp else None
     mode = args.mode if args.mode is not None else ("reduce-overhead" if dev == "cuda" else None)
     if mode in ("none", "default"):
         mode = None
@@ -275,14 +341,18 @@ def main(argv=None) -> None:
                     and (not args.only or matches(preset, loop, b, s, args.only))]
         if not variants:
             continue
-        run_preset(args, preset, variants, dev, dtype, mode, rows, info)
-    print(write(args.out, rows, info))
+        run_preset(args, preset, variants, dev, dtype, mode, rows, info, mesh)
+    text = write(args.out, rows, info)
+    if _RANK == 0:
+        print(text)
+    if mesh is not None:
+        torch.distributed.destroy_process_group()
 
 
-def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
-    layers = args.layers if preset == "llama3-8b" else None
+def run_preset(args, preset, variants, dev, dtype, mode, rows, info, mesh=None) -> None:
+    layers = args.layers if preset in ("llama3-8b", "llama3-70b") else None
     t = time.perf_counter()
-    model = build_model(preset, layers, dev, dtype)
+    model = build_model(preset, layers, dev, dtype, mesh=mesh)
     cfg = model.config
     log(f"{preset}: {cfg.num_hidden_layers} layers, h={cfg.hidden_size}, i={cfg.intermediate_size}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, built in "
@@ -301,7 +371,9 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
         stats = collect_method_statistics(model, calib, targets, skipped=skipped, batch_quantiles=False,
                                           progress=False)
         for s in sorted({v for _, _, s in variants if (v := parse_sparsity(str(s))[0]) != "dense"}):
-            plans[s] = plan_from_observers(stats, dict.fromkeys(targets, s), "quantile")
+            # under --tp the ranks merged their statistics: rank 0's plan is every rank's
+            plans[s] = sharding.same_on_every_rank(plan_from_observers(stats, dict.fromkeys(targets, s),
+                                                                       "quantile"))
         del stats
         log(f"calibrated {len(targets)} layers in {time.perf_counter() - t:.1f} s")
     achieved: dict[tuple, dict] = {}
@@ -313,12 +385,13 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
             continue
         t_variant = time.perf_counter()
         row = {"preset": preset, "layers": cfg.num_hidden_layers, "loop": loop, "batch": b,
-               "sparsity": s, "mode": mode, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
+               "sparsity": s, "mode": mode, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+               "tp": args.tp or None}
         value, opts = parse_sparsity(str(s))
         plan = plans.get(value)
         log(f"--- {variant_key(row)}")
         try:
-            if plan is not None and (value, b) not in achieved:
+            if plan is not None and (value, b) not in achieved and mesh is None:  # eager hooks: unsharded
                 t = time.perf_counter()
                 achieved[(value, b)] = speed.decode_sparsity(model, plan, prompts[b], args.sparsity_steps)
                 log(f"achieved sparsity measured in {time.perf_counter() - t:.1f} s")

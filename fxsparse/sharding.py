@@ -41,8 +41,8 @@ from torch import fx
 from .plan import LayerPlan, PlanError
 
 __all__ = ["Layout", "SiteSharding", "gather_channels", "is_dtensor", "is_tensor_parallel", "layer_piece",
-           "local_plan", "local_tensor", "local_width", "make_column_major", "same_on_every_rank",
-           "site_sharding", "unsliceable_reason", "weight_layout", "writes_files"]
+           "local_plan", "local_tensor", "local_width", "make_column_major", "make_row_major",
+           "same_on_every_rank", "site_sharding", "unsliceable_reason", "weight_layout", "writes_files"]
 
 
 def is_dtensor(value: object) -> bool:
@@ -184,14 +184,23 @@ def make_column_major(weight: torch.Tensor) -> None:
     """Lay a weight ``[out, in]`` out column-major in place, keeping its ``Parameter`` object:
     for a DTensor its local tensor, with the DTensor's strides to match (assigning ``.data``
     of a DTensor leaves the local tensor as it was, so the two are swapped whole)."""
+    _relayout(weight, lambda t: t.t().contiguous().t(), (1, weight.shape[0]))
+
+
+@torch.no_grad()
+def make_row_major(weight: torch.Tensor) -> None:
+    """``make_column_major``'s inverse: the weight (its local tensor) contiguous again."""
+    _relayout(weight, lambda t: t.contiguous(), (weight.shape[1], 1))
+
+
+def _relayout(weight: torch.Tensor, fn, global_stride: tuple[int, int]) -> None:
     if not is_dtensor(weight):
-        weight.data = weight.data.t().contiguous().t()
+        weight.data = fn(weight.data)
         return
     from torch.distributed.tensor import DTensor
 
-    local = weight.to_local().t().contiguous().t()
-    new = DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
-                             shape=weight.shape, stride=(1, weight.shape[0]))
+    new = DTensor.from_local(fn(weight.to_local()), weight.device_mesh, weight.placements, run_check=False,
+                             shape=weight.shape, stride=global_stride)
     torch.utils.swap_tensors(weight, torch.nn.Parameter(new, requires_grad=weight.requires_grad))
 
 

@@ -53,19 +53,22 @@ __all__ = [
     "weight_bytes_per_step",
 ]
 
-FAMILIES = ("sparse_gemv", "gemm", "attention", "other", "memcpy")
+FAMILIES = ("sparse_gemv", "gemm", "attention", "other", "memcpy", "collective")
 
 # User Triton kernels show up under their Python name (``_threshold_gemv_kernel``); Inductor's
 # start with ``triton_``; cuBLAS's are C++ (``void gemv2T_kernel_val<...>``) or ``nvjet_*``.
 SPARSE_KERNEL = re.compile(r"gemv|threshold|sparse|fxsparse", re.I)
 GEMM_KERNEL = re.compile(r"gemm|gemv|nvjet|cublas|cutlass|xmma|splitk|sm\d\d_|matmul|mm_", re.I)
 ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|sdpa", re.I)
+# NCCL's kernels (``ncclDevKernel_AllReduce_Sum_bf16_RING_LL(...)``): tensor parallelism's all-reduces
+COLLECTIVE_KERNEL = re.compile(r"^nccl|allreduce|all_reduce|allgather|reducescatter", re.I)
 # CPU profiles (no kernels): aten ops by self time
 _CPU_FAMILIES = (
     ("sparse_gemv", re.compile(r"^fxsparse::")),
     ("gemm", re.compile(r"^aten::(mm|addmm|bmm|matmul|linear|_weight_int)")),
     ("attention", re.compile(r"scaled_dot_product|attention")),
     ("memcpy", re.compile(r"^aten::(copy_|fill_|zero_|clone|_to_copy|index_copy_|index_put_)")),
+    ("collective", re.compile(r"^(c10d|_c10d_functional|gloo|nccl)|all_reduce|allreduce", re.I)),
 )
 
 
@@ -73,6 +76,8 @@ def kernel_family(name: str) -> str:
     """The family of a GPU kernel (or memcpy/memset) by its name, one of ``FAMILIES``."""
     if name.startswith(("Memcpy", "Memset", "memcpy", "memset")):
         return "memcpy"
+    if COLLECTIVE_KERNEL.search(name):
+        return "collective"
     if name.startswith("triton_"):  # Inductor-generated (pointwise, reductions, fused prologues)
         return "other"
     if re.fullmatch(r"[A-Za-z_]\w*", name) and SPARSE_KERNEL.search(name) and not GEMM_KERNEL.search(

@@ -40,6 +40,7 @@ def model_plan():
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(...)", "other"),
     ("Memcpy DtoD (Device -> Device)", "memcpy"),
     ("Memset (Device)", "memcpy"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
 ])
 def test_kernel_family(name, family):
     assert speed.kernel_family(name) == family
