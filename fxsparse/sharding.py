@@ -219,11 +219,17 @@ def _is_call(node: object, method: str) -> bool:
 
 
 def is_from_local(node: object) -> bool:
+    """Whether ``node`` calls ``DTensor.from_local`` (Dynamo records the staticmethod's function,
+    whose qualified name differs across torch versions)."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
     from torch.distributed.tensor import DTensor
 
-    return node.target in (DTensor.from_local, getattr(DTensor.from_local, "__func__", None))
+    t = node.target
+    if t in (DTensor.from_local, getattr(DTensor.from_local, "__func__", None)):
+        return True
+    return getattr(t, "__name__", "") == "from_local" and getattr(t, "__module__", "").startswith(
+        "torch.distributed.tensor")
 
 
 def dtensor_source(w: object) -> fx.Node | None:
