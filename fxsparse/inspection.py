@@ -127,6 +127,8 @@ def _kernel_description(d: dict[str, Any], device: torch.device, lp: LayerPlan, 
         "computed in the kernel" if device.type == "cuda" else "computed by the op")
     if d.get("accumulate"):  # passes/accumulate.py
         fused += "; float32 output (split-K atomics), rounded by its reader"
+    if d.get("tp"):  # sharding.py: this rank's piece of a tensor-parallel layer
+        fused += f"; tensor parallel: {d['tp']} here"
     if d.get("prefill", "threshold") != "threshold":  # grouped in decode graphs too (group.py)
         return _prefill_ranges(d, device) + fused + shared
     if op == "mask+linear":  # every call above the kernel's row limit (dispatch.py)
