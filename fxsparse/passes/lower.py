@@ -13,7 +13,14 @@ Center, scale and the folded ``center_bias = W @ center`` are buffers of ``gm`` 
 computed once here rather than per call. Replacements keep the old node's ``meta``.
 ``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why (for ``explain``);
 ``torch._dynamo.utils.counters["fxsparse"]`` counts lowered and dense sites.
-Raises ``PlanError`` when a planned layer's weight shape differs from the plan's.
+Tensor-parallel models (``sharding.py``): a site whose weight is a DTensor runs this rank's piece
+of its plan entry (the decision's facts are that piece's; ``tp`` in its decision says which). A
+linear on DTensors becomes the op on the local tensors, wrapped back by ``DTensor.from_local``
+so the engine's all-reduce stays; a layout fxsparse does not slice is left as it is, dense,
+with the reason.
+
+Raises ``PlanError`` when a planned layer's weight shape differs from the plan's, or when a
+row-parallel layer's per-channel vectors cannot be split evenly over the ranks.
 """
 
 from __future__ import annotations
