@@ -22,6 +22,17 @@ variants that would not finish in time.
     PYTHONPATH=. python bench/decode.py --report decode_lean.json decode_hf.json \
         --out bench/results/decode_h100
     PYTHONPATH=. python bench/decode.py --preset tiny --device cpu --new-tokens 16 --out /tmp/d
+
+Tensor parallelism (``--tp N`` under ``torchrun --nproc-per-node N``): the model is sharded by
+``parallelize_module`` on the meta device (q/k/v/gate/up column-parallel, o/down row-parallel),
+each rank allocates and fills its shards only, calibration merges the ranks' statistics, and rank
+0 logs, times and writes; rows are ``preset@tpN:...`` and the all-reduce kernels have a column.
+``--tp 1`` against the same run without ``--tp`` (``--report`` of both: ``vs no TP``) is what the
+distributed wrapping costs per step on one GPU (``docs/distributed.md``). ``llama3-70b`` has
+Llama-3-70B's shapes (80 layers; ``--layers`` cuts it, as for ``llama3-8b``). On CPU:
+
+    PYTHONPATH=. torchrun --nproc-per-node 2 bench/decode.py --tp 2 --preset tiny --device cpu \
+        --new-tokens 8 --sparsity dense 0.5 --out /tmp/d_tp2
 """
 
 from __future__ import annotations
