@@ -314,6 +314,8 @@ def test_tensor_parallel_calibration_gives_the_single_process_plan(ranks):
 def _hf_checks(rank: int, folder: str, want: dict) -> None:
     from transformers import LlamaForCausalLM
 
+    import fxsparse
+
     model, plan = _per_channel_plan()
     folder = Path(folder) / "llama"
     if rank == 0:
@@ -322,15 +324,25 @@ def _hf_checks(rank: int, folder: str, want: dict) -> None:
     sharded = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto").eval()
     assert isinstance(sharded.model.layers[0].mlp.down_proj.weight, torch.distributed.tensor.DTensor)
     x = torch.randint(0, 96, (1, 1), generator=torch.Generator().manual_seed(5))
-    want = _reference_logits(model, plan, x)
+    expected = _reference_logits(model, plan, x)
     torch.compiler.reset()
     record, graphs = [], []
     fast = torch.compile(sharded, backend=_sparse_act_aot(plan, record, graphs))
     with torch.no_grad():
         got = fast(x, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     decisions = {d["name"]: d for g in record for d in g["decisions"]}
     o, down = decisions["model.layers.0.self_attn.o_proj"], decisions["model.layers.0.mlp.down_proj"]
+    # calibration of transformers' layout (linears on local tensors): the single-process plan
+    from fxsparse import IgnoredScope, SparsityPlan, TargetScope
+
+    torch.compiler.reset()
+    calibrated = fxsparse.calibrate(sharded, token_batches(1), {TargetScope(patterns=[r".*_proj"]): 0.5},
+                                    IgnoredScope(names=["lm_head"]), method="mode", center="median",
+                                    progress=False)
+    for name, lp in SparsityPlan.from_dict(want).layers.items():
+        assert calibrated.layers[name].threshold == pytest.approx(lp.threshold, rel=1e-5), name
+        assert calibrated.layers[name].center == pytest.approx(lp.center, rel=1e-5, abs=1e-7), name
     assert o["tp"] == f"rowwise [{rank * 24}, {rank * 24 + 24}) of 2"
     assert o["op"] == "fxsparse.threshold_linear"
     assert down["op"] == "fxsparse.threshold_linear_act"
