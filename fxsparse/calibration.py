@@ -245,6 +245,7 @@ def calibrate(
         plan = refine_plan(model, data, plan, iterations=refine, max_batches=max_batches,
                            **options)
     if tensor_parallel:  # every rank computed it from the same merged statistics; rank 0's is the one
+        plan.meta["tensor_parallel"] = torch.distributed.get_world_size()
         plan = same_on_every_rank(plan)
     if isinstance(prefill, str):
         return plan.set_prefill(prefill, decode_rows)

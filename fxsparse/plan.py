@@ -291,14 +291,15 @@ class SparsityPlan:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON atomically (temp file in the same folder, then rename).
 
-        In a ``torch.distributed`` job only rank 0 writes (every rank of a tensor-parallel
-        calibration holds the same plan); the others return the path without waiting for it."""
+        A plan from a tensor-parallel calibration (``meta["tensor_parallel"]``; every rank holds
+        the same plan) is written by rank 0 of the ``torch.distributed`` job only; the other
+        ranks return the path without waiting for the file."""
         from .sharding import writes_files
 
         for name, lp in self.layers.items():
             lp.validate(name)
         path = Path(path)
-        if not writes_files():
+        if self.meta.get("tensor_parallel") and not writes_files():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
