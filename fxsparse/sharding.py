@@ -318,8 +318,11 @@ def _normalized(placements, ndim: int) -> tuple:
 
 
 def _same_placements(redistribute: fx.Node, placements: tuple, ndim: int) -> bool:
-    want = redistribute.kwargs.get("placements", redistribute.args[1] if len(redistribute.args) > 1 else None)
-    return (want is not None and redistribute.kwargs.get("device_mesh") is None
+    """Whether ``y.redistribute(...)`` keeps ``y``'s mesh and ``placements`` (a no-op)."""
+    args = redistribute.args  # (self, device_mesh, placements) when positional
+    mesh = redistribute.kwargs.get("device_mesh", args[1] if len(args) > 1 else None)
+    want = redistribute.kwargs.get("placements", args[2] if len(args) > 2 else None)
+    return (want is not None and mesh is None
             and _normalized(want, ndim) == _normalized(placements, ndim))
 
 
@@ -381,6 +384,11 @@ def site_sharding(x: object, w: object, w_val: torch.Tensor | None, in_features:
                     reason = (f"input placement {tuple(xv.placements)} where {layout.kind} needs it "
                               f"{want[layout.kind]} on mesh dimension {layout.mesh_dim}: left to DTensor")
                     break
+        n = w_val.shape[0]
+        if (reason is None and layout.kind == "colwise" and n % layout.world
+                and not all(isinstance(d, int) for d in xv.shape)):
+            reason = (f"{n} outputs split unevenly over {layout.world} ranks with a dynamic shape "
+                      "(DTensor.from_local needs the global shape): left to DTensor")
         if reason is not None:
             return SiteSharding(None, reason, on_dtensors)
     elif xv is not None and layout.kind == "rowwise" and xv.shape[-1] != layout.hi - layout.lo:
