@@ -49,7 +49,7 @@ __all__ = [
 
 METHODS = LAYER_METHODS  # the names a plan entry's "method" may take
 CENTERS = ("zero", "median", "kde")
-EMA_RULES = ("nncf", "pandas")
+EMA_RULES = ("nncf", "pandas", "nncf_legacy")
 _GRID = tuple(round(0.01 * i, 2) for i in range(1, 100))  # per-batch quantile levels
 
 
@@ -102,20 +102,19 @@ class BatchQuantileObserver(ActivationObserver):
 def nncf_ema(values: Sequence[float], alpha: float = 0.2, rule: str = "nncf") -> float:
     """Running threshold over batches.
 
-    ``rule="nncf"``: the update of NNCF's ``EMAAggregator``
-    (``nncf/experimental/torch/sparsify_activations/ema_aggregator.py``) as written: r_1 = v_1,
-    then with beta = 1 - alpha and n values seen, r <- alpha v + beta r (1 - beta^n) /
-    (1 - beta^(n+1)). Its two weights sum to less than 1 for small n, so with few batches it
-    underestimates tau (lower sparsity than the target); it converges after ~1/alpha batches.
-    ``rule="pandas"``: the bias-free weighted mean sum beta^i v_{n-i} / sum beta^i that the
-    same formula approximates (``pandas.DataFrame.ewm(adjust=True)``).
+    ``rule="nncf"`` (the default; ``"pandas"`` is the same rule): NNCF 3.4's update, the
+    bias-free weighted mean sum beta^i v_{n-i} / sum beta^i with beta = 1 - alpha, computed as
+    r_n = (alpha v_n + beta (1 - beta^n) r_{n-1}) / (1 - beta^(n+1)) (``pandas.DataFrame.ewm``
+    with ``adjust=True``). ``rule="nncf_legacy"``: an earlier NNCF ``EMAAggregator``'s update,
+    r <- alpha v + beta r (1 - beta^n) / (1 - beta^(n+1)), whose weights sum to less than 1 for
+    small n, so with few batches it underestimates tau.
     """
     if not values:
         raise ValueError("no values")
     if rule not in EMA_RULES:
-        raise ValueError(f"rule must be 'nncf' or 'pandas', got {rule!r}")
+        raise ValueError(f"rule must be one of {EMA_RULES}, got {rule!r}")
     beta = 1.0 - alpha
-    if rule == "pandas":
+    if rule in ("nncf", "pandas"):
         w = [beta**i for i in range(len(values))][::-1]
         return float(sum(wi * float(v) for wi, v in zip(w, values, strict=True)) / sum(w))
     r = float(values[0])
@@ -406,7 +405,7 @@ def method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     if method == "mode" and opt["center"] not in CENTERS:
         raise ValueError(f"center must be one of {CENTERS}, got {opt['center']!r}")
     if method == "quantile" and opt["quantile_ema"] and opt["ema_rule"] not in EMA_RULES:
-        raise ValueError(f"rule must be 'nncf' or 'pandas', got {opt['ema_rule']!r}")
+        raise ValueError(f"rule must be one of {EMA_RULES}, got {opt['ema_rule']!r}")
     return opt
 
 
