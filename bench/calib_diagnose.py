@@ -1,26 +1,20 @@
-"""Why does refined quantile calibration miss o_proj targets on held-out text? (issue 4)
+"""How close does each layer get to its target on held-out text, and why not closer?
 
 Eager hooks only (no Dynamo). Calibrates quantile / mode-median plans on Lee windows, refines
 them, and measures the achieved sparsity per layer (and per position in the window) on the
-calibration windows themselves, on held-out Lee windows and on enwiki windows.
-
-The runs behind bench/NOTES.md (calibration section; ~20 + ~10 min on a shared 2-core box):
+calibration windows themselves, on held-out Lee windows and on enwiki windows; per layer the
+standard error over windows is recorded, so calibration noise and text shift can be told apart
+(docs/calibration.md). One dense pass serves every method and target.
 
     nice -n 5 python bench/calib_diagnose.py --out /tmp/diag.json --calib 8 32 \
         --methods quantile --all-steps
-    nice -n 5 python bench/calib_diagnose.py --out /tmp/diag_spread.json --calib 32 \
-        --spread-calib --refine 1 --spread 3 --methods quantile
-
-(the first was run before ``--all-steps`` existed, measuring steps 0, 1 and 2 as it now does.)
-Issue 4's noise-vs-shift runs (one dense pass serves every method and target; per layer the
-standard error over windows is recorded; ~42 min each, two at once on the shared 2-core box):
-
     OMP_NUM_THREADS=1 nice -n 5 python bench/calib_diagnose.py --out /tmp/c128.json \
         --calib 128 --spread-calib --held -1 --held-max 64 --eval 0 --eval-spread 128 \
         --refine 1 --calib-measure 32 --targets 0.3 0.4 0.5 --methods quantile
 
-(``--refine 2``: two fixed-point steps; ``--refine-windows 128`` without ``--held-max``:
-refine on 128 Lee windows disjoint from the calibration ones, held-out Lee is then the other 39.)
+The second (~42 min on 2 cores) made bench/results/calib_shift_cpu.txt, with ``--refine 2``
+(two fixed-point steps) and ``--refine-windows 128`` without ``--held-max`` (refine on 128 Lee
+windows disjoint from the calibration ones; held-out Lee is then the other 39) as variants.
 """
 
 from __future__ import annotations

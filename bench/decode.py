@@ -1,41 +1,18 @@
-"""Decode speed, dense (Inductor) vs sparse_act: lean gpt-fast loop and HF generate (issue 6).
+"""Decode speed, dense (Inductor) vs sparse_act: lean gpt-fast loop and HF generate.
 
-Random-weight models built from a config (no hub access on the GPU machine): ``llama3-8b``
-(Llama-3-8B's shapes, 32 layers, ``--layers`` to cut), ``smollm2-135m`` (SmolLM2-135M's
-architecture: hidden 576, intermediate 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152, tied
-embeddings) and ``tiny`` (CPU smoke test). Weights are made on the meta device and filled with
-random normals on the target device (seconds for 8B). One calibration pass (random-token
-prompts, all seven projections, ``lm_head`` dense) serves every sparsity; each variant is a
-``(loop, batch, sparsity)``:
-
-* ``lean``: static cache, the decode step (forward + argmax) compiled, position bumped in place,
-  nothing else per step (``fxsparse.speed.lean_decode``); CUDA graphs via
-  ``mode="reduce-overhead"``. Step time: median of the intervals between CUDA events recorded
-  at each step start (no sync inside the loop).
-* ``hf``: ``model.generate`` with a static cache; transformers compiles the decode step from
-  ``compile_config`` (``fxsparse.compile_config(plan)`` for sparse, ``CompileConfig(backend=
-  "inductor")`` with the same mode for dense); step time = (generate - prefill-only generate)
-  / (new tokens - 1), medians over ``--repeats``; exactly ``--new-tokens`` tokens.
-
-``dense`` variants use the weights row-major (as loaded); sparse ones after
-``fxsparse.prepare_weights`` (column-major). Per variant, compilation and warm-up are excluded,
-and the row reports ms/step, tokens/s (batch x steps/s), the ratio to the dense twin (same
-model, loop and batch), achieved weight bandwidth (bytes of all linear weights a step needs at
-the achieved sparsity measured on the decode inputs -- for batch > 1 the union over rows, i.e. the
-share of channels every row drops -- over the step time), and where the time goes: a
-``torch.profiler`` pass over ``--profile-steps`` steps gives the GPU kernel time per step by
-family (sparse GEMV Triton kernel, cuBLAS, attention, other kernels, memcpy/memset), GPU busy
-time, and the host gap = step time - busy time; also the host time per call, kernels per step,
-Dynamo graphs compiled and recompiles after warm-up, CUDA-graph skips. Progress lines carry
-timestamps; JSON and markdown are rewritten after every variant, so a run cut off still leaves
-its finished rows.
-
-The H100 matrix in two device calls, then one table from both, without a GPU. Each call is
-estimated at 6-7 minutes: ~15 s imports and model build, ~40 s calibration per preset, and per
-variant 40-60 s of compilation (Dynamo + Inductor + CUDA graph recording, 30-32 layers) plus
-~10 s of measuring (256 timed steps, profiler, achieved sparsity); six and five variants.
-``--budget-s`` starts no variant that the previous one's duration says would not finish in time,
-so a slow machine loses variants, never a whole call:
+Random-weight models built on the target device from a config (no hub access): ``llama3-8b``
+(Llama-3-8B's shapes, ``--layers`` to cut), ``smollm2-135m`` and ``tiny`` (CPU smoke test). One
+calibration pass (random-token prompts, all seven projections, ``lm_head`` dense) serves every
+sparsity. A variant ``preset:loop:batch:sparsity`` (``--only`` / ``--skip`` take globs) runs the
+``lean`` loop (``fxsparse.speed.lean_decode``: static cache, one compiled step, CUDA events per
+step) or ``hf`` (``generate`` with a static cache and ``compile_config``; step time: the median
+interval between the tokens a streamer receives). Sparse variants use
+``prepare_weights``; sparsity suffixes: ``u`` no sibling grouping, ``f`` no
+``emulate_precision_casts``, ``p`` Inductor's PDL, ``g`` the GEMV with PDL in any case, ``a`` no
+activation prologue. Each row: ms/step, tokens/s, ratio to the dense twin, weight TB/s at the
+achieved sparsity, the profiler's GPU time per kernel family, host gap, kernels per step,
+graphs and recompiles. JSON and markdown are rewritten after every variant; ``--budget-s`` skips
+variants that would not finish in time.
 
     PYTHONPATH=. python bench/decode.py --preset llama3-8b --loops lean --batch 1 4 \
         --sparsity dense 0.0 0.4 0.5 --skip '*:4:0.0' '*:4:0.4' --budget-s 520 --out $OUT/decode_lean
@@ -44,16 +21,6 @@ so a slow machine loses variants, never a whole call:
         'smollm2-135m:lean:1:0.5' --budget-s 520 --out $OUT/decode_hf
     PYTHONPATH=. python bench/decode.py --report decode_lean.json decode_hf.json \
         --out bench/results/decode_h100
-
-The first: Llama-3-8B lean loop, batch 1 at dense/0/40/50% and batch 4 at dense/50%; the
-second: HF generate at batch 1, dense/0/50%, and SmolLM2-135M's lean loop, dense/50%. Variant
-names are ``preset:loop:batch:sparsity``; ``--only`` / ``--skip`` take globs on them. A sparsity
-with a ``u`` suffix (``0.5u``) runs without sibling grouping (backend option
-``group_siblings=False``: q/k/v and gate/up one launch each), one with ``f`` (``0.5f``) without
-``emulate_precision_casts`` for graphs with fused masks (batch > 1), for comparison; ``p``
-(``densep``, ``0.5p``) compiles with Inductor's programmatic dependent launch (the sparse GEMV
-follows that flag), ``g`` launches the GEMV with it in any case, ``a`` keeps the down
-projections' input ``silu(gate) * up`` as its own kernel (``fuse_activations=False``).
 
 8-bit weights (``--weights fp8`` or ``int8``, torchao's weight-only configs on every projection,
 ``lm_head`` kept bf16): a sparsity with a ``q`` suffix runs on the quantized twin (the plan is
@@ -65,9 +32,20 @@ dense twin, and ``q`` rows also show the ratio to bf16 dense. Llama-3-8B at batc
     PYTHONPATH=. python bench/decode.py --preset llama3-8b --loops lean --batch 1 --weights fp8 \
         --sparsity dense denseq 0.0q 0.4q 0.5q --budget-s 520 --out $OUT/decode_fp8
 
-Smoke test on CPU (no CUDA graphs, profiler by aten op):
+Smoke test on CPU:
 
     PYTHONPATH=. python bench/decode.py --preset tiny --device cpu --new-tokens 16 --out /tmp/d
+
+Tensor parallelism (``--tp N`` under ``torchrun --nproc-per-node N``): the model is sharded by
+``parallelize_module`` on the meta device (q/k/v/gate/up column-parallel, o/down row-parallel),
+each rank allocates and fills its shards only, calibration merges the ranks' statistics, and rank
+0 logs, times and writes; rows are ``preset@tpN:...`` and the all-reduce kernels have a column.
+``--tp 1`` against the same run without ``--tp`` (``--report`` of both: ``vs no TP``) is what the
+distributed wrapping costs per step on one GPU (``docs/distributed.md``). ``llama3-70b`` has
+Llama-3-70B's shapes (80 layers; ``--layers`` cuts it, as for ``llama3-8b``). On CPU:
+
+    PYTHONPATH=. torchrun --nproc-per-node 2 bench/decode.py --tp 2 --preset tiny --device cpu \
+        --new-tokens 8 --sparsity dense 0.5 --out /tmp/d_tp2
 """
 
 from __future__ import annotations
@@ -86,7 +64,7 @@ from pathlib import Path
 import torch
 
 import fxsparse
-from fxsparse import IgnoredScope, TargetScope, speed
+from fxsparse import IgnoredScope, TargetScope, sharding, speed
 from fxsparse.kernels import sparse_gemv
 from fxsparse.methods import collect_method_statistics, plan_from_observers
 from fxsparse.plan import linear_layers
@@ -101,6 +79,10 @@ PRESETS = {
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                          bos_token_id=0, eos_token_id=0, tie_word_embeddings=True),
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False),
     "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
@@ -108,13 +90,56 @@ PRESETS = {
 _T0 = time.perf_counter()
 
 
+_RANK = 0  # this process's rank under ``--tp`` (torchrun); only rank 0 logs and writes
+
+
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+    if _RANK == 0:
+        print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
+def init_tp(tp: int, device: str):
+    """``--tp N``: the process group torchrun set up (NCCL on CUDA, gloo on CPU), this rank's GPU,
+    and a one-dimensional device mesh of N ranks."""
+    global _RANK
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if "RANK" not in os.environ:
+        sys.exit("error: --tp runs under torchrun (torchrun --nproc-per-node N bench/decode.py --tp N ...)")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if dist.get_world_size() != tp:
+        sys.exit(f"error: --tp {tp} but torchrun started {dist.get_world_size()} processes")
+    _RANK = dist.get_rank()
+    return init_device_mesh(device, (tp,))
+
+
+def tp_styles(model) -> dict:
+    """``parallelize_module``'s plan for a Llama, as torchtitan and transformers' ``tp_plan`` shard
+    it: q/k/v and gate/up column-parallel, o and down row-parallel (one all-reduce each)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    styles = {}
+    for name, _ in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            styles[name] = ColwiseParallel()
+        elif leaf in ("o_proj", "down_proj"):
+            styles[name] = RowwiseParallel()
+    return styles
 
 
 @torch.no_grad()
-def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype, seed: int = 0):
-    """Random-weight Llama of a preset's shapes, initialised directly on ``device``."""
+def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype, seed: int = 0, mesh=None):
+    """Random-weight Llama of a preset's shapes, initialised directly on ``device``. With a
+    device ``mesh`` (``--tp``) it is sharded by ``parallelize_module`` while still on the meta
+    device, so each rank allocates and fills only its shards (a 70B model never exists whole);
+    every rank draws the same numbers, so replicated weights agree."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kw = dict(PRESETS[preset])
@@ -123,11 +148,17 @@ def build_model(preset: str, layers: int | None, device: str, dtype: torch.dtype
     cfg = LlamaConfig(**kw)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to(dtype).to_empty(device=device).eval()
+    model = model.to(dtype)
+    if mesh is not None:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        parallelize_module(model, mesh, tp_styles(model))
+    model = model.to_empty(device=device).eval()
     if cfg.tie_word_embeddings:  # to_empty makes a new tensor per module: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     g = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
+        p = sharding.local_tensor(p)  # a DTensor's shard, filled in place
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
@@ -146,11 +177,11 @@ def set_layout(model, plan, grouped: bool = True) -> None:
     for m in model.modules():
         if not isinstance(m, torch.nn.Linear):
             continue
-        if is_torchao(m.weight):
+        if is_torchao(m.weight):  # torchao's own layout for its path
             if not m.weight.qdata.is_contiguous():
                 m.weight.qdata = m.weight.qdata.contiguous()
-        elif not m.weight.is_contiguous():
-            m.weight.data = m.weight.data.contiguous()
+        elif not sharding.local_tensor(m.weight).is_contiguous():
+            sharding.make_row_major(m.weight)
     if plan is not None:
         fxsparse.prepare_weights(model, plan, group_siblings=grouped)
 
@@ -189,7 +220,8 @@ def matches(preset: str, loop: str, batch: int, sparsity, patterns: list[str]) -
 
 
 def variant_key(r: dict) -> str:
-    return f"{r['preset']}:{r['loop']}:{r['batch']}:{r['sparsity']}"
+    tp = f"@tp{r['tp']}" if r.get("tp") else ""
+    return f"{r['preset']}{tp}:{r['loop']}:{r['batch']}:{r['sparsity']}"
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -198,34 +230,41 @@ def _fmt(v, spec=".3f") -> str:
 
 def table(rows: list[dict], info: list[str]) -> str:
     # each variant against the dense twin compiled the same way (``p``: Inductor PDL on both)
-    dense = {(r["preset"], r["layers"], r["loop"], r["batch"], r["sparsity"]): r["ms_per_step"]
+    dense = {(r["preset"], r["layers"], r.get("tp"), r["loop"], r["batch"], r["sparsity"]): r["ms_per_step"]
              for r in rows if str(r.get("sparsity")).startswith("dense") and r.get("ms_per_step")}
     weights = {r.get("weights") for r in rows if r.get("weights")}
     title = "# decode: dense (Inductor) vs sparse_act" + (
         f" ({', '.join(sorted(weights))} weights)" if weights - {"bf16"} else "")
+    # a tensor-parallel row against the same variant of the model without tensor parallelism
+    plain = {(r["preset"], r["layers"], r["loop"], r["batch"], str(r["sparsity"])): r["ms_per_step"]
+             for r in rows if not r.get("tp") and r.get("ms_per_step")}
     lines = [title, "", *[f"* {i}" for i in info], "",
              "ms/step: one decode step (batch B tokens); tok/s = B / step; weight TB/s: linear "
              "weight bytes the step needs at the achieved sparsity (batch > 1: union of rows) / step "
-             "time; kernel columns: GPU ms per step by family (profiler); gap = step - GPU busy "
-             "(host-side); host: host ms per call.", "",
-             "| model | loop | B | variant | achieved sparsity | ms/step | tok/s | vs dense | weight TB/s "
-             "| sparse GEMV | gemm | attn | other | memcpy | GPU busy | gap | host | kernels/step "
-             "| graphs / recompiles |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "time; kernel columns: GPU ms per step by family (profiler; all-reduce: the collectives); "
+             "gap = step - GPU busy (host-side); host: host ms per call. TP N: sharded over N GPUs by "
+             "parallelize_module (rank 0's times; weight bytes are the whole model's); vs no TP: the same "
+             "variant's ms/step without tensor parallelism / this row's.", "",
+             "| model | loop | B | variant | achieved sparsity | ms/step | tok/s | vs dense | vs no TP "
+             "| weight TB/s | sparse GEMV | gemm | attn | other | memcpy | all-reduce | GPU busy | gap "
+             "| host | kernels/step | graphs / recompiles |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        model = f"{r['preset']} ({r['layers']} L)"
+        model = f"{r['preset']} ({r['layers']} L" + (f", TP {r['tp']})" if r.get("tp") else ")")
         if r.get("error"):
             lines.append(f"| {model} | {r['loop']} | {r['batch']} | {r['sparsity']} | error: "
-                         f"{r['error'][:80]} |" + " |" * 14)
+                         f"{r['error'][:80]} |" + " |" * 16)
             continue
         ms = r["ms_per_step"]
         flags = parse_sparsity(str(r["sparsity"]))[1]
         twin = ("densep" if "inductor_pdl" in flags else "dense") + ("q" if flags.get("quantized") else "")
-        base = dense.get((r["preset"], r["layers"], r["loop"], r["batch"], twin))
+        base = dense.get((r["preset"], r["layers"], r.get("tp"), r["loop"], r["batch"], twin))
         ratio = f"{base / ms:.2f}x" if base else "—"
-        bf16 = dense.get((r["preset"], r["layers"], r["loop"], r["batch"], twin.rstrip("q")))
+        bf16 = dense.get((r["preset"], r["layers"], r.get("tp"), r["loop"], r["batch"], twin.rstrip("q")))
         if flags.get("quantized") and bf16:
             ratio += f" ({bf16 / ms:.2f}x bf16)"
+        no_tp = plain.get((r["preset"], r["layers"], r["loop"], r["batch"], str(r["sparsity"])))
+        vs_plain = f"{no_tp / ms:.3f}x" if r.get("tp") and no_tp else "—"
         is_dense = str(r["sparsity"]).startswith("dense")
         variant = r["sparsity"] if is_dense else f"sparse_act {r['sparsity']}"
         if r.get("weights") and r["weights"] != "bf16":
@@ -234,7 +273,7 @@ def table(rows: list[dict], info: list[str]) -> str:
         b = r.get("breakdown") or {}
         lines.append(
             f"| {model} | {r['loop']} | {r['batch']} | {variant} | {_fmt(ach, '.3f')} | {ms:.3f} | "
-            f"{r['tokens_per_s']:.1f} | {ratio} | {r['weight_TBps']:.3g} | "
+            f"{r['tokens_per_s']:.1f} | {ratio} | {vs_plain} | {r['weight_TBps']:.3g} | "
             + " | ".join(_fmt(b.get(f"{k}_ms")) for k in speed.FAMILIES)
             + f" | {_fmt(b.get('busy_ms'))} | {_fmt(b.get('gap_ms'))} | {_fmt(r.get('host_ms_per_step'))} "
             f"| {_fmt(b.get('kernels_per_step'), '.0f')} | {r.get('graphs', '—')} / "
@@ -255,7 +294,7 @@ def table(rows: list[dict], info: list[str]) -> str:
 
 def write(out: str | None, rows: list[dict], info: list[str]) -> str:
     text = table(rows, info)
-    if out:
+    if out and _RANK == 0:
         prefix = Path(out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
@@ -277,7 +316,11 @@ def report(files: list[str], out: str | None) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=["llama3-8b"], choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, default=None, help="override the llama3-8b layer count")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override the layer count of llama3-8b and llama3-70b")
+    ap.add_argument("--tp", type=int, default=0,
+                    help="tensor parallelism over N GPUs (parallelize_module; run under torchrun "
+                         "--nproc-per-node N); 0: none")
     ap.add_argument("--loops", nargs="+", default=["lean", "hf"], choices=("lean", "hf"))
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sparsity", nargs="+", default=["dense", "0.0", "0.4", "0.5"],
@@ -319,6 +362,7 @@ def main(argv=None) -> None:
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is available")
+    mesh = init_tp(args.tp, dev) if args.tp else None
     mode = args.mode if args.mode is not None else ("reduce-overhead" if dev == "cuda" else None)
     if mode in ("none", "default"):
         mode = None
@@ -342,14 +386,18 @@ def main(argv=None) -> None:
                     and (not args.only or matches(preset, loop, b, s, args.only))]
         if not variants:
             continue
-        run_preset(args, preset, variants, dev, dtype, mode, rows, info)
-    print(write(args.out, rows, info))
+        run_preset(args, preset, variants, dev, dtype, mode, rows, info, mesh)
+    text = write(args.out, rows, info)
+    if _RANK == 0:
+        print(text)
+    if mesh is not None:
+        torch.distributed.destroy_process_group()
 
 
-def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
-    layers = args.layers if preset == "llama3-8b" else None
+def run_preset(args, preset, variants, dev, dtype, mode, rows, info, mesh=None) -> None:
+    layers = args.layers if preset in ("llama3-8b", "llama3-70b") else None
     t = time.perf_counter()
-    model = build_model(preset, layers, dev, dtype)
+    model = build_model(preset, layers, dev, dtype, mesh=mesh)
     cfg = model.config
     log(f"{preset}: {cfg.num_hidden_layers} layers, h={cfg.hidden_size}, i={cfg.intermediate_size}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, built in "
@@ -368,7 +416,9 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
         stats = collect_method_statistics(model, calib, targets, skipped=skipped, batch_quantiles=False,
                                           progress=False)
         for s in sorted({v for _, _, s in variants if (v := parse_sparsity(str(s))[0]) != "dense"}):
-            plans[s] = plan_from_observers(stats, dict.fromkeys(targets, s), "quantile")
+            # under --tp the ranks merged their statistics: rank 0's plan is every rank's
+            plans[s] = sharding.same_on_every_rank(plan_from_observers(stats, dict.fromkeys(targets, s),
+                                                                       "quantile"))
         del stats
         log(f"calibrated {len(targets)} layers in {time.perf_counter() - t:.1f} s")
     achieved: dict[tuple, dict] = {}
@@ -383,7 +433,8 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
             continue
         t_variant = time.perf_counter()
         row = {"preset": preset, "layers": cfg.num_hidden_layers, "loop": loop, "batch": b,
-               "sparsity": s, "mode": mode, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
+               "sparsity": s, "mode": mode, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+               "tp": args.tp or None}
         value, opts = parse_sparsity(str(s))
         plan = plans.get(value)
         q = opts.pop("quantized", False)
@@ -395,7 +446,7 @@ def run_preset(args, preset, variants, dev, dtype, mode, rows, info) -> None:
                 quantize_weights(model, args.weights)
                 quantized = True
                 log(f"quantized to {args.weights} (torchao weight-only) in {time.perf_counter() - t:.1f} s")
-            if plan is not None and (value, b, q) not in achieved:
+            if plan is not None and (value, b, q) not in achieved and mesh is None:  # eager hooks: unsharded
                 t = time.perf_counter()
                 achieved[(value, b, q)] = speed.decode_sparsity(model, plan, prompts[b], args.sparsity_steps)
                 log(f"achieved sparsity measured in {time.perf_counter() - t:.1f} s")
@@ -509,9 +560,9 @@ def run_hf(args, model, plan, prompt, mode, dev, row, opts) -> None:
     row["compile_s"] = res["warmup_s"]
     row["first_tokens"] = toks[0, :8].tolist()
     log(f"generate: compiled + warmed up in {res['warmup_s']:.1f} s, prefill {res['prefill_ms']:.1f} ms, "
-        f"generate {res['generate_ms']:.1f} ms, streamer median {_fmt(res.get('streamer_ms_per_step'))} "
-        f"ms/step (max {_fmt(res.get('streamer_max_ms'))})" + (f"; profiler failed: {res['profile_error']}"
-                                                              if "profile_error" in res else ""))
+        f"generate {res['generate_ms']:.1f} ms, step median {_fmt(res['ms_per_step'])} ms "
+        f"(max {_fmt(res['max_step_ms'])}; by difference {_fmt(res['diff_ms_per_step'])})"
+        + (f"; profiler failed: {res['profile_error']}" if "profile_error" in res else ""))
 
 
 if __name__ == "__main__":

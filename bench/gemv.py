@@ -468,9 +468,8 @@ def quant_markdown(env: dict, rows: list[dict]) -> str:
 def variants(rows: int, n: int, k: int, nsm: int):
     """Configurations tried by --sweep around the default heuristic (same configs dropped).
 
-    The other rules of ``_row_defaults`` on this shape (session 6, `gemv_sweep_row3_h200.md`),
-    and session 7's PDL, smaller tiles and fewer programs (`gemv_sweep_row4_h200.md`; two weight
-    tiles in flight per program, slower everywhere, was removed again: commit 671714c).
+    The other rules of ``_row_defaults`` on this shape, programmatic dependent launch, smaller
+    tiles and fewer programs per SM (``docs/performance.md`` lists what such sweeps rejected).
     """
     out = {}
 

@@ -1,31 +1,21 @@
 """Calibration methods compared on SmolLM2-135M: perplexity at 30/40/50% sparsity, per-layer ratios.
 
 One calibration pass (Lee news, 32 windows x 256 tokens spread evenly over the corpus,
-``--calib-windows``; ``--first-windows`` takes the corpus' first windows as before issue 4's
-fix) records the statistics of every method
-(``fxsparse.methods.collect_method_statistics``); every (method, target) plan is then derived
-from those observers without touching the data again and scored on held-out English Wikipedia
-(8 windows x 256 tokens) with eager hooks and exact per-layer probes (``evaluate(...,
-engine="hooks")``: same masks as the compiled op, no Dynamo tracing per plan). The dense model
-runs once (``dense_cache``). Two scopes: all seven projections of every block ("all"), and the
-MLP inputs only ("mlp": gate/up/down).
-
+``--calib-windows``; ``--first-windows`` takes the corpus' first windows instead) records the
+statistics of every method (``fxsparse.methods.collect_method_statistics``); every (method,
+target) plan is derived from those observers without touching the data again and scored on
+held-out English Wikipedia (8 windows x 256 tokens) with eager hooks and exact per-layer probes
+(``evaluate(..., engine="hooks")``: the compiled op's masks, no Dynamo tracing per plan). Two
+scopes: all seven projections of every block ("all"), and the MLP inputs only ("mlp").
 Writes bench/results/methods_table.md, methods.json, sparsity_per_layer.png, ppl_vs_sparsity.png.
-The commands that made the committed results (CPU, one thread, on a shared 2-core box). The
-base table (~35 min) and the MLP-only refined rows and PPL-p% rows were made before issue 4's
-fix, on the first 8 Lee windows (``--calib-windows 8 --first-windows``):
 
-    OMP_NUM_THREADS=1 nice python bench/methods.py --calib-windows 8 --first-windows \
-        > bench/results/methods_log.txt 2>&1
-    OMP_NUM_THREADS=1 nice python bench/methods.py --refined --pplp-p 1 5 --calib-windows 8 \
-        --first-windows >> bench/results/methods_log.txt 2>&1
+The committed table (CPU, one thread, ~35 min for the base rows): base rows and the MLP-only and
+PPL-p% rows on the first 8 Lee windows, the all-projection refined rows (marked †) with the
+defaults:
 
-and the refined rows of the all-projections table were then regenerated with the defaults (32
-Lee windows spread over the corpus; each plan also measured on held-out Lee windows and on 32
-enwiki windows spread over the dump; the table marks such rows with †):
-
-    OMP_NUM_THREADS=1 nice python bench/methods.py --refined --parts all \
-        >> bench/results/methods_log.txt 2>&1
+    OMP_NUM_THREADS=1 python bench/methods.py --calib-windows 8 --first-windows
+    OMP_NUM_THREADS=1 python bench/methods.py --refined --pplp-p 1 5 --calib-windows 8 --first-windows
+    OMP_NUM_THREADS=1 python bench/methods.py --refined --parts all
 
 ``--tiny`` runs the same code on a random tiny Llama in a few seconds (a smoke test);
 ``--replot`` redraws the plots and table from methods.json.
@@ -421,7 +411,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=32,
                     help="calibration windows of 256 Lee tokens")
     ap.add_argument("--first-windows", action="store_true",
-                    help="calibrate on the first windows of Lee (before issue 4's fix), not on "
+                    help="calibrate on the first windows of Lee, not on "
                          "windows spread over the corpus")
     args = ap.parse_args()
     out = args.out or (OUT if not args.tiny else Path("/tmp/fxsparse_methods_tiny"))

@@ -1,28 +1,15 @@
-"""2:4 activation prefill benchmark (issue 7): dense cuBLAS vs prune + compress + sparse matmul.
+"""2:4 activation prefill benchmark: dense cuBLAS vs prune + compress + sparse matmul.
 
-For (N, K) in {(14336, 4096), (4096, 14336)} and rows M in {256, 1024, 2048, 4096, 8192, 16384},
-bf16, all in one run (medians of 5 trials of back-to-back eager calls timed with CUDA events, as
-the crossover measurement and an eager prefill run them; ``--graphs`` replays CUDA graphs
-instead; inputs rotated among copies so that L2 does not hold them):
+For (N, K) in {(14336, 4096), (4096, 14336)} and rows M from 256 to 16384, bf16, medians of
+back-to-back eager calls timed with CUDA events (``--graphs``: CUDA-graph replays), inputs rotated
+past L2: dense ``F.linear``; ``prune24`` and ``compress24`` alone; torch's
+``_sparse_semi_structured_tile``; the sparse matmul alone; ``sparse24_linear`` in total; the
+dispatching ``fxsparse::prefill_linear`` with the crossover measured in this run (in a temporary
+cache; ``--use-cache`` uses the user's); and the compress step against its byte floor (read x,
+write half of it plus metadata, at the copy bandwidth measured here). A correctness check runs
+first. Prints the environment and a markdown table, writes ``<name>.json`` and ``<name>.md``.
 
-  * dense: ``F.linear(x, W)`` (cuBLAS);
-  * prune alone: the Triton ``prune24`` kernel (dense pruned output), and ``compress24`` (what
-    ``sparse24_linear`` runs: prune + compress into cuSPARSELt's layout);
-  * torch's own ``torch._sparse_semi_structured_tile(x, algorithm="", use_cutlass=False)``;
-  * sparse matmul alone on a pre-compressed x (``torch._cslt_sparse_mm``);
-  * total: ``sparse24_linear`` (prune + compress + matmul);
-  * dispatch: ``fxsparse::prefill_linear`` at that M with the crossover measured in this run
-    (dense below it, 2:4 from it; Python custom-op dispatch included) against dense (with
-    ``--graphs``, also the eager op against eager ``F.linear``);
-  * the compress step against its byte floor: read x once (M·K·2 bytes), write half of it
-    (M·K) plus metadata (M·K/8), at the device-to-device copy bandwidth measured here.
-
-A correctness check runs first and aborts on any mismatch. Prints the environment (GPU, torch,
-Triton, CUDA, cuSPARSELt), a markdown table last, and writes ``<name>.json`` and ``<name>.md``
-to ``--out``. The crossover is measured afresh in a temporary cache (``--use-cache`` reads and
-writes the user's cache instead). About 2-3 minutes on an H100.
-
-    PYTHONPATH=. python bench/sparse24.py --out bench/results [--name sparse24_h100] [--quick]
+    PYTHONPATH=. python bench/sparse24.py --graphs --out bench/results [--name sparse24_h100] [--quick]
 """
 
 from __future__ import annotations

@@ -1,22 +1,15 @@
-"""GPU benchmark: squared-ReLU FFN forward+backward, dense vs 2:4 activations (issue 5).
+"""GPU benchmark: squared-ReLU FFN forward+backward, dense vs 2:4 activations (docs/training.md).
 
-    python bench/train24.py            # H100: < 6 minutes; JSON + markdown to $OUT if set
+    python bench/train24.py            # JSON + markdown to $OUT if set
+    python bench/train24.py --large    # only T=16384, h=4096, i=16384
     python bench/train24.py --quick    # one small shape
 
-1. Prints GPU, torch, triton and cuSPARSELt versions.
-2. Correctness first (exits 1 on failure): Triton kernels bit-exact vs the torch references;
-   cuSPARSELt 2:4 matmul vs dense fp32; the op's forward and backward in bf16 vs the same op in
-   fp32 (dense fallback, no cuSPARSELt) from the same saved tensors.
-3. Times (medians, ``triton.testing.do_bench``, L2 flushed, gradients reset) at bf16 for
-   T in {4096, 16384} x (h, i) in {(2048, 8192), (4096, 16384)}: the dense squared-ReLU FFN
-   (the op in its warm-up mode: cuBLAS + elementwise) and the 2:4 op for each method, forward
-   alone and forward+backward; then per-part times of the 2:4 path (prune, compress, sparse
-   matmuls, token-wise prune, the dense 5%, gathers) next to the dense matmuls they replace.
-4. A short table last; the target is >= 1.2x forward+backward at T = 16384 (the paper reports
-   up to 1.3x; Haziza et al. 2025, arXiv:2503.16672).
-
-Inputs are random, so ReLU^2 activations are ~50% sparse rather than the ~90% of a trained
-model; the 2:4 path's cost does not depend on that (only how many values the 2:4 drops does).
+Prints GPU, torch, triton and cuSPARSELt versions; checks correctness first (exits 1 on failure:
+Triton kernels bit-exact vs the references, cuSPARSELt vs dense fp32, the op in bf16 vs fp32);
+then times (medians, L2 flushed) the dense squared-ReLU FFN and the 2:4 op per method, forward
+and forward+backward, and each part of the 2:4 path next to the dense matmuls it replaces.
+Inputs are random, so ReLU^2 activations are ~50% sparse rather than a trained model's ~90%; the
+2:4 path's cost does not depend on that.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Train a tiny squared-ReLU Llama on CPU: dense vs 2:4 activations (seed 004, issue 5).
+"""Train a tiny squared-ReLU Llama on CPU: dense vs 2:4 activations (seed 004).
 
 Bytes of gensim's Lee corpus are the tokens (vocab 256: no tokenizer download). Every run
 starts from the same weights and sees the same batches; the 2:4 runs are dense for the first

@@ -12,7 +12,7 @@ from .backend import sparse_act
 from .calibration import calibrate, collect_statistics
 from .evaluation import EvalResult, evaluate
 from .generation import compile_config
-from .inspection import Report, explain
+from .inspection import Report, explain, keep_agreement
 from .logs import _from_env as _logs_from_env
 from .logs import set_logs
 from .methods import allocate_sparsity, collect_method_statistics, plan_from_observers, refine_plan
@@ -49,6 +49,7 @@ __all__ = [
     "evaluate",
     "collect_statistics",
     "explain",
+    "keep_agreement",
     "prepare_weights",
     "set_logs",
     "sparse_act",

@@ -1,30 +1,17 @@
 """Attribution scores per input channel of linear layers, for attribution-based sparsity.
 
 Song et al., "Achieving Sparse Activation in Small Language Models" (2024, arXiv:2406.06562,
-seed 002) find that in small LMs the magnitude of a neuron is a poor proxy for its importance
-and rank neurons by gradient attributions instead. The plan format thresholds ``|x_i| * a_i``
-with a static per-channel ``channel_scale`` a_i, so each metric is turned into a_i such that
-``|x_{t,i}| * a_i`` reproduces, summed over calibration tokens t, the metric's own total for
-channel i. With g = dL/dx (L: next-token cross-entropy, summed over the batch):
-
-``gradient``  a_i = mean_t |g_{t,i}|                    (|x| * a = first-order |dL| estimate)
-``gxo``       a_i = sum_t |x_{t,i} g_{t,i}| / sum_t |x_{t,i}|      (gradient x output)
-``ig``        as gxo with g replaced by the mean gradient over ``n_steps`` midpoints of the path
-              alpha * x (alpha in (0, 1)) applied to every targeted input at once (a joint path:
-              one pass per step instead of one per layer and step)
-``snip``      a_i = |sum_t x_{t,i} g_{t,i}| / sum_t |x_{t,i}|: the connection sensitivity
-              |dL/dm_i| of a per-channel mask m shared by all tokens (Lee et al. 2019, SNIP)
-``cor_gxo``   gxo with the gradient averaged between the dense model and the model in which
-              every targeted layer already drops its ``ref_sparsity`` share of lowest-GxO inputs:
-              a_i = sum_t |x_{t,i} (g_{t,i} + g~_{t,i}) / 2| / sum_t |x_{t,i}|. This corrects
-              for the interdependency the paper identifies (a neuron's attribution changes once
-              neurons of other layers are deactivated). The paper's exact corrective term could
-              not be recovered here; this trapezoid correction is ours.
-
-Heads: for attention output projections (``o_proj``), whose input channels are the
-concatenated heads, ``heads=True`` averages a_i over each head's channels so that a head is
-scored as one unit, as the paper scores attention heads.
-
+seed 002): in small LMs a neuron's magnitude is a poor proxy for its importance, so neurons are
+ranked by gradient attributions instead. The plan thresholds ``|x_i| * a_i`` with a static
+per-channel ``channel_scale`` a_i, so each metric becomes an a_i such that ``|x_{t,i}| * a_i``,
+summed over calibration tokens t, reproduces the metric's own total for channel i. With
+g = dL/dx (next-token cross-entropy): ``gradient`` a_i = mean_t |g|; ``gxo`` (gradient x output)
+a_i = sum_t |x g| / sum_t |x|; ``ig`` as gxo with g averaged over ``n_steps`` points of the path
+alpha * x (one joint path for all targeted inputs); ``snip`` a_i = |sum_t x g| / sum_t |x| (SNIP's
+connection sensitivity); ``cor_gxo`` gxo with g averaged between the dense model and one whose
+targeted layers already drop their ``ref_sparsity`` share of lowest-GxO inputs (the interdependency
+the paper corrects for; its exact term is not published, this trapezoid correction is ours).
+``heads=True`` averages a_i over each head's channels of an ``o_proj``, scoring heads as units.
 Gradients come from eager forward-pre-hooks (no compiler); the model is not modified.
 """
 

@@ -1,55 +1,23 @@
-"""The ``sparse_act`` torch.compile backend: match -> (observe | lower) -> Inductor.
+"""The ``sparse_act`` torch.compile backend: match -> (observe | lower -> group -> fuse_act ->
+accumulate) -> Inductor.
 
 Registered through the ``torch_dynamo_backends`` entry point, so after ``pip install`` this works
 without importing fxsparse::
 
     fast = torch.compile(model, backend="sparse_act", options={"plan": "plan.json"})
 
-Options (``torch.compile(..., options={...})``):
+Options (``torch.compile(..., options={...})``; each is described in ``docs/backend.md``):
+``plan`` (a ``SparsityPlan``, its path or dict; without one nothing is lowered), ``mode``
+(Inductor's, inside ``options`` because torch.compile refuses ``mode`` and ``options`` together),
+``inductor``, ``debug_dir``, ``observers`` and ``record`` (calibration and ``explain``),
+``crossover_rows``, and the switches ``dense_when_faster``, ``group_siblings``,
+``fuse_activations``, ``accumulate``, ``emulate_precision_casts`` (default on) and ``keep_taps``
+(default off: record each site's judged input for ``fxsparse.keep_agreement``).
 
-``plan``       a ``SparsityPlan``, a path to its JSON, or its dict. Without one nothing is lowered
-               and the graph goes to Inductor as is (a warning says so once).
-``mode``       Inductor's mode (``"reduce-overhead"`` for CUDA graphs, ``"max-autotune"``, ...);
-               inside ``options`` because torch.compile refuses ``mode`` and ``options`` together.
-``inductor``   ``False`` runs the rewritten FX graph as is (no Inductor), for debugging.
-``debug_dir``  write each graph before/after every pass there (also ``FXSPARSE_DEBUG_DIR``).
-``observers``  ``{layer name: ActivationObserver}``: calibration mode (used by ``calibrate`` and
-               ``explain``); observed graphs run without Inductor.
-``record``     a list that receives, per compiled graph, its code after each pass and the
-               per-layer decisions (used by ``explain``).
-``crossover_rows``  int: the row count from which layers with ``prefill="2:4"`` run 2:4 (prune +
-               sparse tensor cores) instead of dense. Default: measured once per GPU, shape and
-               dtype and cached on disk (``fxsparse.kernels.crossover``); never on CPU.
-``dense_when_faster``  default ``True``: on CUDA, a threshold layer whose one-row sparse GEMV
-               measures slower than dense at its target sparsity (small weights: the kernel's
-               fixed cost exceeds what skipping saves) runs dense, with the reason recorded;
-               measured and cached like ``crossover_rows``. ``False`` keeps every planned layer
-               sparse (e.g. to compare with the eager reference).
-``group_siblings``  default ``True``: planned siblings that read the same input with the same
-               mask (q/k/v, gate/up) run as one ``threshold_linear_group`` call, one launch on
-               CUDA (``passes/group.py``); ``dense_when_faster`` then judges the set's total width.
-
-``fuse_activations``  default ``True``: a one- or two-row sparse layer whose input is ``act(a) * b``
-               (``silu(gate) * up``, OPT's ``relu``) computes that input in its kernel, one
-               kernel less per layer (``passes/fuse_act.py``).
-
-``accumulate``  default ``True``: on CUDA, one-row sparse layers add their K-splits' partial sums
-               into float32 outputs with atomics, rounded by the kernels that read them
-               (``passes/accumulate.py``): ~1.2-2.2 µs less per call, but float32 additions in a
-               varying order, so not bitwise reproducible run to run. Off under
-               ``torch.use_deterministic_algorithms(True)``.
-
-``emulate_precision_casts``  default ``True``: graphs with a ``"mask+linear"`` site (below)
-               compile with Inductor's option of that name, so the fused mask judges x rounded to
-               its dtype as eager does; ``False`` keeps Inductor's default (x's unrounded float32
-               value decides: bf16 entries that tie the threshold can flip, ``passes/lower.py``).
-
-A planned threshold layer whose every call in a graph has more rows than the fused kernel takes
-(``sparse_gemv.max_rows``: static shapes of more than two rows, or of two for layers planned
-below 50%) or whose row count is dynamic (Dynamo's sizes from 2 up) is lowered to its mask as
-plain aten ops and a ``linear`` (decision branch ``"mask+linear"``), which Inductor fuses into
-the kernel producing the layer's input. One- and two-row graphs (decode) and unknown row counts
-keep the ``fxsparse`` op.
+Graphs with a sparse site compile with Inductor's ``emulate_precision_casts``: Inductor fuses a
+site's producers (RMSNorm, residual adds, RoPE, ``silu(gate) * up``) and would otherwise keep
+their intermediates in float32 where eager rounds each to bf16/fp16, so entries near a
+threshold would be judged on other values than eager judges and flip.
 """
 
 from __future__ import annotations
@@ -70,6 +38,7 @@ from .passes import (
     insert_observers,
     lower_linears,
     match_linears,
+    tap_inputs,
 )
 from .plan import SparsityPlan
 
@@ -78,7 +47,8 @@ __all__ = ["sparse_act", "BackendOptions"]
 log = logging.getLogger("fxsparse")
 
 _KNOWN = {"plan", "mode", "inductor", "debug_dir", "observers", "record", "crossover_rows",
-          "dense_when_faster", "group_siblings", "fuse_activations", "accumulate", "emulate_precision_casts"}
+          "dense_when_faster", "group_siblings", "fuse_activations", "accumulate", "emulate_precision_casts",
+          "keep_taps"}
 # devices whose graphs the accumulate pass rewrites (CUDA, where the kernel gains; tests add "cpu")
 ACCUMULATE_DEVICES = ("cuda",)
 _graph_counter = 0
@@ -117,9 +87,10 @@ class BackendOptions:
         r = self.crossover_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"sparse_act: option 'crossover_rows' must be an integer >= 0, got {r!r}")
-        for flag in ("dense_when_faster", "group_siblings", "fuse_activations", "accumulate",
-                     "emulate_precision_casts"):
-            value = options.get(flag, True)
+        for flag, default in (("dense_when_faster", True), ("group_siblings", True),
+                              ("fuse_activations", True), ("accumulate", True),
+                              ("emulate_precision_casts", True), ("keep_taps", False)):
+            value = options.get(flag, default)
             if not isinstance(value, bool):
                 raise ValueError(f"sparse_act: option {flag!r} must be True or False, got {value!r}")
             setattr(self, flag, value)
@@ -164,6 +135,9 @@ def sparse_act(
         if opts.accumulate and not torch.are_deterministic_algorithms_enabled():
             gm = accumulate_outputs(gm, ACCUMULATE_DEVICES)
             stages["accumulate"] = _code(gm)
+        if opts.keep_taps:
+            gm = tap_inputs(gm)
+            stages["tap"] = _code(gm)
     elif opts.observers is None and not _warned_no_plan:
         _warned_no_plan = True
         log.warning("sparse_act: no 'plan' option given; no linear layer is sparsified")
@@ -187,7 +161,7 @@ def sparse_act(
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(opts.config_patches)
-    if opts.emulate_precision_casts and any(d["op"] == "mask+linear" for d in decisions):
+    if opts.emulate_precision_casts and any(d["op"] != "linear" for d in decisions):  # a sparse site
         patches.setdefault("emulate_precision_casts", True)
     return compile_fx(gm, example_inputs, config_patches=patches)
 

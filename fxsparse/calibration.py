@@ -4,6 +4,10 @@ The recipe, as in PT2E quantization: compile the model with ``sparse_act`` in ca
 (the observe pass puts an ``ActivationObserver`` on the input of each targeted linear), run the
 calibration data through it, then turn each observer's statistics into a ``LayerPlan``
 (``fxsparse.methods``: one pass serves every target sparsity of a method).
+
+On a tensor-parallel model (DTensor weights, ``sharding.py``) every rank runs the same data;
+observers of row-parallel layers see their rank's slice and are merged across ranks at the end
+of the pass, so every rank derives the unsharded model's plan (rank 0's is broadcast).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .methods import METHODS, method_options
 from .observers import ActivationObserver, observed_tokens
 from .plan import LayerPlan, SparsityPlan, linear_layers, uncompiled
 from .scope import IgnoredScope, ScopeError, TargetScope, resolve_targets
+from .sharding import is_tensor_parallel, same_on_every_rank
 
 __all__ = ["calibrate", "collect_statistics", "iterate_batches", "METHODS"]
 
@@ -137,6 +142,10 @@ def collect_statistics(
             compiled(*args, **{**extra, **kwargs})
     finally:
         model.train(was_training)
+    for o in observers.values():  # tensor parallelism: row-parallel observers saw slices (sharding.py)
+        merge = getattr(o, "merge_shards", None)
+        if merge is not None:
+            merge()
     silent = [name for name, o in observers.items() if o.count == 0]
     if silent:
         raise RuntimeError(
@@ -171,7 +180,7 @@ def calibrate(
             one pass over the data.
         target_sparsity_by_scope: ``{TargetScope(...): sparsity in [0, 1)}``.
         ignored_scope: layers to leave dense whatever the targets say.
-        method: one of ``METHODS`` (details and formulas in ``fxsparse.methods``):
+        method: one of ``METHODS`` (details and formulas in docs/calibration.md):
             ``"quantile"``: tau = Quantile(|X|, s) (NNCF, seed 000; ``quantile_ema=True``,
             ``ema_alpha``: NNCF's per-batch EMA estimate); ``"mode"``: SCAP mode-centering
             (seed 001; ``center="zero"|"median"|"kde"``); ``"norm"``: |x_i| * ||W[:, i]||
@@ -217,6 +226,9 @@ def calibrate(
     if attr_opts and method != "attribution":
         raise TypeError(f"option(s) {sorted(attr_opts)} only apply to method 'attribution'")
     _check_arguments(method, targets, linears, options, prefill, decode_rows)
+    tensor_parallel = is_tensor_parallel(model)
+    if tensor_parallel:
+        _check_tensor_parallel(method, refine, options)
     metrics = [options.get("metric", "gxo")] if method == "attribution" else []
     data = dataset
     if method == "pplp" and options.get("p") is not None:  # the search re-reads a list
@@ -232,11 +244,25 @@ def calibrate(
     if refine:
         plan = refine_plan(model, data, plan, iterations=refine, max_batches=max_batches,
                            **options)
+    if tensor_parallel:  # every rank computed it from the same merged statistics; rank 0's is the one
+        plan.meta["tensor_parallel"] = torch.distributed.get_world_size()
+        plan = same_on_every_rank(plan)
     if isinstance(prefill, str):
         return plan.set_prefill(prefill, decode_rows)
     for scope, kind in prefill.items():
         plan.set_prefill(kind, decode_rows, names=scope.select(plan.layers))
     return plan
+
+
+def _check_tensor_parallel(method: str, refine: int, options: Mapping[str, Any]) -> None:
+    """Raise for what calibration cannot do on a tensor-parallel model: the passes that run the
+    model eagerly with a plan's hooks or gradients (``refine``, ``attribution``, ``pplp`` with
+    ``p``) see DTensors or local slices there. The unsharded model's plan applies as it is."""
+    what = ("refine" if refine else f"method {method!r}" if method == "attribution"
+            else "method 'pplp' with p=" if method == "pplp" and options.get("p") is not None else None)
+    if what is not None:
+        raise ValueError(f"calibrate: {what} is not supported on a tensor-parallel model; calibrate the "
+                         "unsharded model on one device and compile the sharded one with its plan")
 
 
 def _reiterable(dataset: Any, max_batches: int | None) -> Any:

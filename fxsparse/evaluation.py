@@ -35,7 +35,12 @@ class TopkProbe(ActivationObserver):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        v = x.detach().reshape(-1, self.in_features)
+        v = x.detach()
+        if self.shard is not None:  # tensor parallelism: the k largest of the whole row
+            from .sharding import gather_channels
+
+            v = gather_channels(v, self.in_features, self.shard[2])
+        v = v.reshape(-1, self.in_features)
         c = None if self.center is None else self.center.to(v.device)
         s = None if self.scale is None else self.scale.to(v.device)
         dropped = (~topk_keep_mask_reference(v, self.k, c, s)).double()

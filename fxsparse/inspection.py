@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dispatch import SiteFacts, kernel_rows
 from .evaluation import make_probe
-from .plan import SparsityPlan, linear_layers, uncompiled
+from .plan import LayerPlan, SparsityPlan, linear_layers, uncompiled
 
-__all__ = ["explain", "Report", "LayerRow"]
+__all__ = ["explain", "keep_agreement", "Report", "LayerRow"]
 
 
 @dataclass
@@ -43,6 +45,7 @@ class LayerRow:
     kernel: str = "-"  # implementation per row range on the model's device
     dense_bytes: int = 0
     sparse_bytes: int | None = None  # expected weight bytes of one decode step (planned layers)
+    keep_differs: float | None = None  # compare_eager: fraction of keep decisions unlike eager's
 
     @property
     def runs_dense(self) -> bool:
@@ -82,6 +85,14 @@ class Report:
         lines.append(f"{len(planned) - k} of {len(self.rows)} linears sparsified{run_dense}; expected "
                      f"weight bytes per decode step {dense / 1e6:.1f} MB -> "
                      f"{(dense - saved) / 1e6:.1f} MB")
+        compared = [r for r in self.rows if r.keep_differs is not None]
+        if compared:
+            worst = max(compared, key=lambda r: r.keep_differs)
+            lines.append(f"keep decisions unlike eager's (compiled with the given options): worst "
+                         f"{worst.keep_differs:.2e} ({worst.name}), mean "
+                         f"{sum(r.keep_differs for r in compared) / len(compared):.2e} "
+                         f"over {len(compared)} layers")
+            lines += [f"  {r.name}: {r.keep_differs:.2e}" for r in compared if r.keep_differs > 0]
         return "\n".join(lines)
 
     def graph_code(self) -> str:
@@ -106,8 +117,7 @@ class Report:
         return folder
 
 
-def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_f: int,
-                        dtype: torch.dtype) -> str:
+def _kernel_description(d: dict[str, Any], device: torch.device, lp: LayerPlan, dtype: torch.dtype) -> str:
     """Which implementation runs for which row count (the ops dispatch at run time)."""
     op = d["op"]
     others = [n.rpartition(".")[2] for n in d.get("group", []) if n != d["name"]]
@@ -117,9 +127,11 @@ def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_
         "computed in the kernel" if device.type == "cuda" else "computed by the op")
     if d.get("accumulate"):  # passes/accumulate.py
         fused += "; float32 output (split-K atomics), rounded by its reader"
+    if d.get("tp"):  # sharding.py: this rank's piece of a tensor-parallel layer
+        fused += f"; tensor parallel: {d['tp']} here"
     if d.get("prefill", "threshold") != "threshold":  # grouped in decode graphs too (group.py)
         return _prefill_ranges(d, device) + fused + shared
-    if op == "mask+linear":  # every call above the kernel's row limit (passes/lower.py)
+    if op == "mask+linear":  # every call above the kernel's row limit (dispatch.py)
         return "aten mask (fused into x's producer by Inductor) + " + (
             "cuBLAS" if device.type == "cuda" else "matmul") + ", every call of this graph"
     if op not in ("fxsparse.threshold_linear", "fxsparse.threshold_linear_group",
@@ -127,9 +139,8 @@ def _kernel_description(d: dict[str, Any], device: torch.device, out_f: int, in_
         return "torch composition"
     if device.type != "cuda":
         return "torch reference (mask, then matmul)" + fused + shared
-    from .kernels.sparse_gemv import max_rows
-
-    return (f"Triton sparse GEMV <= {max_rows(out_f, in_f, dtype)} row(s), mask + cuBLAS above"
+    rows = kernel_rows(SiteFacts(plan=lp, device=device, weight_dtype=dtype))
+    return (f"Triton sparse GEMV <= {rows} row(s), mask + cuBLAS above"
             + fused + shared)
 
 
@@ -170,9 +181,14 @@ def explain(
     *args: Any,
     plan: SparsityPlan | str | os.PathLike,
     dump_dir: str | os.PathLike | None = None,
+    compare_eager: bool | Mapping[str, Any] = False,
     **kwargs: Any,
 ) -> Report:
     """Compile ``model`` with ``plan``, run ``model(*args, **kwargs)`` once, report per layer.
+
+    ``compare_eager``: also compile it through Inductor (``True``, or a dict of backend options
+    such as ``{"mode": "reduce-overhead"}``) and report per layer the fraction of keep decisions
+    that differ from eager's (``keep_agreement``).
 
     Example::
 
@@ -215,8 +231,8 @@ def explain(
                 row.sparsity, row.token_std = stats["sparsity"], stats["token_std"]
                 row.sparse_bytes = int(round(wbytes * (1.0 - stats["sparsity"])))
                 w = modules[key].weight
-                row.kernel = _kernel_description(d, w.device, out_f, in_f, w.dtype)
-                if row.runs_dense:  # dense_reason (passes/lower.py): reads the whole weight
+                row.kernel = _kernel_description(d, w.device, lp, w.dtype)
+                if row.runs_dense:  # dispatch.decide chose dense: reads the whole weight
                     row.sparse_bytes, row.kernel = wbytes, "plain linear at every row count"
             seen[key] = row
     for name, (out_f, in_f) in linears.items():
@@ -226,6 +242,89 @@ def explain(
                                   dense_bytes=out_f * in_f * elem.get(f"{name}.weight", 2))
     order = list(linears)
     report.rows = sorted(seen.values(), key=lambda r: order.index(r.name) if r.name in order else 1e9)
+    if compare_eager is not False:
+        options = {} if compare_eager is True else dict(compare_eager)
+        differs = keep_agreement(model, *args, plan=plan, options=options, **kwargs)
+        for r in report.rows:
+            if r.name in differs:
+                r.keep_differs = differs[r.name]["fraction"]
     if dump_dir is not None:
         report.save(dump_dir)
     return report
+
+
+@torch.no_grad()
+def keep_agreement(model: nn.Module, *args: Any, plan: SparsityPlan | str | os.PathLike,
+                   options: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """How often the compiled model's masks differ from eager's, per planned layer.
+
+    Runs ``model(*args, **kwargs)`` once compiled by ``sparse_act`` with ``options`` (Inductor
+    included unless they say otherwise) and the backend's ``keep_taps``, once eagerly with the
+    plan's hooks (``fxsparse.reference``), and compares the keep decisions each layer's plan
+    entry makes on the inputs each side judged. Differences come from inputs computed with other
+    rounding (fused producers, another summation order), each flip moving later layers' inputs.
+    Returns ``{layer: {"calls", "entries", "differ", "fraction"}}``; sibling layers that share a
+    mask (one tap) report the same. Calls with more rows than ``decode_rows`` of a dense- or
+    2:4-prefill entry are not compared (no threshold decides them).
+    """
+    from .dispatch import sibling_sets
+    from .kernels import tap
+    from .reference import plan_hooks
+
+    plan = SparsityPlan.coerce(plan)
+    model = uncompiled(model)
+    plan.check_model(model)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        kwargs.setdefault("use_cache", False)
+    tap.RECORDS.clear()
+    compiled = torch.compile(model, backend="sparse_act",
+                             options={**dict(options or {}), "plan": plan, "keep_taps": True})
+    try:
+        compiled(*args, **kwargs)
+        got = {k: list(v) for k, v in tap.RECORDS.items()}
+    finally:
+        tap.RECORDS.clear()
+    modules = dict(model.named_modules())
+    eager: dict[str, list[torch.Tensor]] = {name: [] for name in plan.layers}
+    with plan_hooks(model, plan):
+        handles = [modules[n].register_forward_pre_hook(
+            lambda _m, a, n=n: eager[n].append(a[0].detach().clone()), prepend=True) for n in plan.layers]
+        try:
+            model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+    out: dict[str, dict[str, Any]] = {}
+    for name, xs in got.items():
+        lp = plan.layers[name]
+        c, sc = lp.center_tensor(), lp.scale_tensor()
+        calls = entries = differ = 0
+        for xc, xe in zip(xs, eager[name], strict=False):
+            if xc.shape != xe.shape:
+                continue
+            rows = xc.numel() // max(xc.shape[-1], 1)
+            if lp.prefill != "threshold" and rows > lp.decode_rows:
+                continue
+            keep = [_keep(v, lp, c, sc) for v in (xc, xe)]
+            calls, entries = calls + 1, entries + keep[0].numel()
+            differ += int((keep[0] != keep[1]).sum())
+        out[name] = {"calls": calls, "entries": entries, "differ": differ,
+                     "fraction": differ / entries if entries else 0.0}
+    for name, members in sibling_sets(plan).items():
+        tapped = [m for m in members if m in got]
+        if name not in out and tapped:
+            out[name] = dict(out[tapped[0]])
+    return out
+
+
+def _keep(x: torch.Tensor, lp: LayerPlan, center: torch.Tensor | None,
+          scale: torch.Tensor | None) -> torch.Tensor:
+    """The keep mask ``lp``'s op takes on ``x`` (threshold or top-k)."""
+    from .kernels import keep_mask_reference, topk_keep_count, topk_keep_mask_reference
+
+    c = None if center is None else center.to(x.device)
+    s = None if scale is None else scale.to(x.device)
+    if lp.method == "topk":
+        return topk_keep_mask_reference(x, topk_keep_count(lp.in_features, lp.target_sparsity or 0.0), c, s)
+    return keep_mask_reference(x, lp.threshold, c, s)

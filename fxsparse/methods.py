@@ -5,28 +5,10 @@ observers every requested method needs (plain histogram, per-batch quantiles, no
 attribution-scaled histograms). ``plan_from_observers`` then derives a ``SparsityPlan`` for any
 target sparsities without touching the data again, so a whole sweep costs one pass per model.
 
-Methods (all give the same plan format; ``x`` is the layer's input, ``s`` the target):
-
-``quantile``  tau = Quantile(|X|, s) over all calibration entries (NNCF, seed 000).
-              ``quantile_ema=True``: NNCF's own estimator instead: the exact quantile of each
-              batch, averaged over batches with NNCF's EMA update (``ema_alpha``, default 0.2;
-              ``ema_rule="pandas"`` for the bias-free weighted mean, see ``nncf_ema``).
-``mode``      SCAP (seed 001): c = 0 | median | KDE peak of X (``center=``), tau =
-              Quantile(|X - c|, s); dropped entries take the value c (the op adds W @ c).
-``norm``      Sparsing Law / WINA (seed 003): drop x_i when |x_i| * ||W[:, i]||_2 < tau, tau the
-              s-quantile of that product.
-``topk``      Sparsing Law Top-k (seed 003): keep the k = n - round(s n) largest |x_i| of each
-              token (``fxsparse::topk_linear``; ties kept). Needs no statistics.
-``fat``       Sparsing Law FAT-eps (seed 003): one absolute threshold eps for every chosen layer;
-              ``epsilon=`` sets it, else eps is solved so the weight-size-weighted mean sparsity
-              of each group of layers sharing a target equals that target.
-``pplp``      Sparsing Law PPL-p% (seed 003): per-layer thresholds on |x_i| * ||W[:, i]|| from a
-              common tail-error budget (CETT, see ``cett_curve``); with ``p=`` the budget is the
-              largest whose perplexity on the calibration text rises by at most p% (bisection),
-              with ``cett=`` it is given, else it is solved to meet the targets on average.
-``attribution`` Song et al. 2024 (seed 002): drop x_i when |x_i| * a_i < tau, a_i a per-channel
-              attribution score (``fxsparse.attribution``; ``metric=`` gradient | gxo | ig |
-              snip | cor_gxo), tau the s-quantile of that product.
+Methods, all writing the same plan format (rules and sources in docs/calibration.md):
+``quantile`` (NNCF, seed 000; ``quantile_ema`` for NNCF's per-batch EMA estimator), ``mode``
+(SCAP mode-centering, seed 001), ``norm``, ``topk``, ``fat`` and ``pplp`` (Sparsing Law, seed
+003), ``attribution`` (Song et al. 2024, seed 002; scores from ``fxsparse.attribution``).
 
 Beyond the seeds: ``allocate_sparsity`` spreads a model-wide budget over layers greedily by
 measured output error, so sensitive layers are sparsified less; ``refine_plan`` recalibrates a
@@ -67,7 +49,7 @@ __all__ = [
 
 METHODS = LAYER_METHODS  # the names a plan entry's "method" may take
 CENTERS = ("zero", "median", "kde")
-EMA_RULES = ("nncf", "pandas")
+EMA_RULES = ("nncf", "pandas", "nncf_legacy")
 _GRID = tuple(round(0.01 * i, 2) for i in range(1, 100))  # per-batch quantile levels
 
 
@@ -90,6 +72,10 @@ class BatchQuantileObserver(ActivationObserver):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         super().forward(x)
+        if self.shard is not None:  # a quantile of the whole input needs all of it: gather the slices
+            from .sharding import gather_channels
+
+            x = gather_channels(x, self.in_features, self.shard[2])
         v = x.detach().reshape(-1).float().abs()
         v = v[torch.isfinite(v)].sort().values.double()
         if v.numel():
@@ -116,20 +102,19 @@ class BatchQuantileObserver(ActivationObserver):
 def nncf_ema(values: Sequence[float], alpha: float = 0.2, rule: str = "nncf") -> float:
     """Running threshold over batches.
 
-    ``rule="nncf"``: the update of NNCF's ``EMAAggregator``
-    (``nncf/experimental/torch/sparsify_activations/ema_aggregator.py``) as written: r_1 = v_1,
-    then with beta = 1 - alpha and n values seen, r <- alpha v + beta r (1 - beta^n) /
-    (1 - beta^(n+1)). Its two weights sum to less than 1 for small n, so with few batches it
-    underestimates tau (lower sparsity than the target); it converges after ~1/alpha batches.
-    ``rule="pandas"``: the bias-free weighted mean sum beta^i v_{n-i} / sum beta^i that the
-    same formula approximates (``pandas.DataFrame.ewm(adjust=True)``).
+    ``rule="nncf"`` (the default; ``"pandas"`` is the same rule): NNCF 3.4's update, the
+    bias-free weighted mean sum beta^i v_{n-i} / sum beta^i with beta = 1 - alpha, computed as
+    r_n = (alpha v_n + beta (1 - beta^n) r_{n-1}) / (1 - beta^(n+1)) (``pandas.DataFrame.ewm``
+    with ``adjust=True``). ``rule="nncf_legacy"``: an earlier NNCF ``EMAAggregator``'s update,
+    r <- alpha v + beta r (1 - beta^n) / (1 - beta^(n+1)), whose weights sum to less than 1 for
+    small n, so with few batches it underestimates tau.
     """
     if not values:
         raise ValueError("no values")
     if rule not in EMA_RULES:
-        raise ValueError(f"rule must be 'nncf' or 'pandas', got {rule!r}")
+        raise ValueError(f"rule must be one of {EMA_RULES}, got {rule!r}")
     beta = 1.0 - alpha
-    if rule == "pandas":
+    if rule in ("nncf", "pandas"):
         w = [beta**i for i in range(len(values))][::-1]
         return float(sum(wi * float(v) for wi, v in zip(w, values, strict=True)) / sum(w))
     r = float(values[0])
@@ -155,13 +140,25 @@ class ObserverGroup(nn.Module):
     def count(self) -> int:
         return min(int(m.count) for m in self.members.values())
 
+    def set_shard(self, lo: int, hi: int, group: object) -> None:
+        """Tensor parallelism: every member sees input channels ``[lo, hi)`` only."""
+        for m in self.members.values():
+            m.set_shard(lo, hi, group)
+
+    def merge_shards(self) -> None:
+        for m in self.members.values():
+            m.merge_shards()
+
     def __getitem__(self, key: str) -> ActivationObserver:
         return self.members[key]
 
 
 def linear_weight(module: nn.Module) -> Tensor:
-    """The weight as ``[out_features, in_features]`` (GPT-2's ``Conv1D`` stores it transposed)."""
+    """The weight as ``[out_features, in_features]`` (GPT-2's ``Conv1D`` stores it transposed);
+    all of it for a tensor-parallel weight (a collective: every rank must ask for it)."""
     w = module.weight.detach()
+    if hasattr(w, "full_tensor"):  # a DTensor
+        w = w.full_tensor()
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
@@ -408,7 +405,7 @@ def method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     if method == "mode" and opt["center"] not in CENTERS:
         raise ValueError(f"center must be one of {CENTERS}, got {opt['center']!r}")
     if method == "quantile" and opt["quantile_ema"] and opt["ema_rule"] not in EMA_RULES:
-        raise ValueError(f"rule must be 'nncf' or 'pandas', got {opt['ema_rule']!r}")
+        raise ValueError(f"rule must be one of {EMA_RULES}, got {opt['ema_rule']!r}")
     return opt
 
 

@@ -2,24 +2,17 @@
 
 An observer is an ``nn.Module`` whose ``forward(x)`` returns ``x`` unchanged and records:
 
-* a signed histogram of ``x`` on a log-magnitude grid (256 bins per octave, 2^-64 .. 2^64, about
-  0.27% relative bin width), from which the threshold for *any* target sparsity and any center
-  (``Quantile(|X - c|, s)``) and the centers themselves (median, density peak) follow after one
-  pass, so a sparsity sweep never recalibrates;
-* optionally a magnitude histogram of ``|x - c| * scale`` for a fixed per-channel scale (the
-  norm-scaled criterion of Sparsing Law, seed 003);
-* per-channel count / sum / sum of squares / max |x| (float64, ``in_features`` each);
-* optionally an exact *probe*: given the plan's threshold, center and scale, the number of
-  dropped entries and the per-token dropped fraction (mean and spread), for inspection and
-  evaluation.
+* a signed histogram of ``x`` on a log-magnitude grid (256 bins per octave, 2^-64 .. 2^64), from
+  which the threshold for *any* target sparsity and center (``Quantile(|X - c|, s)``) and the
+  centers themselves (median, density peak) follow after one pass;
+* optionally a histogram of ``|x - c| * scale`` for a fixed per-channel scale (column norms,
+  attribution scores: hence the wide grid);
+* per-channel count / sum / sum of squares / max |x| (float64);
+* optionally an exact *probe*: given a plan entry, the dropped count and per-token dropped fraction.
 
-Nothing stores activations, so memory is fixed per observer: 512 KiB for the signed histogram
-(none for a probe without statistics, as ``evaluate`` and ``explain`` use),
-256 KiB more for the scaled one (int64 counts); ~100 MiB (plain) to ~250 MiB (with a scaled
-observer beside it) for a model's ~200 linears.
-The grid is wide because the scaled criterion multiplies |x| by arbitrary scales (column norms,
-attribution scores). Values outside it still count (in the zero or the top bin), and how many
-did is recorded: a threshold that falls among them warns, as its bin says little about them.
+Nothing stores activations, so memory is fixed: 512 KiB per signed histogram, none for a probe
+without statistics. Values outside the grid still count (in the zero or top bin), and a threshold
+that falls among them warns.
 """
 
 from __future__ import annotations
@@ -28,6 +21,7 @@ import contextlib
 import contextvars
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,6 +143,9 @@ class ActivationObserver(nn.Module):
             self.scaled_hist = None
         self.probe: tuple[float, Tensor | None, Tensor | None] | None = None
         self.record_stats = True
+        # tensor parallelism: (lo, hi, process group) when this rank sees channels [lo, hi) only
+        self.shard: tuple[int, int, Any] | None = None
+        self._merged: dict[str, Tensor] = {}  # additive statistics as of the last merge_shards
         self.register_buffer("probe_dropped", torch.zeros((), dtype=torch.float64))
         self.register_buffer("probe_tokens", torch.zeros((), dtype=torch.int64))
         self.register_buffer("probe_frac_sum", torch.zeros((), dtype=torch.float64))
@@ -175,11 +172,54 @@ class ActivationObserver(nn.Module):
             elif stats and h.numel() == 0:
                 setattr(self, name, h.new_zeros(size))
 
+    # -- tensor parallelism ---------------------------------------------------------------------
+    _ADDITIVE = ("signed_hist", "signed_outside", "ch_sum", "ch_sumsq", "scaled_hist", "scaled_outside")
+    _MAXED = ("abs_max", "ch_absmax", "scaled_max")
+
+    def set_shard(self, lo: int, hi: int, group: Any) -> None:
+        """This rank sees input channels ``[lo, hi)`` only (a row-parallel layer's input slice
+        under tensor parallelism); ``merge_shards`` combines the ranks of ``group``."""
+        if not 0 <= lo < hi <= self.in_features:
+            raise ValueError(f"observer {self.name}: shard [{lo}, {hi}) outside {self.in_features} channels")
+        self.shard = (lo, hi, group)
+
+    @torch.no_grad()
+    def merge_shards(self) -> None:
+        """Combine the statistics the ranks of the shard's group recorded on their slices, so
+        every rank holds those of the whole input: histograms and counts add up, per-channel
+        sums sit at each rank's channels (zero elsewhere) and add up to the concatenation in
+        rank order, maxima take the maximum. Only what was recorded since the last merge is
+        added, so merging again after more calibration counts nothing twice. Every rank of the
+        group must call it (a collective); observers without a shard return at once."""
+        if self.shard is None:
+            return
+        import torch.distributed as dist
+
+        group = self.shard[2]
+        for name in self._ADDITIVE:
+            buf = getattr(self, name, None)
+            if buf is None or buf.numel() == 0:
+                continue
+            base = self._merged.get(name)
+            delta = buf.clone() if base is None or base.shape != buf.shape else buf - base
+            dist.all_reduce(delta, op=dist.ReduceOp.SUM, group=group)
+            buf.copy_(delta if base is None or base.shape != buf.shape else base + delta)
+            self._merged[name] = buf.clone()
+        for name in self._MAXED:
+            buf = getattr(self, name, None)
+            if buf is not None:
+                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+
+    def _channels(self) -> tuple[int, int]:
+        return (self.shard[0], self.shard[1]) if self.shard is not None else (0, self.in_features)
+
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
+        lo, hi = self._channels()
+        if x.shape[-1] != hi - lo:
             raise ValueError(
-                f"observer {self.name}: input has {x.shape[-1]} features, expected {self.in_features}"
+                f"observer {self.name}: input has {x.shape[-1]} features, expected {hi - lo}"
+                + (f" (channels [{lo}, {hi}) of {self.in_features})" if self.shard is not None else "")
             )
         if self.signed_hist.device != x.device:
             self.to(x.device)
@@ -187,19 +227,20 @@ class ActivationObserver(nn.Module):
         mask = _TOKENS.get()
         if mask is not None and v.dim() >= 3 and tuple(v.shape[:2]) == tuple(mask.shape):
             v = v[mask.to(v.device)]  # the batch's real tokens only, not its padding
-        v = v.reshape(-1, self.in_features).float()
+        v = v.reshape(-1, hi - lo).float()
         if self.record_stats:
             f = v
             if self._record_signed(v):  # rare: keep inf/NaN out of the channel statistics
                 f = torch.where(torch.isfinite(v), v, torch.zeros((), device=v.device))
             self.ch_count += f.shape[0]
-            self.ch_sum += f.sum(0)
-            self.ch_sumsq += (f * f).sum(0)
+            self.ch_sum[lo:hi] += f.sum(0)
+            self.ch_sumsq[lo:hi] += (f * f).sum(0)
             col_max = f.abs().amax(0)
-            torch.maximum(self.ch_absmax, col_max.double(), out=self.ch_absmax)
+            absmax = self.ch_absmax[lo:hi]
+            torch.maximum(absmax, col_max.double(), out=absmax)
             torch.maximum(self.abs_max, self.ch_absmax.max(), out=self.abs_max)
             if self.scaled_hist is not None:
-                m = (f - self.scale_center).abs() * self.channel_scale.to(v.device)
+                m = (f - self.scale_center).abs() * self.channel_scale[lo:hi].to(v.device)
                 keys = (m.reshape(-1).view(torch.int32) >> _KEY_SHIFT).long()
                 h = torch.bincount(_table(_MAG_TABLE, v.device)[keys], minlength=_MAG_OVER + 1)
                 self._fold(self.scaled_hist, self.scaled_outside, h, _M + 1, _MAG_FOLD)
@@ -207,10 +248,15 @@ class ActivationObserver(nn.Module):
         if self.probe is not None:
             # on the raw input, not ``f``: the op keeps inf and NaN (NaN < tau is False)
             thr, c, s = self.probe
-            d = drop_score(v, None if c is None else c.to(v.device), None if s is None else s.to(v.device))
-            dropped = (d < thr).float()
-            frac = dropped.mean(1).double()
-            self.probe_dropped += dropped.sum().double()
+            c = None if c is None else (c[lo:hi] if c.dim() else c).to(v.device)
+            s = None if s is None else s[lo:hi].to(v.device)
+            per_token = (drop_score(v, c, s) < thr).double().sum(1)
+            if self.shard is not None:  # the whole row's count: the ranks' slices add up
+                import torch.distributed as dist
+
+                dist.all_reduce(per_token, op=dist.ReduceOp.SUM, group=self.shard[2])
+            frac = per_token / self.in_features
+            self.probe_dropped += per_token.sum()
             self.probe_tokens += v.shape[0]
             self.probe_frac_sum += frac.sum()
             self.probe_frac_sumsq += (frac**2).sum()

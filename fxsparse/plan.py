@@ -1,37 +1,18 @@
 """``SparsityPlan``: what to sparsify and how, as plain versioned JSON (data, never code).
 
-Schema (version 1)::
-
-    {
-      "format": "fxsparse.plan", "version": 1,
-      "model": {"class": "LlamaForCausalLM",
-                "linears": {"model.layers.0.mlp.up_proj": [out_features, in_features], ...}},
-      "layers": {
-        "model.layers.0.mlp.up_proj": {
-          "threshold": 0.031,              # tau: drop x_i when |x_i - center| * scale_i < tau
-          "center": 0.0,                   # float, or a list of in_features floats
-          "channel_scale": null,           # null, or a list of in_features positive floats
-          "target_sparsity": 0.4,
-          "method": "quantile",
-          "in_features": 576, "out_features": 1536,
-          "calibrated_sparsity": 0.4001,   # measured on the calibration data (null if unknown)
-          "prefill": "threshold",          # "threshold" | "dense" | "2:4": calls with many rows
-          "decode_rows": 16                # calls with at most this many rows always threshold
-        }, ...},
-      "skipped": {"lm_head": "ignored_scope", ...},   # linears left dense, with the reason
-      "meta": {...}                                   # free-form provenance (method options, data)
-    }
+A plan holds, per planned linear (by module name), a ``LayerPlan``: ``threshold`` (drop x_i when
+``|x_i - center| * scale_i < threshold``), ``center`` (a float or one per input), ``channel_scale``
+(``None`` or one per input), ``target_sparsity``, ``method``, the layer's shape, the
+``calibrated_sparsity``, and ``prefill`` / ``decode_rows``: what calls with more than
+``decode_rows`` rows run (``"threshold"``, ``"dense"``, or ``"2:4"`` from the measured row-count
+crossover on). Beside the layers: ``skipped`` (every other linear, with the reason), the model's
+fingerprint (``[out_features, in_features]`` per linear) and free-form ``meta``. The JSON schema
+(format ``fxsparse.plan``, version 1) is in docs/plan.md; ``decode_rows`` is an additive field,
+so version-1 files without it load unchanged.
 
 ``save`` writes a temporary file in the same folder and renames it over the target, so a crash
 never leaves a half-written plan; the file gets the usual mode (0o666 less the umask). ``load``
 validates everything and names the offending layer or field.
-
-``prefill`` picks what a call with more than ``decode_rows`` rows (tokens) runs: ``"threshold"``
-(the default) the threshold op at every row count; ``"dense"`` the plain dense linear (TEAL-style
-dense prefill); ``"2:4"`` ``F.linear(prune24(x, center), W, b)`` from the measured row-count
-crossover on (sparse tensor cores), dense below it. Calls with at most ``decode_rows`` rows always
-run the threshold op. ``decode_rows`` (default 16) is an additive field: version-1 plans without
-it load unchanged.
 """
 
 from __future__ import annotations
@@ -308,10 +289,18 @@ class SparsityPlan:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON atomically (temp file in the same folder, then rename)."""
+        """Write the plan as JSON atomically (temp file in the same folder, then rename).
+
+        A plan from a tensor-parallel calibration (``meta["tensor_parallel"]``; every rank holds
+        the same plan) is written by rank 0 of the ``torch.distributed`` job only; the other
+        ranks return the path without waiting for the file."""
+        from .sharding import writes_files
+
         for name, lp in self.layers.items():
             lp.validate(name)
         path = Path(path)
+        if self.meta.get("tensor_parallel") and not writes_files():
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
         return path

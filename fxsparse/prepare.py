@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sharding
+from .dispatch import SiteFacts, decide, sibling_sets
 from .logs import log
-from .passes.lower import dense_reason, group_width, sibling_sets
 from .plan import SparsityPlan, uncompiled
 from .quantized import is_torchao, to_column_major, weight_format
 
@@ -34,8 +35,8 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
     """Make each planned linear's weight column-major in place; return the names converted.
 
     Only weights on ``device_types`` are converted (the CPU path gains nothing from it), and not
-    those of layers the lower pass will run dense (cuBLAS's usual layout; ``dense_reason``, with
-    ``dense_when_faster`` and ``group_siblings`` as the backend options of the same names).
+    those of layers the lower pass will run dense (cuBLAS's usual layout; ``dispatch.decide``,
+    with ``dense_when_faster`` and ``group_siblings`` as the backend options of the same names).
     A layer whose calls in some graph all have more rows than the kernel takes (lowered there
     as ``"mask+linear"``) is still converted: there are no row counts here, and its one-row
     (decode) graphs run the kernel on the same weight; cuBLAS takes either layout.
@@ -52,18 +53,22 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
     sets = sibling_sets(plan)
     spans = None  # (name, device, first byte, end) of every parameter and buffer, on first need
     done = []
-    for name, lp in plan.layers.items():
+    for name in plan.layers:
         if not isinstance(modules[name], nn.Linear):
             continue  # GPT-2's Conv1D already stores W [in, out]: the kernel's layout
         w = modules[name].weight
         fmt = weight_format(w)
         if fmt.kind == "unsupported":
             continue  # torchao's own path runs it (the lower pass says why)
-        data = fmt.qdata  # the plain weight, or an 8-bit weight's data
+        # the kernel's data: this rank's piece (tensor parallelism), or an 8-bit weight's data
+        data = fmt.qdata if fmt.quantized else sharding.local_tensor(w)
         if w.device.type not in device_types or (data.stride(0) == 1 and data.stride(1) == data.shape[0]):
             continue
-        width = group_width(plan, name, sets, group_siblings)
-        if dense_reason(lp, w.dtype, w.device, dense_when_faster, width) is not None:
+        members = sets[name] if group_siblings else (name,)
+        piece, width, unsliceable = sharding.layer_piece(plan, name, members, w)
+        facts = SiteFacts(plan=piece, device=w.device, weight_dtype=w.dtype, width=width,
+                          unsliceable=unsliceable, weights=fmt.kind if fmt.quantized else None)
+        if decide(facts, dense_when_faster=dense_when_faster).branch == "dense":
             continue  # lowered dense: cuBLAS's usual layout
         if spans is None:  # taken before any conversion: freed old weights never overlap a live one
             spans = [(n, t.device, *_span(_data(t))) for n, t in (
@@ -80,7 +85,7 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
         if fmt.quantized:
             to_column_major(w)
         else:
-            w.data = w.data.t().contiguous().t()
+            sharding.make_column_major(w)
         done.append(name)
     return done
 
@@ -98,6 +103,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     """The address range ``[first byte, end)`` of a tensor's elements. Tied weights (one
     ``Parameter`` under two names, two on one storage, a transposed view) overlap; disjoint
     slices of one buffer (fused projections) do not."""
+    t = sharding.local_tensor(t)
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 

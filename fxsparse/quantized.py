@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = ["WeightFormat", "is_torchao", "to_column_major", "weight_format"]
 
@@ -77,9 +76,7 @@ def _concrete(t: Tensor) -> bool:
 
 def weight_format(w: Tensor) -> WeightFormat:
     """How the sparse ops can read ``w`` (a linear layer's weight): plain, 8-bit, or unsupported."""
-    if not is_torchao(w):
-        if is_traceable_wrapper_subclass(w):  # DTensor and the like (fake tensors are not)
-            return _unsupported(f"a {type(w).__name__} tensor subclass")
+    if not is_torchao(w):  # a plain tensor, or another subclass (DTensor: sharding.py's business)
         kind = _PLAIN.get(w.dtype)
         if kind is None:
             return _unsupported(f"a plain {w.dtype} weight without scales", w.dtype)

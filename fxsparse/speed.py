@@ -53,19 +53,22 @@ __all__ = [
     "weight_bytes_per_step",
 ]
 
-FAMILIES = ("sparse_gemv", "gemm", "attention", "other", "memcpy")
+FAMILIES = ("sparse_gemv", "gemm", "attention", "other", "memcpy", "collective")
 
 # User Triton kernels show up under their Python name (``_threshold_gemv_kernel``); Inductor's
 # start with ``triton_``; cuBLAS's are C++ (``void gemv2T_kernel_val<...>``) or ``nvjet_*``.
 SPARSE_KERNEL = re.compile(r"gemv|threshold|sparse|fxsparse", re.I)
 GEMM_KERNEL = re.compile(r"gemm|gemv|nvjet|cublas|cutlass|xmma|splitk|sm\d\d_|matmul|mm_", re.I)
 ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|sdpa", re.I)
+# NCCL's kernels (``ncclDevKernel_AllReduce_Sum_bf16_RING_LL(...)``): tensor parallelism's all-reduces
+COLLECTIVE_KERNEL = re.compile(r"^nccl|allreduce|all_reduce|allgather|reducescatter", re.I)
 # CPU profiles (no kernels): aten ops by self time
 _CPU_FAMILIES = (
     ("sparse_gemv", re.compile(r"^fxsparse::")),
     ("gemm", re.compile(r"^aten::(mm|addmm|bmm|matmul|linear|_weight_int)")),
     ("attention", re.compile(r"scaled_dot_product|attention")),
     ("memcpy", re.compile(r"^aten::(copy_|fill_|zero_|clone|_to_copy|index_copy_|index_put_)")),
+    ("collective", re.compile(r"^(c10d|_c10d_functional|gloo|nccl)|all_reduce|allreduce", re.I)),
 )
 
 
@@ -73,6 +76,8 @@ def kernel_family(name: str) -> str:
     """The family of a GPU kernel (or memcpy/memset) by its name, one of ``FAMILIES``."""
     if name.startswith(("Memcpy", "Memset", "memcpy", "memset")):
         return "memcpy"
+    if COLLECTIVE_KERNEL.search(name):
+        return "collective"
     if name.startswith("triton_"):  # Inductor-generated (pointwise, reductions, fused prologues)
         return "other"
     if re.fullmatch(r"[A-Za-z_]\w*", name) and SPARSE_KERNEL.search(name) and not GEMM_KERNEL.search(
@@ -417,22 +422,24 @@ def _counter_total(group: str, key: str | None = None) -> int:
 
 @torch.no_grad()
 def hf_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, compile_config, *,
-              repeats: int = 2, profile_steps: int = 0, streamer_run: bool = True) -> dict[str, Any]:
+              repeats: int = 2, profile_steps: int = 0) -> dict[str, Any]:
     """Greedy ``model.generate`` with a static cache and ``compile_config`` (transformers
-    compiles the decode step): decode ms/step = (generate time - prefill-only time) / (new - 1),
-    medians over ``repeats``; exactly ``new_tokens`` tokens (``min_new_tokens``).
+    compiles the decode step); exactly ``new_tokens`` tokens (``min_new_tokens``).
 
-    The first call compiles and records CUDA graphs (excluded); the compiled forward that
-    ``generate`` caches on the model is dropped before and after. Returns the timings, the Dynamo
-    graphs compiled while warming up and afterwards (``recompiles``, 0 when nothing recompiled
-    per token), with ``streamer_run`` the median interval between streamed tokens, and with
-    ``profile_steps`` the per-step kernel time by family (``profile_hf``).
+    ``ms_per_step`` times the steps themselves: the median interval between the tokens handed to
+    a streamer, over ``repeats`` runs (``generate`` synchronises once per step anyway, to test
+    its stopping criteria), so it is positive whatever the machine's load. ``diff_ms_per_step``
+    is the cross-check (generate time - prefill-only time) / (new - 1), a difference of two
+    medians that noise can make meaningless on a loaded machine. The first call compiles and
+    records CUDA graphs (excluded); the compiled forward ``generate`` caches on the model is
+    dropped before and after. Also returns the Dynamo graphs compiled while warming up and after
+    (``recompiles``, 0 when nothing recompiled per token), and with ``profile_steps`` the
+    per-step kernel time by family (``profile_hf``).
     """
     dev = prompt.device.type
     _forget_compiled_call(model)
     try:
-        return _hf_decode(model, prompt, new_tokens, compile_config, dev, repeats, profile_steps,
-                          streamer_run)
+        return _hf_decode(model, prompt, new_tokens, compile_config, dev, repeats, profile_steps)
     finally:
         _forget_compiled_call(model)  # and with it, its CUDA graphs
 
@@ -443,7 +450,7 @@ def _forget_compiled_call(model: nn.Module) -> None:
             delattr(model, attr)  # generate caches its compiled forward across calls
 
 
-def _hf_decode(model, prompt, new_tokens, compile_config, dev, repeats, profile_steps, streamer_run):
+def _hf_decode(model, prompt, new_tokens, compile_config, dev, repeats, profile_steps):
     kw = dict(do_sample=False, cache_implementation="static", compile_config=compile_config,
               pad_token_id=0, attention_mask=torch.ones_like(prompt))
 
@@ -467,21 +474,20 @@ def _hf_decode(model, prompt, new_tokens, compile_config, dev, repeats, profile_
 
     prefill = statistics.median(timed(1) for _ in range(repeats))
     full = statistics.median(timed(new_tokens) for _ in range(repeats))
-    res: dict[str, Any] = {
-        "ms_per_step": (full - prefill) / max(new_tokens - 1, 1), "prefill_ms": prefill,
-        "generate_ms": full, "warmup_s": warm_s, "graphs": graphs_warm,
-        "sparse_lowered": lowered, "tokens": out[:, prompt.shape[1]:].cpu(),
-    }
-    if streamer_run:
-        # a cross-check per step: the median interval between tokens handed to a streamer
-        # (a streamer makes generate synchronise once per step)
+    gaps: list[float] = []  # ms between consecutive steps' tokens; the first two (prefill) skipped
+    for _ in range(repeats):
         st = _TimingStreamer()
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=st, **kw)
         _sync(dev)
-        gaps = [(b - a) * 1e3 for a, b in zip(st.stamps[1:], st.stamps[2:], strict=False)]
-        if len(gaps) > 4:
-            res["streamer_ms_per_step"] = statistics.median(gaps[2:])
-            res["streamer_max_ms"] = max(gaps)
+        gaps += [(b - a) * 1e3 for a, b in zip(st.stamps[2:], st.stamps[3:], strict=False)]
+    if not gaps:
+        raise ValueError(f"hf_decode: new_tokens={new_tokens} leaves no decode step to time (need >= 3)")
+    res: dict[str, Any] = {
+        "ms_per_step": statistics.median(gaps), "max_step_ms": max(gaps),
+        "diff_ms_per_step": (full - prefill) / max(new_tokens - 1, 1), "prefill_ms": prefill,
+        "generate_ms": full, "warmup_s": warm_s, "graphs": graphs_warm,
+        "sparse_lowered": lowered, "tokens": out[:, prompt.shape[1]:].cpu(),
+    }
     if profile_steps:
         try:  # the timings above must survive a profiler failure
             res["profile"] = profile_hf(model, gen, profile_steps, dev)

@@ -1,42 +1,19 @@
-"""2:4 activation-sparse training of squared-ReLU FFNs (seed 004, issue 5).
+"""2:4 activation-sparse training of squared-ReLU FFNs (seed 004; docs/training.md).
 
-Method (Haziza et al. 2025, "Accelerating Transformer Inference and Training with 2:4
-Activation Sparsity", arXiv:2503.16672): replace each SwiGLU MLP with ``up -> ReLU^2 -> down``
-(intermediate size x1.5, so the parameter count is unchanged), and after a dense warm-up
+Method (Haziza et al. 2025, arXiv:2503.16672): each SwiGLU MLP becomes ``up -> ReLU^2 -> down``
+(intermediate size x1.5, same parameter count). After a dense warm-up, the forward prunes
+``Y2 = ReLU(X W1^T)^2`` to 2:4 along the features (``naive``, ``mvue`` or ``soft_threshold``, see
+``kernels/prune24.py``) and multiplies on sparse tensor cores; the backward re-applies the forward
+mask (so ``dX = dY1 W1`` is an exact sparse matmul) and prunes the weight-gradient operands 2:4
+*along tokens*, in a fixed random token order, for all but the densest ``dense_feature_fraction``
+of features. Each pruning ``y_s = D * y`` treats ``D`` (mask, MVUE's ``1/p``, the soft-threshold
+scale) as a constant of the forward; the token-wise 2:4 approximates ``dW``.
 
-* forward: ``Y2 = ReLU(X W1^T)^2`` is pruned to 2:4 along the features (``naive``, ``mvue`` or
-  ``soft_threshold``, see ``kernels/prune24.py``) and ``Y3 = Y2s W2^T`` runs on sparse tensor
-  cores;
-* backward: ``dY1 = dY2 * dY2s/dY2 * 2 ReLU(Y1)`` re-applies the forward mask (and the MVUE /
-  soft-threshold rescaling), so values dropped in the forward never reappear. ``dY1`` then has
-  the forward's 2:4 pattern, so ``dX = dY1 W1`` is an exact sparse matmul. The weight gradients
-  ``dW2 = dY3^T Y2s`` and ``dW1 = dY1^T X`` reduce over tokens: ``Y2s`` and ``dY1`` are pruned
-  2:4 *along tokens* (top 2 of each 4 consecutive tokens by magnitude) for the features that are
-  sparse enough, and the densest ``dense_feature_fraction`` (5%) of features, by their forward
-  non-zero count, stay dense. Tokens are taken in a fixed random order (the token permutation)
-  so that the 4 tokens of a group are unrelated: neighbouring tokens of one sequence tend to
-  fire the same features. The FFN acts per token, so permuting its input and un-permuting its
-  output changes nothing but this grouping; the op applies the permutation only where it
-  matters, inside the token-wise pruning, and spares the four [T, h] gathers.
-* dense warm-up: the first ``dense_warmup_steps`` training forwards of each layer are dense
-  (ReLU^2 activations start ~50% sparse and need some steps to reach 90%+).
-
-Gradient convention: each pruning is ``y_s = D * y`` with ``D`` (the 0/1 mask, times ``1/p``
-for MVUE, times the fixed scale for soft-threshold) treated as a constant of the forward; the
-soft threshold ``t`` is likewise a constant. The backward token-wise 2:4 is an approximation of
-``dW``; ``dX`` is exact for the masked forward.
-
-Schedule without recompiles: the step counter is a CPU int64 buffer read by the
-``fxsparse::sparse24_schedule`` op at run time, so the dense->sparse switch is data, not a
-guard: a compiled model compiles once for both phases. The buffer stays on the CPU when the
-module moves (reading it costs no device sync). The soft-threshold scale is computed on the
-first sparse step of each layer and then fixed, also in a CPU buffer.
-
-Devices: on CPU every op runs its plain-torch reference (2:4 values computed in torch and
-multiplied densely); on CUDA the pruning runs as Triton kernels and 2:4 matmuls run on
-cuSPARSELt (``compress24`` writes its layout in one pass, then ``torch._cslt_sparse_mm``;
-torch's CUTLASS 2:4 path refuses sm90) when dtype and shapes allow, else as dense matmuls of
-the pruned tensors.
+The step counter is a CPU int64 buffer read by ``fxsparse::sparse24_schedule`` at run time, so the
+dense->sparse switch is data, not a guard: one compilation serves both phases, and reading it
+costs no device sync. On CPU every op runs its plain-torch reference; on CUDA the pruning runs as
+Triton kernels and 2:4 matmuls on cuSPARSELt (``compress24`` + ``torch._cslt_sparse_mm``) when
+dtype and shapes allow, else as dense matmuls of the pruned tensors.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def test_zero_threshold_lowers_to_dense_linear():
 def test_dense_when_faster_lowers_losing_layers_dense(monkeypatch):
     """A layer whose sparse GEMV measures slower than dense (faked here: CPU) runs dense, keeps its
     row-major weight and says why; ``dense_when_faster=False`` keeps every planned layer sparse."""
-    from fxsparse.passes import lower
+    from fxsparse import dispatch
 
     asked = []
 
@@ -169,7 +169,7 @@ def test_dense_when_faster_lowers_losing_layers_dense(monkeypatch):
         asked.append((n, k, sparsity))
         return (False, (5.0, 8.0)) if n == 4 else (True, (5.0, 3.0))
 
-    monkeypatch.setattr(lower, "gemv_pays", fake_pays)  # the rule prepare_weights shares
+    monkeypatch.setattr(dispatch, "gemv_pays", fake_pays)  # the rule prepare_weights shares
 
     def model_and_plan():
         torch.manual_seed(0)

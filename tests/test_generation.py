@@ -19,7 +19,7 @@ def test_generate_static_cache_matches_eager_and_does_not_recompile():
     kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
     cfg = fxsparse.compile_config(plan, mode=None, compile_on_cpu=True)
     counters = torch._dynamo.utils.counters
-    counters.clear()  # they accumulate over the whole test session
+    counters.clear()  # they accumulate across every test of the pytest run
     other = token_batches(1, batch=1, seq=10, seed=6)[0]
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=14, compile_config=cfg, **kw)

@@ -10,8 +10,8 @@ from torch import nn
 
 import fxsparse
 from fxsparse import SparsityPlan
+from fxsparse.dispatch import sibling_sets
 from fxsparse.passes import group_siblings, lower_linears, match_linears
-from fxsparse.passes.lower import sibling_sets
 from fxsparse.reference import plan_hooks
 
 from conftest import calibrated_tiny_llama, token_batches
@@ -192,7 +192,7 @@ class Siblings(nn.Module):
 
 def test_dense_when_faster_judges_the_set_width(monkeypatch):
     """Narrow members lose alone (faked: CPU) but ride along with the wide one in one launch."""
-    from fxsparse.passes import lower
+    from fxsparse import dispatch
 
     asked = []
 
@@ -200,7 +200,7 @@ def test_dense_when_faster_judges_the_set_width(monkeypatch):
         asked.append(n)
         return (n >= 16, (5.0, 4.0 if n >= 16 else 8.0))
 
-    monkeypatch.setattr(lower, "gemv_pays", fake_pays)
+    monkeypatch.setattr(dispatch, "gemv_pays", fake_pays)
     torch.manual_seed(0)
     m = Siblings().eval()
     plan = SparsityPlan(layers={name: fxsparse.LayerPlan(threshold=0.3, in_features=8, out_features=n,

@@ -151,9 +151,9 @@ def test_explain_counts_layers_lowered_dense_as_not_sparsified(monkeypatch):
     a sparse GEMV slower than dense: faked here) saves no bytes and is not 'sparsified'."""
     from torch import nn
 
-    from fxsparse.passes import lower
+    from fxsparse import dispatch
 
-    monkeypatch.setattr(lower, "gemv_pays", lambda n, k, dtype, device, s: (n != 32, (5.0, 8.0)))
+    monkeypatch.setattr(dispatch, "gemv_pays", lambda n, k, dtype, device, s: (n != 32, (5.0, 8.0)))
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 64)).eval()
     plan = SparsityPlan(layers={

@@ -294,7 +294,7 @@ def test_gradients_match_the_op():
 def test_inspection_describes_mask_plus_linear():
     d = {"name": "lin", "op": "mask+linear", "prefill": "threshold", "branch": "mask+linear"}
     for device, matmul in (("cpu", "matmul"), ("cuda", "cuBLAS")):
-        text = _kernel_description(d, torch.device(device), N, K, torch.bfloat16)
+        text = _kernel_description(d, torch.device(device), _lp(), torch.bfloat16)
         assert text == f"aten mask (fused into x's producer by Inductor) + {matmul}, every call of this graph"
 
 

@@ -91,9 +91,37 @@ def test_quantile_ema_follows_nncf_rule(setup):
     np.testing.assert_allclose(obs.batch_thresholds(0.4), want, rtol=1e-6)
     plan = plan_from_observers(stats, {names[0]: 0.4}, "quantile", quantile_ema=True)
     assert plan.layers[names[0]].threshold == pytest.approx(nncf_ema(want, 0.2))
-    # the rule as NNCF writes it, and its bias-free counterpart
-    assert nncf_ema([1.0, 2.0], 0.5) == pytest.approx(0.5 * 2 + 0.5 * 1 * 0.5 / 0.75)
-    assert nncf_ema([1.0, 1.0, 1.0], 0.2, "pandas") == pytest.approx(1.0)
+    # NNCF 3.4's update (a bias-free weighted mean), and the earlier one that underweights
+    assert nncf_ema([1.0, 2.0], 0.5) == pytest.approx((0.5 * 2 + 0.5 * 1 * 0.5) / 0.75)
+    assert nncf_ema([1.0, 1.0, 1.0], 0.2) == nncf_ema([1.0, 1.0, 1.0], 0.2, "pandas") == pytest.approx(1.0)
+    assert nncf_ema([1.0, 2.0], 0.5, "nncf_legacy") == pytest.approx(0.5 * 2 + 0.5 * 1 * 0.5 / 0.75)
+
+
+def test_quantile_ema_with_refine_reproduces_nncf():
+    """NNCF 3.4's thresholds on this tiny Llama and data, recorded by
+    bench/probe/nncf_thresholds.py: NNCF calibrates with its sparsifiers on (each layer sees
+    inputs sparsified upstream) and averages batch quantiles with its EMA rule;
+    ``quantile_ema=True, refine=1`` is fxsparse's way to the same plan."""
+    import json
+    from pathlib import Path
+
+    from fxsparse import TargetScope, calibrate
+
+    from conftest import tiny_llama, token_batches
+
+    rec = json.loads((Path(__file__).parent / "data" / "nncf_thresholds_tiny_llama.json").read_text())
+    targets = {TargetScope(patterns=[r".*mlp\.(up|gate)_proj"]): 0.3,
+               TargetScope(patterns=[r".*mlp\.down_proj"]): 0.5}
+    model, data = tiny_llama(), token_batches(6)
+    got = {n: lp.threshold for n, lp in calibrate(model, data, targets, quantile_ema=True, refine=1,
+                                                  progress=False).layers.items()}
+    dense = {n: lp.threshold for n, lp in calibrate(model, data, targets, quantile_ema=True,
+                                                    progress=False).layers.items()}
+    assert set(got) == set(rec["thresholds"])
+    for n, want in rec["thresholds"].items():
+        assert got[n] == pytest.approx(want, rel=2e-3), n
+    # without the upstream-sparsified pass the down projections' thresholds are off
+    assert any(abs(dense[n] / w - 1) > 1e-2 for n, w in rec["thresholds"].items())
 
 
 def test_norm_and_pplp_use_column_norms(setup):

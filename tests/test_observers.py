@@ -102,7 +102,7 @@ def test_errors_name_the_layer():
 
 @pytest.mark.parametrize("scale", [1e-9, 1e6])
 def test_scaled_threshold_at_extreme_scales(scale):
-    """|x| * scale far outside 2^-24..2^16 (where the grid used to end) still hits the target."""
+    """|x| * scale far outside 2^-24..2^16 (a narrower grid's range) still hits the target."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4096, 64, generator=g) * torch.tensor([1.0, 1e5]).repeat(32)  # raw up to ~1e5
     s = torch.full((64,), scale) * (torch.rand(64, generator=g) + 0.5)

@@ -1,4 +1,4 @@
-"""Prefill kinds (issue 7): plan fields, fxsparse::prefill_linear, lowering, crossover cache, 2:4."""
+"""Prefill kinds: plan fields, fxsparse::prefill_linear, lowering, crossover cache, 2:4."""
 
 import json
 import logging
@@ -257,7 +257,7 @@ def test_static_row_counts_emit_the_branch_directly():
 
 
 def test_symbolic_range_decides_at_compile_time():
-    from fxsparse.passes.lower import _static_branch
+    from fxsparse.dispatch import static_branch as _static_branch
 
     assert _static_branch((1, 16), 16, 100) == "threshold"
     assert _static_branch((17, 99), 16, 100) == "dense"

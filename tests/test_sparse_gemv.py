@@ -327,7 +327,7 @@ def test_center_bias_follows_weight_updates_cpu() -> None:
 def test_stream_rule_and_deterministic_rules() -> None:
     """One-row launches stream 4 KB runs in one eight-warp program per SM with one masking
     step, split-K by atomics; under ``torch.use_deterministic_algorithms`` the partials rules
-    (one or two warps, fixed summation order) run instead (bench/NOTES.md, session 11)."""
+    (one or two warps, fixed summation order) run instead (docs/performance.md)."""
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]:
         cfg = sg._pick_config(1, n, k, 2, 132, deterministic=False)
         assert cfg.num_warps == 8 and cfg.block_n * 2 == 4096 and cfg.sub_k * cfg.block_n * 2 == 16384

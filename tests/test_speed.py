@@ -40,6 +40,7 @@ def model_plan():
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(...)", "other"),
     ("Memcpy DtoD (Device -> Device)", "memcpy"),
     ("Memset (Device)", "memcpy"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
 ])
 def test_kernel_family(name, family):
     assert speed.kernel_family(name) == family
@@ -118,7 +119,8 @@ def test_hf_decode_counts_steps_and_recompiles(model_plan):
     cfg = fxsparse.compile_config(plan, mode=None, compile_on_cpu=True, inductor=False)
     res = speed.hf_decode(model, prompt, 6, cfg, repeats=1, profile_steps=2)
     assert res["tokens"].shape == (1, 6)  # exactly new_tokens, whatever EOS says
-    assert res["ms_per_step"] > 0 and res["prefill_ms"] > 0 and res["streamer_ms_per_step"] > 0
+    # the steps timed themselves: positive under any load (a difference of medians need not be)
+    assert 0 < res["ms_per_step"] <= res["max_step_ms"] and res["prefill_ms"] > 0
     assert res["sparse_lowered"] > 0 and res["graphs"] >= 1 and res["recompiles"] == 0
     assert res["profile"]["kernel_us"]["sparse_gemv"] > 0  # the op's CPU time, by family
 

@@ -1,4 +1,4 @@
-"""Probe (issue 4): is enwiki's o_proj shift an artefact of Lee windows that splice articles?
+"""Probe: is enwiki's o_proj shift an artefact of Lee windows that splice articles?
 
 Lee has one ~250-token article per line, so almost every 256-token calibration window ends in
 a second, unrelated article, while enwiki windows lie inside one long article. Dense model

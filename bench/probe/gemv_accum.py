@@ -1,7 +1,7 @@
-"""Probe: the one-row kernel's split-K epilogue against float32 accumulation (session 9).
+"""Probe: the one-row kernel's split-K epilogue against float32 accumulation.
 
-Today every program of a split-K launch stores its partial, fences, bumps an arrival counter,
-and the last one reloads all partials and writes the output: ~3 L2 round trips after the
+With the split-K epilogue every program of a launch adds its partial, fences, bumps an arrival
+counter, and the last one reloads the sums and writes the output: ~3 L2 round trips after the
 weight loop, on the critical path of every call. With ``accumulate`` each program instead
 adds its partial to a float32 output (relaxed atomics, nothing waits on them), and the
 output's consumer rounds it; the zeros that output needs are written by the previous call.

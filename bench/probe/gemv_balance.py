@@ -1,8 +1,8 @@
 """Probe: what load balance, the epilogue and the grid cost the one-row kernel; several rows.
 
-Session 11's stream rule leaves 5-7 µs per call above the bytes (H200: 14336x4096 at s = 0.5 runs
-20.0 µs where 58.7 MB take 13.7 µs at cuBLAS's 4.3 TB/s). Three candidates, each measured by a
-variant that removes it alone, on the same weights in one run:
+The stream rule leaves 5-7 µs per call above the bytes (H200: 14336x4096 at s = 0.5 runs 20.0 µs
+where 58.7 MB take 13.7 µs at cuBLAS's 4.3 TB/s). Three candidates, each measured by a variant
+that removes it alone, on the same weights in one run:
 
 * **balance**: a K-split's kept count is binomial (4096²: 64-channel splits, 32 ± 4 kept at
   s = 0.5, so the heaviest of 64 splits reads ~30% more than the mean). ``regular`` masks keep
@@ -13,10 +13,9 @@ variant that removes it alone, on the same weights in one run:
   ``runs2KB`` / ``runs1KB`` narrower N-blocks, hence longer K-splits whose kept counts vary
   less (4096²: 64-channel splits at 4 KB runs, 128 at 2 KB, 256 at 1 KB).
 
-Session 13's run (``results/gemv_balance_h200.md``) also timed three options since deleted as
-slower: ``early`` (the last split finishing without its own atomics), ``balance`` (splits by
-kept count) and ``wave`` (no more programs than SMs); the probe and options as run are in
-commit 04efcbf.
+Its table, ``bench/results/gemv_balance_h200.md``, also holds three variants that lost and whose
+kernel options were removed: ``early`` (the last split finishing without its own atomics),
+``balance`` (splits by kept count) and ``wave`` (no more programs than SMs).
 
 Several rows (rows = 4, against the op's mask kernel + cuBLAS and plain cuBLAS): the
 row-generic tensor-core kernel with long runs (512-2048 columns per program, 1-2 programs per

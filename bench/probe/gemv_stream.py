@@ -1,13 +1,13 @@
-"""Probe: one-row sparse GEMV in few large programs that stream their kept rows deep.
+"""Probe: one-row sparse GEMV in few large programs that stream long runs of their kept rows.
 
-The product kernel (``sparse_gemv._row_gemv_kernel``) runs ~14 one- or two-warp programs per SM,
-each a short K-split with one weight tile ahead, combined by a split-K epilogue: its time per
-call is a line in the bytes read with an intercept of ~7.4 µs on the H200 (cuBLAS: ~5.1 µs),
-and the issue's targets at s = 0.5 need ~3-4 µs. This probe asks whether the opposite shape
-does better: one 4-8-warp program per SM (or two), each owning an N-block over a long K range
-(1-4 splits, so little or no epilogue), its whole range compacted once into a private scratch,
+Its question: is the deterministic one-row rules' per-call cost (one- or two-warp programs, ~14
+per SM, short K-splits with 128-256-byte runs of each kept row, a split-K epilogue) a matter of
+bytes in flight or of run length? Variants: one 4-8-warp program per SM (or two), each owning an
+N-block of 128-4096 columns over a long K range, its range compacted once into a private scratch,
 then its kept rows streamed through Triton's software pipeline (``tl.range(num_stages=...)``:
-cp.async rings of several [SUB_K, BLOCK_N] tiles in shared memory, tens of KB in flight).
+cp.async rings of several [SUB_K, BLOCK_N] tiles in shared memory). Short runs with deep rings
+gained nothing; 2-8 KB runs streamed at cuBLAS's rate (``bench/results/gemv_stream_long_h200.md``),
+which is the kernel's default ("stream") rule.
 
 Bias-free, center-free bf16 (the op's other features do not change the byte stream). Times
 cuBLAS and the op itself in the same run; weights rotated past L2; CUDA-graph medians.
@@ -129,7 +129,7 @@ class Stream:
 
 
 def long_variants(n: int, k: int, nsm: int) -> list[Stream]:
-    """Run 2: long contiguous runs per row (2-8 KB), float32 atomics instead of the epilogue."""
+    """Long contiguous runs per row (2-8 KB), float32 atomics instead of the epilogue."""
     out = []
     for block_n, sub_k in ((1024, 8), (2048, 4), (4096, 2)):
         n_blocks = triton.cdiv(n, block_n)
@@ -207,7 +207,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", nargs="*", default=None)
-    ap.add_argument("--long", action="store_true", help="run 2's variants (long runs, atomics)")
+    ap.add_argument("--long", action="store_true", help="the long-run variants (2-8 KB runs, atomics)")
     args = ap.parse_args()
     global LONG
     LONG = args.long

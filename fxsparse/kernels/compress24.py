@@ -1,33 +1,17 @@
 """2:4 prune + compression straight into cuSPARSELt's layout, in one pass over ``x``.
 
-``torch._cslt_sparse_mm(A_compressed, B)`` multiplies a 2:4-sparse ``A`` ([M, K], row-major,
-16-bit) on the sparse tensor cores. Torch builds ``A_compressed`` with ``torch._cslt_compress``
-from an already pruned dense tensor, which reads and writes far more than the bytes that have to
-move (measured on the H100: about 0.1 TB/s). This kernel reads ``x`` once and writes the
-compressed buffer once: the byte floor of the step.
+``torch._cslt_sparse_mm(A_compressed, B)`` multiplies a 2:4-sparse, row-major, 16-bit ``A``
+([M, K]) on the sparse tensor cores. Torch builds ``A_compressed`` with ``torch._cslt_compress``
+from an already pruned dense tensor, reading and writing far more than the bytes that must move
+(about 0.1 TB/s on an H100). This kernel reads ``x`` once and writes the compressed buffer once:
+the byte floor of the step. The layout (below, by the constants) was decoded from
+``torch._cslt_compress`` outputs on an H100 with cuSPARSELt 0.8 (``bench/probe/cslt_layout.py``)
+and is checked byte for byte against them in ``tests/test_compress24.py``.
 
-The layout (bf16/fp16; decoded from ``torch._cslt_compress`` outputs on an H100 with
-cuSPARSELt 0.8, and checked byte for byte against them in ``tests/test_compress24.py``):
-
-* **values**: ``[M, K/2]`` row-major, the two kept entries of every group of 4 in column order;
-* **metadata**, right after the values: for every 64-row block (M padded up to a multiple of
-  64) and, inside it, every 32-column k-tile, 256 bytes. A group's 4-bit code is
-  ``i0 | i1 << 2`` (``i0 < i1`` the kept positions in the group). Inside a tile, with
-  ``row = 16*b + 8*h + r`` (``h`` in 0..1, ``r`` in 0..7) and group ``g = 4*gh + gl`` of the
-  tile's 8, the code sits in nibble ``16*(8*b + r) + 4*gl + 2*gh + h`` (low nibble first);
-  padding rows hold code ``0b1110``, as torch writes them.
-
-The buffer has torch's shape, ``[M, ceil(numel / M)]`` with the data in its flat prefix
-(cuSPARSELt reads M off dim 0). Every (64-row, 32-column) tile of ``x`` maps to a 64 x 16
-block of values and 256 bytes of metadata. A program handles 64 rows x ``BLOCK_K`` columns: it
-reads each group of 4 entries as one int64 word, ranks and selects on the raw 16-bit patterns
-with integer arithmetic (all in one thread), and packs each row pair (r, r + 8) of a k-tile
-into 8 bytes of metadata.
-
-Pruning rule = ``prune24``'s (``fxsparse/kernels/prune24.py``): keep the 2 entries of each
-group with the largest ``|x - center|`` (float32; NaN ranks as +inf; ties: lower index wins).
-The stored values are ``x - center`` rounded to x's dtype, so that
-``F.linear(prune24(x, c), W) = sparse_mm(compressed, W.T) + W @ c``.
+Pruning rule = ``prune24``'s: keep the 2 entries of each group of 4 with the largest
+``|x - center|`` (float32; NaN ranks as +inf; ties: lower index wins). The stored values are
+``x - center`` rounded to x's dtype, so ``F.linear(prune24(x, c), W) = sparse_mm(compressed, W.T)
++ W @ c``.
 """
 
 from __future__ import annotations
@@ -39,6 +23,19 @@ from torch import Tensor
 
 __all__ = ["compress24", "compress24_reference", "compressed_numel", "decompress24_reference"]
 
+# cuSPARSELt's compressed layout for bf16/fp16 [M, K]:
+# * values: [M, K/2] row-major, the two kept entries of every group of 4 in column order;
+# * metadata, right after the values: for every 64-row block (M padded up to a multiple of 64)
+#   and, inside it, every 32-column k-tile, 256 bytes. A group's 4-bit code is i0 | i1 << 2
+#   (i0 < i1 the kept positions in the group). Inside a tile, with row = 16*b + 8*h + r (h in
+#   0..1, r in 0..7) and group g = 4*gh + gl of the tile's 8, the code sits in nibble
+#   16*(8*b + r) + 4*gl + 2*gh + h (low nibble first); padding rows hold code 0b1110, as torch
+#   writes them.
+# The buffer has torch's shape, [M, ceil(numel / M)], with the data in its flat prefix
+# (cuSPARSELt reads M off dim 0). A program handles 64 rows x BLOCK_K columns: it reads each
+# group of 4 entries as one int64 word, ranks and selects on the raw 16-bit patterns with integer
+# arithmetic (all in one thread), and packs each row pair (r, r + 8) of a k-tile into 8 bytes of
+# metadata.
 _ROW_BLOCK = 64  # metadata rows per block
 _K_TILE = 32  # metadata columns per tile
 _PAD_CODE = 0b1110  # what torch._cslt_compress writes for padding rows

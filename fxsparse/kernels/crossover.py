@@ -1,33 +1,18 @@
 """Measured crossovers: from how many rows the 2:4 prefill path beats dense, and whether the
 one-row sparse GEMV beats dense at all for a layer's shape and target sparsity.
 
-``crossover_rows(n, k, dtype, device, graphs=...)`` measures once per (GPU name, N, K, dtype,
-epilogue, execution mode, torch, Triton and cuSPARSELt versions, ``sparse24.SPARSE24_IMPL``):
-dense ``F.linear`` against ``sparse24_linear`` (prune + compress + sparse matmul) at M in
-``MEASURE_ROWS``, medians of a few CUDA-event timings each, of CUDA-graph replays when the model
-runs under CUDA graphs (GPU time only) and of eager calls otherwise (host work included: torch's
-cuSPARSELt call sets up its plan on every call, so eagerly 2:4 rarely pays).
-The crossover is the smallest measured M from which the 2:4 path is at
-least ``MARGIN`` (2%) faster at every larger measured M; ``NEVER`` (a huge int) when there is
-none. Rows between two measured points follow the larger one's verdict (the crossover is the
-first point of a winning tail), rows above the largest follow it.
-
-The result is cached in memory and in ``$FXSPARSE_CACHE_DIR/crossover.json`` (default
-``~/.cache/fxsparse/crossover.json``), written atomically (temp file + rename, the usual file
-mode) under an advisory lock (``flock`` on ``crossover.json.lock``; POSIX only), so processes
-measuring at once keep each other's entries; a corrupt file is reported and measured again.
-On CPU, without cuSPARSELt, and for shapes or dtypes it cannot take, the answer is ``NEVER``
-with nothing measured (the reason is logged once).
-
-``gemv_pays(n, k, dtype, device, sparsity)`` times one row of ``sparse_gemv.threshold_gemv``
-(column-major weight, threshold at the sparsity's quantile) against ``F.linear`` on the usual
-row-major weight, both under CUDA graphs with the weights rotated out of L2, and says whether the
-kernel is at least ``MARGIN`` faster. Small weights lose: the kernel's fixed cost (~6 µs on an
-H100) exceeds what skipping saves, so such layers are better dense (``lower_linears`` and
-``prepare_weights`` ask this). Same cache file and rules, one entry per (environment, N, K,
-dtype, sparsity to 0.01); on CPU, during CUDA-graph capture and for what the kernel cannot take,
-the answer is "pays" with nothing measured (the op decides per call there).
-
+``crossover_rows(n, k, dtype, device, graphs=...)`` times dense ``F.linear`` against
+``sparse24_linear`` at M in ``MEASURE_ROWS`` (CUDA-graph replays when the model runs under CUDA
+graphs, eager calls otherwise: torch's cuSPARSELt call sets up its plan on every call, so eagerly
+2:4 rarely pays) and returns the smallest M from which 2:4 is at least ``MARGIN`` (2%) faster at
+every larger M, or ``NEVER``. ``gemv_pays(n, k, dtype, device, sparsity)`` times one row of the
+sparse GEMV against ``F.linear`` under CUDA graphs, weights rotated out of L2: small weights lose
+(the kernel's fixed cost exceeds what skipping saves), and ``lower_linears`` and
+``prepare_weights`` run those layers dense. Both measure once per GPU, shape, dtype (and
+sparsity, mode) and torch / Triton / cuSPARSELt versions, and cache in
+``$FXSPARSE_CACHE_DIR/crossover.json`` (default ``~/.cache/fxsparse``), written atomically under
+an advisory ``flock``. On CPU, without cuSPARSELt, during capture, or for shapes a path cannot
+take, nothing is measured (2:4: never; GEMV: pays, the op decides per call).
 Kernels never import passes: this module sees shapes, dtypes and devices only.
 """
 
@@ -196,6 +181,8 @@ def _measure(n: int, k: int, dtype: torch.dtype, device: torch.device, epilogue:
 def crossover_rows(n: int, k: int, dtype: torch.dtype, device: torch.device | str,
                    epilogue: bool = False, graphs: bool = False) -> int:
     """Row count from which the 2:4 path runs for an ``[n, k]`` weight (see module docstring).
+    Row counts between two measured points follow the larger one's verdict (the crossover is the
+    first point of a winning tail); a corrupt cache file is reported and measured again.
 
     ``epilogue``: the layer adds a bias or a center term (one more pass over the output).
     ``graphs``: the model runs under CUDA graphs (``mode="reduce-overhead"``), so GPU time

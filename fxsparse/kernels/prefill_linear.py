@@ -1,25 +1,18 @@
 """``fxsparse::prefill_linear``: the threshold op for decode, dense or 2:4 for prefill.
 
-Semantics (rows = number of rows of ``x``, i.e. ``x.numel() // in_features``, known on the host)::
+Semantics (rows = ``x.numel() // in_features``, known on the host)::
 
     rows <= decode_rows         -> threshold_linear(x, W, b, threshold, center, channel_scale)
     rows >= min_rows_24         -> F.linear(prune24(x, center), W, b)     # 2:4 along K
     otherwise                   -> F.linear(x, W, b)                      # dense
 
-(the first rule wins when ``min_rows_24 <= decode_rows``). A plan's ``prefill="dense"`` is this
-op with ``min_rows_24 = NEVER``; ``prefill="2:4"`` gets the measured crossover
-(``crossover.crossover_rows``) or the backend option ``crossover_rows``. ``prune24`` ranks by
-``|x - center|`` only: ``threshold`` and ``channel_scale`` apply to the decode rows.
-
-One op with two integers rather than a kind string: the dense prefill is the 2:4 rule with an
-unreachable crossover, so there is a single dispatch rule to implement, test and explain.
-
-Implementations: pure torch (CPU, and the reference), fake, CUDA: the threshold op's CUDA
-implementation (sparse GEMV) for decode rows, cuBLAS for dense rows, ``sparse24_linear``
-(prune + compress + cuSPARSELt) for 2:4 rows. Shapes cuSPARSELt cannot take never get a
-measured crossover (they stay dense); with an explicit ``crossover_rows`` they run the same
-semantics as ``prune24`` + cuBLAS (the reason logged once). Autograd: the masked-linear backward
-of the threshold op with the mask of the branch taken (all-true for dense rows).
+(the first rule wins when ``min_rows_24 <= decode_rows``). ``prefill="dense"`` is this op with
+``min_rows_24 = NEVER``: one dispatch rule to implement, test and explain, rather than a kind
+string. ``prune24`` ranks by ``|x - center|`` only: ``threshold`` and ``channel_scale`` apply to
+decode rows. CUDA: the sparse GEMV for decode rows, cuBLAS for dense rows, ``sparse24_linear`` for
+2:4 rows; shapes cuSPARSELt cannot take get no measured crossover (they stay dense), and with an
+explicit ``crossover_rows`` run ``prune24`` + cuBLAS. Autograd: the masked-linear backward with
+the mask of the branch taken (all-true for dense rows).
 """
 
 from __future__ import annotations

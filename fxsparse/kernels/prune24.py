@@ -9,34 +9,11 @@ Inference semantics (``prune24``; the one definition every implementation must m
     keep the 2 entries of each group with the largest d; ties: the lower index wins
     out  = where(keep, x, center), contiguous, of x's shape (every implementation)
 
-"Lower index wins" makes the result a pure function of the values (no data race or sort
-stability decides it), so Triton and the reference agree bit for bit.
-
-Training (seed 004; Haziza et al. 2025, "Accelerating Transformer Inference and Training with
-2:4 Activation Sparsity", arXiv:2503.16672) prunes ``v = ReLU(y)^2`` along the features with
-one of three methods, all per group of 4:
-
-* ``naive``: keep the top 2 by |v| (the rule above with center 0), dropped entries are 0.
-* ``mvue``: keep 2 entries at random, entry j with inclusion probability p_j, and output
-  ``v_j / p_j`` for kept entries (Horvitz-Thompson), so ``E[out] = v`` exactly. The p_j that
-  minimise the variance ``sum v_j^2 (1/p_j - 1)`` under ``sum p = 2, p <= 1`` are
-  ``p_j = 2|v_j| / S`` (``S = sum |v|``) unless ``2 max|v| >= S``; then the largest gets
-  ``p = 1`` and the others ``|v_j| / (S - max|v|)``. Two entries are drawn with exactly these
-  inclusion probabilities by systematic sampling: one ``u ~ U[0, 1)`` per group picks the
-  entries whose interval ``[C_j, C_j + p_j)`` (``C`` the running sum of p) holds u or u + 1.
-  Groups with at most 2 non-zeros are kept exactly (p = 1 or 0), so they carry no noise.
-* ``soft_threshold``: ``t`` = the 3rd largest |v| of the group; the top 2 become
-  ``sign(v) * (|v| - t)`` (S-STE, Hu et al. 2024, arXiv:2409.09099); the caller multiplies by
-  a per-layer scale ``dot(v, s) / dot(s, s)`` computed once (training.py).
-
-The feature-wise backward needs the same top-2 rule along *tokens* of a transposed matrix:
-``prune24_tokens_t`` reads rows in a fixed token order (the permutation), writes the transposed
-result, and leaves whole features dense-zero when the caller keeps them dense.
-
-Every kernel has a plain-torch reference beside it. The CPU implementations of the ops are the
-references; on CUDA the Triton kernels run. The Triton kernels also run on CPU tensors under
-``TRITON_INTERPRET=1`` (the tests do that); they are jitted lazily, so the interpreter flag is
-read when a kernel is first launched, not when this module is imported.
+"Lower index wins" makes the result a pure function of the values, so Triton and the reference
+agree bit for bit. Training (seed 004, ``fxsparse/training.py``) prunes ``ReLU(y)^2`` with
+``naive``, ``mvue`` or ``soft_threshold`` (see ``METHODS`` below), and along tokens for the
+backward (``prune24_tokens_t``). Every kernel has a plain-torch reference beside it, which is also
+the CPU implementation; the Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -65,6 +42,22 @@ __all__ = [
     "relu2_grad24_reference",
 ]
 
+# Training's 2:4 methods, all per group of 4 (Haziza et al. 2025, arXiv:2503.16672):
+# * naive: keep the top 2 by |v| (the inference rule with center 0); dropped entries are 0.
+# * mvue: keep 2 entries at random, entry j with inclusion probability p_j, and output v_j / p_j
+#   (Horvitz-Thompson), so E[out] = v exactly. The p_j minimising the variance
+#   sum v_j^2 (1/p_j - 1) under sum p = 2, p <= 1 are p_j = 2|v_j| / S (S = sum |v|) unless
+#   2 max|v| >= S; then the largest gets p = 1 and the others |v_j| / (S - max|v|). Systematic
+#   sampling draws two entries with exactly these probabilities: one u ~ U[0, 1) per group picks
+#   the entries whose interval [C_j, C_j + p_j) (C the running sum of p) holds u or u + 1. Groups
+#   with at most 2 non-zeros are kept exactly (p = 1 or 0), so they carry no noise.
+# * soft_threshold: t = the 3rd largest |v| of the group; the top 2 become sign(v) * (|v| - t)
+#   (S-STE, Hu et al. 2024, arXiv:2409.09099); the caller multiplies by a per-layer scale
+#   dot(v, s) / dot(s, s) computed once (training.py).
+# The feature-wise backward applies the top-2 rule along tokens of a transposed matrix:
+# prune24_tokens_t reads rows in a fixed token order (the permutation), writes the transposed
+# result, and leaves whole features zero when the caller keeps them dense.
+# The kernels are jitted lazily, so TRITON_INTERPRET is read at a kernel's first launch.
 METHODS = ("naive", "mvue", "soft_threshold")
 _METHOD_ID = {m: i for i, m in enumerate(METHODS)}
 

@@ -4,26 +4,15 @@ Dropped entries of ``prune24(x, c)`` equal the center ``c``, so::
 
     F.linear(prune24(x, c), W, b) = (prune24(x, c) - c) @ W.T + (W @ c + b)
 
-and ``prune24(x, c) - c`` is 2:4 along K (exact zeros where dropped). ``compress24`` prunes and
-writes that matrix in cuSPARSELt's compressed layout (values + metadata, what
-``torch._cslt_compress`` returns); ``torch._cslt_sparse_mm`` multiplies it by ``W.t()``.
-``center_bias = W @ c`` is folded at compile time by the lower pass (computed here otherwise).
-
-cuSPARSELt's bias argument is per row of the *sparse* operand (per token here), so the per-column
-bias ``b + W @ c`` is one in-place add on the output: an extra pass over ``out`` only for layers
-that have a bias or a non-zero center (Llama-style MLPs have neither).
-
-Shape rules (torch's ``SparseSemiStructuredTensorCUSPARSELT`` constraints for fp16/bf16): the
-sparse operand ``[M, K]`` needs M and K multiples of 16 (K: 32 here, for the one-pass Triton
-compressor), the dense ``W.t()`` ``[K, N]`` needs N a multiple of 8. M is padded up to a multiple
-of 16 by ``compress24(..., rows=)`` (zero rows written by the kernel, no copy of x; the extra
-output rows are dropped); K and N that do not fit make
-:func:`unsupported_reason` say why, and callers run something else.
-
-Per-shape setup: the cuSPARSELt algorithm for each problem ``(M_padded, N, K, dtype, layout)`` is
-searched once (``torch._cslt_sparse_mm_search``, one host sync per new shape, never while a CUDA
-graph is being captured; ``FXSPARSE_CSLT_SEARCH=0`` turns it off and uses algorithm 0) and
-cached for the process.
+and ``prune24(x, c) - c`` is 2:4 along K. ``compress24`` prunes and writes it in cuSPARSELt's
+compressed layout; ``torch._cslt_sparse_mm`` multiplies it by ``W.t()``. cuSPARSELt's bias is per
+row of the sparse operand (per token), so the per-column ``b + W @ c`` is one in-place add on the
+output, only for layers with a bias or a non-zero center. Shapes (torch's cuSPARSELt constraints
+for fp16/bf16): K a multiple of 32 (the one-pass compressor), N of 8; M is padded to a multiple of
+16 by ``compress24(..., rows=)``; :func:`unsupported_reason` says why other shapes cannot run.
+The cuSPARSELt algorithm per problem is searched once (``torch._cslt_sparse_mm_search``, one host
+sync per new shape, never during CUDA-graph capture; ``FXSPARSE_CSLT_SEARCH=0`` uses algorithm 0)
+and cached for the process.
 """
 
 from __future__ import annotations

@@ -1,74 +1,19 @@
 """Fused threshold-mask + sparse GEMV: the CUDA implementation of ``fxsparse::threshold_linear``.
 
-Decode is memory-bound: a batch-1 linear reads the whole weight. When a fraction ``s`` of the
-input activations is dropped, only ``1 - s`` of the weight has to be read, so the speedup limit
-is ``1 / (1 - s)``. This kernel gets close to it by never touching the bytes of a dropped channel:
-
-* **Layout.** The weight ``W`` ([N, K]) must be *column-major* (strides ``(1, N)``, i.e.
-  ``W.t()`` is a contiguous [K, N]), so one input channel is one contiguous run of ``N`` elements
-  and skipping it skips whole memory sectors. ``supports()`` declines any other layout; the
-  caller converts parameters once (``p.data = p.data.t().contiguous().t()``).
-* **Mask in the kernel, then compaction.** Phase 1: each program loads its split of ``x`` for
-  all rows, computes ``keep = not(|x - center| * scale < threshold)`` in float32 (NaN is kept),
-  and stream-compacts the channels that any row keeps (prefix sum + scatter) into a small
-  scratch, one copy per split and group of ``scratch_group`` N-blocks: channel ids and each
-  row's kept value ``x - fill`` (0 where that row drops it, so every row keeps its exact mask).
-  Phase 2 walks that list in ``SUB_K``-row tiles and loads only those rows of ``Wᵀ``,
-  software-pipelined (by Triton: a ring of tiles in shared memory; or by hand, ids two tiles
-  ahead, weights one), so loads, conversions and FMAs scale with the kept count, not with ``K``.
-  Each program reads a long run of every kept row (4 KB in the default rule): DRAM streams
-  such runs at the rate of dense reads, 128-256-byte runs at 70-85% of it.
-* **Center as bias.** Dropped entries snap to the center ``c``; with ``c`` folded out,
-  ``out = Σ_kept W[:, i] (x_i - c_i) + (b + W c)``. ``W c`` (``center_bias``) is computed once
-  by the caller when preparing the model; without it the wrapper computes it (slow, correct).
-* **Split-K without a zeroing pass.** The grid is (N-blocks x K-splits). With several splits,
-  every program adds its float32 partial to a per-device sums buffer with atomics, then bumps a
-  per-N-block arrival counter; the last program to arrive reads the sums, zeroes them again,
-  adds the biases, writes the output and resets the counter, so no memset precedes the launch.
-  Under ``torch.use_deterministic_algorithms`` (and for launches wider than the sums buffer)
-  programs write their partials to a workspace instead and the last one sums them in a fixed
-  order. Counters and sums live in small per-device buffers that are zero between launches;
-  launches on one stream never overlap, so they never share them at once.
-* **Or accumulate** (one-row kernel, ``threshold_gemv_group(accumulate=acc)``, what
-  ``fxsparse::threshold_linear_acc`` runs): every program adds its partial to a float32
-  output with relaxed atomics and is done; that output's reader rounds it. The zeros it must
-  start from are written by the previous accumulating launch (``zeros_next``), so again no
-  memset. Fence, counter, reload and store leave the critical path: 1.2-2.2 µs per call at 50%
-  on the H200 (``bench/results/gemv_accum_h200.md``); the price is an addition order that varies
-  from run to run. The input may then be another call's float32 sum, rounded to the weight's
-  dtype as it is loaded.
-
-Two kernels share that design. ``_row_gemv_kernel`` (one row, what the op runs) keeps every
-tensor 1-D or [SUB_K, BLOCK_N]; it runs one eight-warp program per SM streaming 4 KB runs
-(``_row_defaults``' stream rule), or, deterministic, one- or two-warp programs whose scans and
-reductions stay inside a warp: the row-generic ``_threshold_gemv_kernel`` ([BLOCK_R, C] shapes,
-four warps, tensor cores for several rows) spent ~28 barriers of layout conversions per launch,
-and its fixed cost (τ = ∞) was 1.3-2.1x the one-row kernel's (H200: 6.4-16.7 vs 4.8-9.4 µs,
-``bench/results/gemv_sweep_row_h200.md``; stage by stage: ``gemv_fixed_h200.md``). Both
-take 1-3 *members*, weights that share x and the mask (q/k/v, gate/up; ``threshold_gemv_group``):
-the grid runs over all members' N-blocks, so siblings pay the fixed cost once. Asked for
-(``row_kernel=True``), the one-row kernel also streams up to ``MAX_ROW_KERNEL_ROWS`` rows with
-[rows, ...] masks, FMA accumulators up to ``MAX_FMA_ROWS`` rows and tensor-core products above
-(or with ``row_dot``): a row of Wᵀ is read if any row keeps its channel. The op sends two rows
-there (``max_rows``: from three rows on, mask + cuBLAS was faster at the sparsities plans use).
-
-Prologue: the one-row kernel can take its input as ``act(a) * b`` (silu, gelu, gelu_tanh, relu;
-``threshold_linear_act``), loading ``a`` and ``b`` a masking step ahead and computing the
-activation when the step is used, rounded per op as eager; so the down projection needs no
-kernel in front of it that writes ``silu(gate) * up``.
-
-Launch: with Inductor's ``triton.enable_pdl`` on (its kernels then signal their dependents
-early), the one-row kernel is launched as a programmatic dependent and waits for its producer
-in the kernel (``ROW_PDL``), so its launch overlaps the producer's tail; without it, that
-launch measured slower in a compiled decode step, so it is off.
-
-No host synchronisation, no autotuning: the block sizes come from ``_pick_config`` (a fixed rule
-on shape and dtype, with the measurements that chose it in ``bench/NOTES.md``), so the launch
-captures in a CUDA graph and runs under ``torch.compile(mode="reduce-overhead")``. Besides the
-output, a call takes small float32 workspaces (compaction scratch; partials when
-deterministic; accumulating calls: the next call's zeros) from PyTorch's caching allocator: no
-kernel, no sync, graph-safe. ``supports()`` accepts one or two rows (``max_rows``; accumulating
-calls one). The wrapper also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+A decode-time linear reads its whole weight for one or two rows, so its time is the weight's bytes.
+This kernel reads only the weight rows of the input channels it keeps: ``W`` ([N, K]) must be
+column-major (``W.t()`` contiguous; ``supports()`` declines other layouts), so a dropped channel
+is a skipped contiguous run. Phase 1: each program thresholds its K-split of ``x`` in float32
+(``keep = not(|x - center| * scale < threshold)``, NaN kept) and compacts the kept channels
+(prefix sum + scatter) into a small scratch; phase 2 streams only those rows of ``Wᵀ`` through a
+pipelined loop, so the work scales with the kept count. The center is folded out as a bias
+(``b + W @ center``, computed once by the caller). K-split partials are summed with float32
+atomics and finished by the last split to arrive (no memset), or, under
+``torch.use_deterministic_algorithms``, in a fixed order; ``accumulate`` leaves the float32 sums to
+the output's reader. One launch serves 1-3 weights that share ``x`` and the mask (q/k/v, gate/up),
+and the input may be ``act(a) * b``, computed while loading. Block sizes come from a fixed rule on
+shape and dtype (no autotuning: graph-capturable); docs/performance.md has the design and the
+measurements behind each rule. Runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
 from __future__ import annotations
@@ -291,7 +236,7 @@ def _threshold_gemv_kernel(
     # Every N-block of a split computes the same list. Groups of scr_group N-blocks share a
     # scratch copy, all members writing the same values to the same slots (a benign race):
     # one copy per split had 100-200 SMs storing to the same lines, which L2 serialised, and
-    # one per program costs the L2 write-back of megabytes of scratch (bench/NOTES.md).
+    # one per program costs the L2 write-back of megabytes of scratch (docs/performance.md).
     k_first = pid_k * split_len
     k_end = tl.minimum(K, k_first + split_len)
     scr_row = pid_k.to(tl.int64) * tl.cdiv(ws_n // BLOCK_N, scr_group) + pid_n // scr_group
@@ -859,7 +804,7 @@ def _rows_block(rows: int, use_dot: bool) -> int:
     return max(16, _next_pow2(rows)) if use_dot else _next_pow2(rows)
 
 
-# Programmatic dependent launch for the one-row kernel (H200, session 7, bench/NOTES.md). Back to
+# Programmatic dependent launch for the one-row kernel (H200, docs/performance.md). Back to
 # back in a CUDA graph it saves 0.4-0.7 µs per call on every decode shape. In a compiled decode
 # step the GEMVs follow Inductor kernels, and there it pays only when those kernels signal their
 # dependents early, i.e. with Inductor's own ``triton.enable_pdl`` (Llama-3-8B, 50%: 3.834 ->
@@ -878,7 +823,7 @@ _SMALL_WEIGHT = 32 * 2**20  # elements: 4096x4096 (o_proj) and 6144x4096 (q/k/v 
 _LARGE_WEIGHT = 100 * 2**20  # elements: the 70B-class shapes and gate/up as one group
 
 
-# One-row launches that stream 4 KB runs of each kept row (session 11, H200,
+# One-row launches that stream 4 KB runs of each kept row (H200,
 # ``bench/results/gemv_stream_long_h200.md``; the "stream" rule below). block_n in bytes here.
 _STREAM = dict(num_warps=8, block_n=4096, sub_k=1, tile_bytes=16384, programs_per_sm=1, chunk_k=32,
                one_step_max=1024, scratch_group=1, max_split=256, stages=4, acc_tile=True,
@@ -896,11 +841,11 @@ def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False,
     last-arriving split rounds and stores them). On the H200 the op ran 0.95-1.08x cuBLAS at
     s = 0, 1.29-1.95x at 0.5 and 2.0-6.7x at 0.9 on the five benchmark shapes (``gemv_h200.md``),
     the rules below 0.84-0.95x, 1.15-1.69x and 1.8-5.3x: what limited those was not bytes in
-    flight but the DRAM efficiency of 128-256-byte runs scattered over rows (``bench/NOTES.md``,
-    session 11; ``gemv_stream_long_h200.md``). The addition order of atomics varies from run to
+    flight but the DRAM efficiency of 128-256-byte runs scattered over rows
+    (``docs/performance.md``; ``gemv_stream_long_h200.md``). The addition order of atomics varies from run to
     run, so under ``torch.use_deterministic_algorithms`` the rules below run instead.
 
-    By weight size (H200 sweeps of sessions 5 and 6, bench/NOTES.md), deterministic:
+    By weight size (H200 sweeps, docs/performance.md), deterministic:
 
     Programs of one or two warps keep scans and reductions inside a warp: the fixed cost
     (τ = ∞) fell from 6.4-16.7 µs (four warps) to 4.8-9.4 µs. What separates the rules is bytes
@@ -913,14 +858,13 @@ def _row_defaults(n: int, k: int, elem_size: int, accumulate: bool = False,
     * large (70B shapes, gate/up grouped): one warp, 256-byte runs, 256-channel splits
       (28672x8192: 0.93/1.69/5.34x).
     Every rule sums all split-K partials in one load where 64 floats per thread hold them.
-    (Accumulating launches are never deterministic; before the stream rule they took 32-row
-    one-warp tiles at 8 programs per SM, ``gemv_rules2_h200.md``.)
+    Accumulating launches are never deterministic.
     """
     if accumulate or not deterministic:
         # two programs per SM when accumulating: in Llama-3-8B's decode chain 28.96 / 18.17 / 7.60
-        # µs per call at s = 0 / 0.5 / 0.9 against one per SM's 29.71 / 18.26 / 7.41 and the
-        # previous rule's 29.39 / 18.25 / 8.07 (gemv_rules3_h200.md): in q/k/v as one group k's
-        # and v's N-blocks are half as wide as q's, which one program per SM leaves uneven
+        # µs per call at s = 0 / 0.5 / 0.9 against one per SM's 29.71 / 18.26 / 7.41 (H200): in
+        # q/k/v as one group k's and v's N-blocks are half as wide as q's, which one program per
+        # SM leaves uneven
         return dict(_STREAM, block_n=_STREAM["block_n"] // elem_size, programs_per_sm=2 if accumulate else 1)
     one_warp = dict(num_warps=1, block_n=256 // elem_size, sub_k=16, acc_tile=False, epi_floats=64)
     if n * k < _SMALL_WEIGHT:
@@ -974,7 +918,7 @@ def _block_config(
     row_dot: bool = False,
 ) -> GemvConfig:
     """The launch for these block sizes. Defaults: the row-generic kernel as the H100 sweeps
-    chose it (bench/NOTES.md, run 2, bf16, s = 0 / 0.5 / 0.9):
+    chose it (H100 sweep, bf16, s = 0 / 0.5 / 0.9):
     * one row: 256-byte Wᵀ runs (BLOCK_N = 128 bf16), 16-row tiles (32-row tiles cost
       registers and occupancy: slower on 4 of 5 shapes), ~8 programs per SM (4 or 16: slower
       on 3 of 5), 256 channels per masking step (vs 128: 4096² s=0.9 12.3 -> 9.4 µs,
@@ -983,7 +927,7 @@ def _block_config(
 
     ``chunk_k`` is the split granularity and the masking step, except that a split of at most
     ``one_step_max`` channels is masked in one step (more costs registers, hence occupancy).
-    ``scratch_group``: N-blocks per compaction scratch copy (session 4 sweep: 4, 8 and 16
+    ``scratch_group``: N-blocks per compaction scratch copy (H100 sweep: 4, 8 and 16
     within 1-4%; one copy per split 1.15-1.3x slower at s = 0.9, one per program up to 7%
     slower at s = 0). ``row_kernel``: one row through ``_row_gemv_kernel`` (``num_warps``,
     ``acc_tile``, ``epi_floats``: partial sums per thread per epilogue load, each load an L2
@@ -1145,12 +1089,12 @@ def max_rows(n: int, k: int, dtype: torch.dtype, sparsity: float | None = None) 
     producer, ``passes/lower.py``).
 
     Two rows (16-bit weights, not deterministic) take the one-row kernel's stream with [2, ...]
-    masks. H200, bf16, independent masks per row (``results/gemv_h200.md``, rows 2, session 13),
+    masks. H200, bf16, independent masks per row (``bench/results/gemv_h200.md``, rows 2),
     speedup over cuBLAS on the five benchmark shapes: 0.80-0.97x at s = 0 (mask + cuBLAS:
     0.89-1.02x), 0.98-1.21x at s = 0.5 (union sparsity 0.25; mask + cuBLAS 0.91-1.02x), 1.49-3.51x
     at 0.9; the stream passes mask + cuBLAS between s = 0.25 and 0.5. Three rows ran 0.63-0.80x
     at s = 0 and lost up to s = 0.5 (union 0.12), four 0.62-0.80x, 8-16 rows on tensor cores
-    0.46-0.73x (``bench/gemv.py --crossover``, ``results/gemv_crossover_h200.md``). So a layer
+    0.46-0.73x (``bench/gemv.py --crossover``, ``bench/results/gemv_crossover_h200.md``). So a layer
     planned below ``TWO_ROW_MIN_SPARSITY`` keeps one row. 8-bit weights (``dtype`` int8 or fp8)
     follow the 16-bit rule: per kept channel a row reads half the bytes, and torchao's path
     for two rows reads them all (unmeasured).
@@ -1229,7 +1173,7 @@ def threshold_gemv_group(
     """``threshold_gemv`` of 1-3 weights that share ``x`` and its mask, in one launch.
 
     Sibling projections (q/k/v, gate/up) then pay the kernel's fixed cost (launch, masking,
-    split-K epilogue: 4.8-9.4 µs on the H200, bench/NOTES.md) once instead of once each, and the
+    split-K epilogue: 4.8-9.4 µs on the H200, docs/performance.md) once instead of once each, and the
     small ones (k/v) ride along with a large one. Biases must be all present or all absent, and
     so must center biases. With ``act`` the input is ``act(x) * x_mul`` (``x_mul`` optional;
     ``ACTIVATIONS``), which the one-row kernel computes as it loads ``x``.

@@ -6,26 +6,14 @@ Semantics (the one definition every implementation must match)::
     keep = not (d < threshold)                   # NaN is never "below", so NaN is kept
     out  = F.linear(where(keep, x, center), weight, bias)
 
-Dropped entries snap to ``center`` rather than to zero, so for a non-zero center the layer
-output gains the constant ``W @ center`` (SCAP's mode-centering, seed 001). ``center_bias`` is
-that product computed once when the model is prepared; implementations that read only the kept
-columns of ``W`` need it (the reference does not). NaN propagates as in the dense layer instead
-of being silently replaced by the center.
-
-``fxsparse::threshold_linear_group`` is the same op for several weights that share ``x`` and
-every mask argument (sibling projections such as q/k/v or gate/up): one output per weight, one
-mask, and on CUDA one kernel launch for all of them.
-
-``fxsparse::threshold_linear_act`` is ``threshold_linear`` of ``act(a) * b`` (``b`` optional), the
-input of a down projection (``silu(gate) * up``, OPT's ``relu(fc1)``): on CUDA the one-row
-kernel computes that input while it loads it, so no separate kernel writes it first. Each op
-rounds to ``a``'s dtype as eager does (``act``, then the product). Inference only (no autograd).
-
-``fxsparse::threshold_linear_acc`` adds the outputs of any of those (several weights, an
-optional activation) unrounded to a float32 ``acc`` it mutates, and returns the zeros the next
-such call adds into; its ``x`` may be another call's float32 sum, rounded to the weights' dtype
-first. ``passes/accumulate.py`` chains a graph's one-row calls through it, so the kernel can add
-its split-K partials with atomics and the rounding moves to each output's reader.
+Dropped entries snap to ``center`` (SCAP's mode-centering, seed 001), so the output gains the
+constant ``W @ center``; ``center_bias`` is that product computed once, which kernels that read
+only the kept columns of ``W`` need. Variants: ``_group`` (several weights sharing ``x`` and the
+mask: q/k/v, gate/up; one launch on CUDA), ``_act`` (the input is ``act(a) * b``, computed by the
+kernel as it loads, inference only) and ``_acc`` (adds outputs unrounded into a float32 buffer
+its reader rounds, so the kernel needs no split-K epilogue). Each has a plain-torch reference
+(CPU, and a named fallback anywhere), a fake impl for tracing, and on CUDA the fused kernel of
+``sparse_gemv.py`` for one or two rows, mask + cuBLAS above that.
 
 8-bit weights are a weight format of each op, not other ops: given ``weight_scale`` (one
 float32 [N] per weight; ``weight_scales`` for the list ops), ``weight`` is 8-bit data ``q``
@@ -33,11 +21,8 @@ float32 [N] per weight; ``weight_scales`` for the list ops), ``weight`` is 8-bit
 for ``q.float() * weight_scale[:, None]``: the reference dequantizes and computes in float32,
 rounding the output to x's dtype once; the kernel accumulates ``q * (x - c)`` in float32 and
 scales the sums. Inference only for 8-bit weights (x's gradient flows; the weight has none).
-
-Implementations: a plain-torch reference (CPU, and any device as a named fallback), a fake
-(meta) impl for tracing, and on CUDA the fused Triton threshold-mask + sparse GEMV kernel for
-few rows (``sparse_gemv.py``), with the reference composition (mask, then cuBLAS) above that
-(8-bit weights: the reference; compiled graphs run torchao's linear there instead).
+Above two rows on CUDA an 8-bit call runs the mask, then the reference's float32 linear
+(compiled graphs run torchao's linear there instead).
 """
 
 from __future__ import annotations

@@ -1,25 +1,19 @@
 """``fxsparse::topk_linear``: a linear layer that keeps only the ``k`` largest inputs of each row.
 
 Top-k activation sparsity (Sparsing Law, Luo et al. 2024, arXiv:2411.02335, seed 003) keeps a
-fixed number of channels per token instead of a calibrated threshold, so every token has the
-same sparsity. Semantics (the one definition every implementation must match)::
+fixed number of channels per token instead of a calibrated threshold. Semantics (the one
+definition every implementation must match)::
 
     d     = |x - center| * channel_scale          # float32; center 0 and scale 1 when None
     tau_r = k-th largest d of row r               # NaN ranks above every number (torch.topk)
     keep  = not (d < tau_r)                       # ties with tau_r are kept; NaN is kept
     out   = F.linear(where(keep, x, center), weight, bias)
 
-Ties: every entry equal to the k-th largest score is kept, so a row with ties at the boundary
-keeps more than ``k`` entries (never fewer); the result never depends on which tied entry a sort
-happens to return. ``k <= 0`` drops every finite entry; ``k >= in_features`` keeps all. A row
-with ``k`` or more NaN scores has a NaN ``tau_r`` and keeps everything (NaN, as in
-``threshold_linear``, is never silently replaced).
-``topk_keep_count`` turns a plan's ``target_sparsity`` into ``k``.
-
-Implementations: a plain-torch reference (``torch.topk`` for the per-row threshold, then a dense
-``F.linear``) serves CPU and, registered under that name, CUDA; a fake (meta) impl for tracing;
-autograd treats the mask as a constant (straight-through on kept entries), as
-``threshold_linear`` does.
+Ties at the boundary are all kept (a row keeps at least ``k``), so the result never depends on
+sort order; ``k <= 0`` drops every finite entry, ``k >= in_features`` keeps all, and a row with
+``k`` or more NaN scores keeps everything. ``topk_keep_count`` turns ``target_sparsity`` into
+``k``. Implementations: a plain-torch reference (CPU, and registered for CUDA), a fake impl;
+autograd treats the mask as a constant, as ``threshold_linear`` does.
 """
 
 from __future__ import annotations

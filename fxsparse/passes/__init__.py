@@ -9,6 +9,7 @@
   (``threshold_linear_act``)
 - ``accumulate``: one-row sparse layers add into chained float32 outputs their readers round
   (``threshold_linear_acc``)
+- ``tap`` (debugging, backend option ``keep_taps``): record the input each sparse site judges
 """
 
 from .accumulate import accumulate_outputs
@@ -17,6 +18,7 @@ from .group import group_siblings
 from .lower import lower_linears
 from .match import LinearSite, linear_sites, match_linears
 from .observe import insert_observers
+from .tap import tap_inputs
 
 __all__ = ["LinearSite", "accumulate_outputs", "fuse_activations", "group_siblings", "insert_observers",
-           "linear_sites", "lower_linears", "match_linears"]
+           "linear_sites", "lower_linears", "match_linears", "tap_inputs"]

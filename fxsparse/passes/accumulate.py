@@ -1,24 +1,18 @@
 """Accumulate pass: one-row sparse layers add into float32 outputs that their readers round.
 
-Pre: ``lower_linears`` (and ``group_siblings``, ``fuse_activations``) have run. Post: every
-``fxsparse::threshold_linear``, ``threshold_linear_group`` and ``threshold_linear_act`` call with
-one row (static), on a device in ``devices``, whose output does not require grad, becomes
-``fxsparse::threshold_linear_acc(acc, x, ...)`` on a float32 ``acc`` (the members' outputs side by
-side), and each former output is ``narrow(acc, -1, offset, N).to(dtype)``. The ``acc`` are
-chained: the graph's first (per run of calls on one device) is one ``torch.zeros``; every call
-returns the zeros the next one needs (on CUDA written by the same launch, so no fill kernel runs
-per call). An input that is
-such a rounded output and is read by sparse layers only (a down projection reading gate/up) is
-passed as the float32 sum itself: the op rounds it to the weights' dtype exactly as the ``to``
-did.
+Pre: ``lower_linears`` (and ``group_siblings``, ``fuse_activations``) have run. Post: every static
+one-row ``threshold_linear``, ``_group`` and ``_act`` call on a device in ``devices`` whose output
+does not require grad becomes ``threshold_linear_acc(acc, x, ...)`` on a float32 ``acc`` (members'
+outputs side by side), and each former output is ``narrow(acc, -1, offset, N).to(dtype)``. The
+``acc`` are chained: the first per device is one ``torch.zeros``; every call returns the zeros the
+next one needs (on CUDA written by the same launch). An input that is such a rounded output read
+only by sparse layers (down reading gate/up) is passed as the float32 sum; the op rounds it.
 
-Why: on CUDA the one-row kernel then adds each K-split's partial with relaxed atomics and is
-done, instead of having the last-arriving split fence, count, reload every partial and write the
-output (~1.2-2.2 µs per call on an H200 at 50% sparsity, ``bench/results/gemv_accum_h200.md``);
-the rounding moves into the reader, which Inductor fuses (RoPE, residual add + RMSNorm).
-The function is the same up to the order of the float32 additions, which varies from run to
-run, so the backend skips this pass under ``torch.use_deterministic_algorithms``. The decisions
-of converted sites gain ``accumulate: True`` (their ``op`` still names what they compute).
+Why: the CUDA kernel then adds each K-split's partial with relaxed atomics and is done, with no
+last-split fence, count, reload and store (~1.2-2.2 µs per call on an H200 at 50%,
+``bench/results/gemv_accum_h200.md``); the rounding moves into the reader, which Inductor fuses.
+The order of float32 additions varies run to run, so the backend skips this pass under
+``torch.use_deterministic_algorithms``. Converted sites' decisions gain ``accumulate: True``.
 """
 
 from __future__ import annotations

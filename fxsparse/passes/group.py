@@ -2,7 +2,7 @@
 
 Pre: ``lower_linears`` has run with the same ``plan``. Post: ``fxsparse::threshold_linear``
 calls that read the same ``x`` node (seen through identity observers, as ``explain`` inserts),
-belong to one sibling set of the plan (``lower.sibling_sets``: same parent module, in_features
+belong to one sibling set of the plan (``dispatch.sibling_sets``: same parent module, in_features
 and mask arguments, e.g. q/k/v or gate/up calibrated on the same input) and agree on having a
 bias and a center bias are replaced, up to ``MAX_MEMBERS`` at a time in graph order, by one
 ``fxsparse::threshold_linear_group(x, [W...], [b...], threshold, center, channel_scale, [cb...])``
@@ -24,10 +24,10 @@ import torch
 from torch import fx
 from torch._dynamo.utils import counters
 
+from ..dispatch import sibling_sets
 from ..kernels import threshold_linear  # noqa: F401  (registers the ops)
 from ..kernels.sparse_gemv import MAX_MEMBERS
 from ..plan import SparsityPlan
-from .lower import sibling_sets
 from .match import SITE_KEY, mutation_epochs
 
 __all__ = ["group_siblings"]

@@ -1,49 +1,23 @@
 """Lower pass: rewrite each planned linear into an ``fxsparse`` op, or its mask as aten ops + ``linear``.
 
 Pre: ``match_linears`` has run. ``plan`` maps module names to ``LayerPlan``s.
-Post: every site with a plan entry calls ``fxsparse::threshold_linear(x, W, b, threshold, center,
-channel_scale, center_bias)``, except entries whose ``method`` is ``"topk"``, which call
-``fxsparse::topk_linear(x, W, b, k, center, channel_scale)`` with
-``k = in_features - round(target_sparsity * in_features)`` (their ``threshold`` is unused), and
-entries whose ``prefill`` is ``"dense"`` or ``"2:4"``, which call
-``fxsparse::prefill_linear(x, W, b, threshold, center, channel_scale, center_bias, decode_rows,
-min_rows_24)`` (threshold op up to ``decode_rows`` rows, 2:4 from ``min_rows_24`` rows, dense
-between; ``min_rows_24`` is resolved here: the ``crossover_rows`` argument, else the measured
-crossover on CUDA, else never). When the row count of the call is static, or its symbolic range
-lies within one branch, the branch's op is emitted directly instead (``threshold_linear``, a
-plain ``linear``, or ``prefill_linear`` for 2:4); otherwise the op decides per call. A
-threshold entry that keeps every input (``threshold <= 0``, no negative scale: e.g. a 0% target)
-is the dense layer exactly and becomes a plain ``linear``; so does, on CUDA with
-``dense_when_faster``, a threshold entry whose one-row sparse GEMV measures slower than dense at
-its target sparsity (``crossover.gemv_pays``: small weights).
-
-A site that would get ``threshold_linear`` (a threshold entry, or a prefill entry whose static
-branch is the threshold op) and whose every call has more rows than the fused kernel takes
-(``_row_range(x)`` lowest > ``sparse_gemv.max_rows``, currently 2 for 16-bit weights planned at
-50% or more, else 1: any static shape of more rows), or whose row count is dynamic from 2 up
-(Dynamo specialises 0 and 1: prefill graphs, whose calls of exactly two rows are few), never
-runs the kernel, or seldom: on CUDA the op would launch a separate mask kernel, then cuBLAS. It
-becomes the mask as plain aten ops (the reference's float32 score ``|x - center| * scale``,
-``keep = ~(score < threshold)``, ``where(keep, x, center in x's dtype or 0)``) and a plain
-``linear``, so Inductor fuses the mask into the kernel that produces ``x`` (RMSNorm, SiLU*mul,
-...) instead of paying a launch per call (branch ``"mask+linear"``). Sites of one sibling set
-that read the same ``x`` share one mask. Eager (``inductor=False``) this is
-``threshold_linear_reference`` bit for bit. Under Inductor a fused producer keeps ``x`` in
-float32, so the score would be taken before ``x`` is rounded to bf16/fp16; thresholds calibrated
-as quantiles of bf16 activations are often bf16 values that several entries equal exactly (kept
-in eager), and about half of those would fall below (H200, RMSNorm -> 4096² bf16, 4 rows,
-threshold at the 50%/90% quantile: 31 and 6 of 16384 entries flipped, output 3% and 5% from
-eager). The backend therefore compiles graphs with such sites with Inductor's
-``emulate_precision_casts``, which rounds fused intermediates as eager does (output then < 1e-4
-from eager, no measurable cost). ``prepare_weights`` has no row counts and still makes such a
-layer's weight column-major (its one-row graphs need it; cuBLAS takes either layout).
+Post: every planned site runs what ``dispatch.decide`` chose for it: ``threshold_linear`` (the
+fused mask + sparse GEMV), ``topk_linear`` (top-k entries), ``prefill_linear`` (2:4, or a
+per-call choice when the row count is not known), a plain ``linear`` (dense), or the mask as
+plain aten ops before a plain ``linear`` (``mask+linear``: calls above the kernel's row limit),
+which Inductor fuses into the kernel producing ``x``. The aten mask is
+``threshold_linear_reference``'s bit for bit: float32 score ``|x - center| * scale``,
+``keep = ~(score < threshold)``, ``where(keep, x, fill)``; siblings reading the same ``x`` share it.
 
 Center, scale and the folded ``center_bias = W @ center`` are buffers of ``gm`` (``get_attr``),
-computed once here rather than per call. Other linears are untouched. The replacement keeps the
-old node's ``meta`` (shape, stack trace, module stack).
-``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why, for inspection
-(``branch``: threshold | mask+linear | dense | 2:4 | per-call);
-``torch._dynamo.utils.counters["fxsparse"]`` counts lowered (mask+linear included) and dense sites.
+computed once here rather than per call. Replacements keep the old node's ``meta``.
+``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why (for ``explain``);
+``torch._dynamo.utils.counters["fxsparse"]`` counts lowered and dense sites.
+Tensor-parallel models (``sharding.py``): a site whose weight is a DTensor runs this rank's piece
+of its plan entry (the decision's facts are that piece's; ``tp`` in its decision says which). A
+linear on DTensors becomes the op on the local tensors, wrapped back by ``DTensor.from_local``
+so the engine's all-reduce stays; a layout fxsparse does not slice is left as it is, dense,
+with the reason.
 
 8-bit weights (a torchao weight-only tensor that ``quantized.weight_format`` reads: fp8 or int8
 data with one scale per output channel): the op reads the subclass's data and scale, taken as
@@ -55,7 +29,8 @@ read, a top-k entry, or a prefill entry whose calls are not all the threshold br
 torchao's path dense, with the reason. Whether the sparse GEMV pays (``dense_when_faster``) and
 the row limit are judged as for the activation dtype's 16-bit weights (8-bit: unmeasured).
 
-Raises ``PlanError`` when a planned layer's weight shape differs from the plan's.
+Raises ``PlanError`` when a planned layer's weight shape differs from the plan's, or when a
+row-parallel layer's per-channel vectors cannot be split evenly over the ranks.
 """
 
 from __future__ import annotations
@@ -69,11 +44,10 @@ import torch
 from torch import fx
 from torch._dynamo.utils import counters
 
-from ..kernels import prefill_linear, sparse_gemv, threshold_linear  # noqa: F401  (registers the ops)
+from .. import sharding
+from ..dispatch import SiteFacts, decide, group_width, sibling_sets
+from ..kernels import sparse_gemv
 from ..kernels.center_bias import center_bias_value, register_center_bias
-from ..kernels.crossover import NEVER, gemv_pays, resolve_min_rows_24
-from ..kernels.prefill_linear import branch
-from ..kernels.topk_linear import topk_keep_count
 from ..plan import LayerPlan, SparsityPlan, name_candidates
 from ..quantized import WeightFormat, is_torchao, weight_format
 from .match import linear_args, linear_sites, mutation_epochs
@@ -148,87 +122,6 @@ def _row_range(x: object) -> tuple[int, float] | None:
         return None
 
 
-def _static_branch(rows: tuple[int, float] | None, decode_rows: int, min_rows_24: int) -> str | None:
-    """The branch every call takes when the row range lies within one, else None."""
-    if rows is None:
-        return None
-    lo, hi = rows
-    if lo > hi:
-        return None
-    first = branch(lo, decode_rows, min_rows_24)
-    if hi == math.inf:  # unbounded: only a branch that holds for every larger count
-        return first if first == "2:4" or (first == "dense" and min_rows_24 >= NEVER) else None
-    return first if branch(int(hi), decode_rows, min_rows_24) == first else None
-
-
-def _mask_key(name: str, lp: LayerPlan) -> tuple | None:
-    """What must match for two plan entries to share one mask and one launch: the parent
-    module, the input width and every mask argument (None: never grouped). The prefill kind
-    does not matter: the decode graphs of dense- or 2:4-prefill entries call the threshold op
-    too, and only those calls are grouped."""
-    if lp.method == "topk" or lp.drops_nothing:
-        return None
-    center = tuple(lp.center) if isinstance(lp.center, list) else float(lp.center)
-    scale = None if lp.channel_scale is None else tuple(lp.channel_scale)
-    return name.rpartition(".")[0], lp.in_features, float(lp.threshold), center, scale
-
-
-def sibling_sets(plan: SparsityPlan) -> dict[str, tuple[str, ...]]:
-    """For every plan entry, the entries it may be grouped with (itself included): sibling
-    projections of one module calibrated on the same input to the same mask, such as q/k/v
-    or gate/up. Decided on the plan alone, so ``prepare_weights`` and this pass agree."""
-    by_key: dict[tuple, list[str]] = {}
-    out: dict[str, tuple[str, ...]] = {}
-    for name, lp in plan.layers.items():
-        key = _mask_key(name, lp)
-        if key is None:
-            out[name] = (name,)
-        else:
-            by_key.setdefault(key, []).append(name)
-    for names in by_key.values():
-        out.update(dict.fromkeys(names, tuple(names)))
-    return out
-
-
-def dense_reason(lp: LayerPlan, dtype: torch.dtype | None, device: torch.device,
-                 dense_when_faster: bool = True, out_features: int | None = None) -> str | None:
-    """Why a plan entry runs dense at every row count, or None. One rule for this pass and
-    ``prepare_weights``, so a layer lowered dense keeps its row-major weight: an entry that drops
-    nothing, or (``dense_when_faster``, weight dtype known) a threshold entry whose one-row sparse
-    GEMV measures slower than dense at its target sparsity (``crossover.gemv_pays``).
-    ``out_features``: the width the kernel runs at, the sibling set's total when the entry is
-    grouped (k/v_proj alone lose to cuBLAS, but ride along with q_proj in one launch)."""
-    if lp.drops_nothing:
-        return "threshold <= 0 drops nothing: dense is exact"
-    if not dense_when_faster or dtype is None or lp.prefill != "threshold" or lp.method == "topk":
-        return None
-    n = out_features or lp.out_features
-    pays, times = gemv_pays(n, lp.in_features, dtype, device, lp.target_sparsity)
-    if pays:
-        return None
-    return (f"sparse GEMV slower than dense here: {times[1]:.1f} vs {times[0]:.1f} us "
-            f"at sparsity {lp.target_sparsity:.2f}, N = {n} (dense_when_faster)")
-
-
-def _above_kernel_rows(x: object, lp: LayerPlan, w_dtype: torch.dtype | None) -> str | None:
-    """Why the calls of this threshold site are left to mask + linear (the op would run a mask
-    kernel, then cuBLAS), or None: every call has more rows than ``sparse_gemv.max_rows``, or
-    the row count is dynamic from 2 up (Dynamo specialises 0 and 1), whose calls are prefill's
-    and whose few calls of exactly two rows lose less than a mask launch on every other call."""
-    rows = _row_range(x)
-    if rows is None:
-        return None
-    limit = sparse_gemv.max_rows(lp.out_features, lp.in_features, w_dtype or _traced_value(x).dtype,
-                                 lp.target_sparsity)
-    if rows[0] > limit:
-        return (f"every call has >= {rows[0]} rows (above the fused kernel's limit of {limit}): "
-                "mask left to Inductor to fuse into x's producer")
-    if rows[0] > 1 and rows[1] > limit:
-        return (f"calls have {rows[0]} to {rows[1]} rows (mostly above the fused kernel's limit of "
-                f"{limit}): mask left to Inductor to fuse into x's producer")
-    return None
-
-
 def autocast_dtypes(gm: fx.GraphModule, device_type: str) -> dict[fx.Node, torch.dtype]:
     """The nodes that run under ``torch.autocast`` for ``device_type``, with its dtype: the
     state when the graph is compiled (Dynamo guards on it), then the ``with torch.autocast``
@@ -264,6 +157,7 @@ def _masked_input(gm: fx.GraphModule, graph: fx.Graph, x: fx.Node, lp: LayerPlan
     def call(target, *args, **kwargs) -> fx.Node:
         n = graph.call_function(target, args, kwargs)
         n.meta.update({k: meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta})
+        n.meta["fxsparse_mask"] = True  # part of a site's mask (passes/tap.py finds its x by it)
         return n
 
     d = x if dtype == f32 else call(aten._to_copy.default, x, dtype=f32)
@@ -299,19 +193,13 @@ def _quantized_operands(graph: fx.Graph, w: fx.Node, fmt: WeightFormat) -> tuple
     return q, sc
 
 
-def _quantized_dense_reason(fmt: WeightFormat | None, w_val: object, lp: LayerPlan, kind: str) -> str | None:
-    """Why a planned layer's weight keeps torchao's dense path whatever the row count, or None."""
-    if fmt is None:
+def _unreadable(fmt: WeightFormat | None, w_val: object, kind: str) -> str | None:
+    """Why the sparse kernel cannot read this site's torchao weight (its own path runs), or None."""
+    if fmt is None or not (isinstance(w_val, torch.Tensor) and is_torchao(w_val)):
         return None
-    if fmt.kind == "unsupported" and isinstance(w_val, torch.Tensor) and is_torchao(w_val):
-        return f"weight not read by the sparse kernel: {fmt.reason}; torchao's own path"
-    if not fmt.quantized:
-        return None
-    if lp.method == "topk":
-        return "top-k layers read 16-bit weights only: torchao's own path"
-    if kind == "conv1d":
-        return "8-bit Conv1D weights are not read: torchao's own path"
-    return None
+    if fmt.kind == "unsupported":
+        return fmt.reason
+    return "8-bit Conv1D weights are not read" if kind == "conv1d" else None
 
 
 def _unplanned_reason(plan: SparsityPlan, name: str) -> tuple[str, bool]:
@@ -326,13 +214,6 @@ def _unplanned_reason(plan: SparsityPlan, name: str) -> tuple[str, bool]:
         model = plan.model.get("class", "?")
         return f"not a linear of the plan's model ({model}): plan made for another model?", True
     return plan.skip_reason(name), False
-
-
-def group_width(plan: SparsityPlan, name: str, sets: dict[str, tuple[str, ...]] | None = None,
-                grouped: bool = True) -> int:
-    """Output features the kernel runs at for entry ``name``: its sibling set's total."""
-    members = (sets or sibling_sets(plan))[name] if grouped else (name,)
-    return sum(plan.layers[m].out_features for m in members)
 
 
 def lower_linears(
@@ -393,56 +274,49 @@ def lower_linears(
             w_val = _weight_value(site.weight_index, w, example_inputs)
         if w_val is not None:
             plan.check_shape(key, tuple(w_val.shape))
+        # -- tensor parallelism: this rank's piece of the layer, from its weight's placement ------
+        shard = sharding.site_sharding(x, w, w_val) if site.kind == "call_function" else None
+        tp = unsliceable = None
+        width = group_width(plan, key, sets, grouped)
+        if shard is not None:
+            unsliceable = shard.reason or sharding.unsliceable_reason(lp, shard.layout)
+            if unsliceable is None:  # run on the local tensors, this rank's slice of the entry
+                layout = shard.layout
+                tp = f"{layout.kind} [{layout.lo}, {layout.hi}) of {layout.world}"
+                lp = sharding.local_plan(key, lp, layout)
+                width = sharding.local_width(plan, sets[key] if grouped else (key,), layout)
+                with graph.inserting_before(node):
+                    x, w, b = shard.local_operands(graph, x, w, b)
+                w_val = w_val.to_local()
+            else:  # left as it is (DTensor's or the engine's dense linear)
+                shard = None
         device = w_val.device if w_val is not None else torch.device("cpu")
         sparse_gemv.reserve(device)  # the kernel's persistent state, outside CUDA-graph pools
         # an 8-bit torchao weight (the op reads its data and scales), or why torchao's path stays
         fmt = weight_format(w_val) if isinstance(w_val, torch.Tensor) else None
         quant = fmt is not None and fmt.quantized
 
-        # -- prefill dispatch: which rows run what, decided here when the row count allows --
-        what = "threshold"  # the branch emitted: threshold | mask+linear | dense | 2:4 | per-call
-        min_rows_24 = None
-        # (a torchao tensor's dtype is its activation dtype: 8-bit layers are judged as 16-bit ones)
-        reason = dense_reason(lp, None if w_val is None else w_val.dtype, device, dense_when_faster,
-                              group_width(plan, key, sets, grouped))
-        reason = reason or _quantized_dense_reason(fmt, w_val, lp, site.kind)
-        if reason is not None:
-            what = "dense"
-        elif lp.prefill != "threshold":
-            min_rows_24 = NEVER
-            if lp.prefill == "2:4" and not quant:
-                dtype = w_val.dtype if w_val is not None else torch.float32
-                epilogue = b is not None or lp.center_tensor() is not None
-                min_rows_24 = resolve_min_rows_24(lp.out_features, lp.in_features, dtype, device,
-                                                  crossover_rows, epilogue, cudagraphs)
-            what = _static_branch(_row_range(x), lp.decode_rows, min_rows_24) or "per-call"
-            if quant and what != "threshold":  # prefill_linear reads 16-bit weights only
-                what = "dense"
-                reason = (f"prefill {lp.prefill!r} with 8-bit weights: calls beyond the threshold branch "
-                          "run torchao's own path")
-        if what == "threshold" and lp.method != "topk":  # never the kernel: mask left to Inductor
-            reason = _above_kernel_rows(x, lp, None if w_val is None else w_val.dtype)
-            what = "mask+linear" if reason else what
+        # -- which op: one decision from the site's facts (dispatch.py) ---------------------------
         if device.type not in autocast:  # enter/exit nodes stay where they are as sites are lowered
             autocast[device.type] = autocast_dtypes(gm, device.type)
-        cast_to = autocast[device.type].get(node)  # the linear would run (and return) in this dtype
-        cast_out = None  # top-k under autocast: the op, then its output in autocast's dtype
-        if cast_to is not None and what != "dense":
-            if lp.method == "topk":
-                cast_out = cast_to
-                reason = f"under torch.autocast({device.type!r}, {cast_to}): output cast to it"
-            else:
-                what = "mask+linear"
-                reason = (f"under torch.autocast({device.type!r}, {cast_to}): the mask in x's dtype, "
-                          "then the autocast linear, as eager runs it")
-        reason = reason or "planned"
+        x_val = _traced_value(x)
+        # (a torchao tensor's dtype is its activation dtype: 8-bit layers are judged as 16-bit ones)
+        facts = SiteFacts(plan=lp, device=device, weight_dtype=None if w_val is None else w_val.dtype,
+                          input_dtype=None if x_val is None else x_val.dtype,
+                          width=width, rows=_row_range(x), has_bias=b is not None,
+                          autocast=autocast[device.type].get(node), unsliceable=unsliceable,
+                          weights=fmt.kind if quant else None,
+                          unreadable=_unreadable(fmt, w_val, site.kind))
+        dec = decide(facts, dense_when_faster=dense_when_faster, crossover_rows=crossover_rows,
+                     cudagraphs=cudagraphs)
+        what = dec.branch
 
         # -- constants, computed once ----------------------------------------------------------
         center = lp.center_tensor()
         scale = lp.scale_tensor()
         center_bias = None
         real_w = _real(w_val)
-        plain = what in ("dense", "mask+linear")  # a plain linear, on x or on its aten mask
+        plain = dec.plain  # a plain linear, on x or on its aten mask
         if center is not None and real_w is not None and not plain:
             # kept fresh by the kernels if the weight changes in place later (kernels/center_bias.py)
             if quant:
@@ -464,9 +338,8 @@ def lower_linears(
                 c_node = None if center is None else _buffer(gm, graph, key + "_center", center.to(device))
                 s_node = None if scale is None else _buffer(gm, graph, key + "_scale", scale.to(device))
                 if lp.method == "topk":
-                    k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0)
                     op = torch.ops.fxsparse.topk_linear.default
-                    new = graph.call_function(op, (x, w, b, k, c_node, s_node))
+                    new = graph.call_function(op, (x, w, b, dec.topk_k, c_node, s_node))
                 else:
                     cb_node = (None if center_bias is None
                                else _buffer(gm, graph, key + "_cbias", center_bias))
@@ -478,22 +351,27 @@ def lower_linears(
                         op = torch.ops.fxsparse.threshold_linear.default
                     else:  # 2:4 for every call, or decided per call
                         op = torch.ops.fxsparse.prefill_linear.default
-                        args = (*args, int(lp.decode_rows), int(min_rows_24))
+                        args = (*args, int(lp.decode_rows), int(dec.min_rows_24))
                     new = graph.call_function(op, args)
         new.meta.update(node.meta)
-        if cast_out is not None:  # the op ignores autocast
+        if dec.cast_out is not None:  # the op ignores autocast
             new.meta.pop("val", None)
             with graph.inserting_after(new):
-                cast = graph.call_function(torch.ops.aten._to_copy.default, (new,), {"dtype": cast_out})
+                cast = graph.call_function(torch.ops.aten._to_copy.default, (new,), {"dtype": dec.cast_out})
             cast.meta.update(node.meta)
             new = cast
+        op_node = new
+        if shard is not None:  # a DTensor call: the local result back in DTensor's placement
+            new = shard.wrap_output(graph, new, node)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        if shard is not None:
+            shard.erase_unused_input(graph)
         op_name = {"dense": "linear", "mask+linear": "mask+linear"}.get(what) or \
             "fxsparse." + op._schema.name.split("::")[1]
-        decisions.append({"name": site.name, "plan_key": key, "node": new.name, "op": op_name,
-                          "reason": reason, "prefill": lp.prefill, "decode_rows": lp.decode_rows,
-                          "min_rows_24": min_rows_24, "branch": what,
+        decisions.append({"name": site.name, "plan_key": key, "node": op_node.name, "op": op_name,
+                          "reason": dec.reason, "prefill": lp.prefill, "decode_rows": lp.decode_rows,
+                          "min_rows_24": dec.min_rows_24, "branch": what, **({"tp": tp} if tp else {}),
                           "weights": None if fmt is None else fmt.kind})
         counters["fxsparse"]["dense" if what == "dense" else "lowered"] += 1
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..sharding import dtensor_source
+
 __all__ = ["LinearSite", "linear_args", "match_linears", "linear_sites", "module_path", "mutation_epochs"]
 
 _LINEAR_TARGETS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
@@ -108,7 +110,11 @@ def match_linears(gm: fx.GraphModule) -> fx.GraphModule:
             # embedding); the weight's source is the fallback for graphs without module stacks.
             name = _name_from_stack(node) or _name_from_weight(w)
             if name is not None:
-                site = LinearSite(name, node.name, placeholders.get(w), "call_function")
+                # a local weight that is ``to_local()`` of a DTensor parameter (tensor parallelism,
+                # ``sharding.py``): the parameter's placeholder holds the weight
+                source = dtensor_source(w)
+                index = placeholders.get(w if source is None else source)
+                site = LinearSite(name, node.name, index, "call_function")
         elif (args := _conv1d_args(node)) is not None:
             name = _name_from_stack(node)
             if name is not None:
