@@ -27,13 +27,6 @@ _X_ONLY = {_OPS.threshold_linear.default, _OPS.threshold_linear_group.default,
            _OPS.prefill_linear.default, _OPS.topk_linear.default}
 
 
-def _site_node(gm: fx.GraphModule, name: str) -> fx.Node | None:
-    for node in gm.graph.nodes:
-        if node.name == name:
-            return node
-    return None
-
-
 def _tap(graph: fx.Graph, before: fx.Node, x: fx.Node, x_mul, act: str, dtype, name: str) -> fx.Node:
     with graph.inserting_before(before):
         t = graph.call_function(_OPS.keep_tap.default, (x, x_mul, act, dtype, name))
@@ -46,11 +39,13 @@ def _tap(graph: fx.Graph, before: fx.Node, x: fx.Node, x_mul, act: str, dtype, n
 def tap_inputs(gm: fx.GraphModule) -> fx.GraphModule:
     """Insert ``keep_tap`` before every sparse site's mask (module docstring)."""
     graph = gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    order = {n: i for i, n in enumerate(graph.nodes)}  # the original nodes' order; taps go between
     done: set[fx.Node] = set()
     for d in gm.meta.get("fxsparse_decisions", []):
         if d["op"] == "linear" or "node" not in d:
             continue
-        node = _site_node(gm, d["node"])
+        node = by_name.get(d["node"])
         if node is None:
             continue
         if node.target is operator.getitem:  # a grouped member: its group call
@@ -61,8 +56,9 @@ def tap_inputs(gm: fx.GraphModule) -> fx.GraphModule:
         name = d.get("plan_key", d["name"])
         if d["op"] == "mask+linear":  # linear(where(keep, x, fill), W, b): tap the where's x
             x = node.args[0].args[1]
+            if x.op == "call_function" and x.target is _OPS.keep_tap.default:
+                continue  # a sibling's shared mask, tapped already
             chain = [u for u in x.users if u.meta.get("fxsparse_mask")]
-            order = {n: i for i, n in enumerate(graph.nodes)}
             t = _tap(graph, min(chain, key=order.__getitem__), x, None, "", None, name)
             for u in chain:
                 u.replace_input_with(x, t)
