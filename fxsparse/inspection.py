@@ -269,7 +269,7 @@ def keep_agreement(model: nn.Module, *args: Any, plan: SparsityPlan | str | os.P
     """
     from .dispatch import sibling_sets
     from .kernels import tap
-    from .reference import plan_hooks
+    from .reference import keep_mask, plan_hooks
 
     plan = SparsityPlan.coerce(plan)
     model = uncompiled(model)
@@ -285,20 +285,14 @@ def keep_agreement(model: nn.Module, *args: Any, plan: SparsityPlan | str | os.P
         got = {k: list(v) for k, v in tap.RECORDS.items()}
     finally:
         tap.RECORDS.clear()
-    modules = dict(model.named_modules())
-    eager: dict[str, list[torch.Tensor]] = {name: [] for name in plan.layers}
-    with plan_hooks(model, plan):
-        handles = [modules[n].register_forward_pre_hook(
-            lambda _m, a, n=n: eager[n].append(a[0].detach().clone()), prepend=True) for n in plan.layers]
-        try:
-            model(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+    eager: dict[str, list[torch.Tensor]] = {name: [] for name in plan.layers}  # inputs before the mask
+    with plan_hooks(model, plan, probes={n: (lambda x, n=n: eager[n].append(x.detach().clone()))
+                                         for n in plan.layers}):
+        model(*args, **kwargs)
     out: dict[str, dict[str, Any]] = {}
     for name, xs in got.items():
         lp = plan.layers[name]
-        c, sc = lp.center_tensor(), lp.scale_tensor()
+        c, sc = (None if t is None else t.to(xs[0].device) for t in (lp.center_tensor(), lp.scale_tensor()))
         calls = entries = differ = 0
         for xc, xe in zip(xs, eager[name], strict=False):
             if xc.shape != xe.shape:
@@ -306,7 +300,7 @@ def keep_agreement(model: nn.Module, *args: Any, plan: SparsityPlan | str | os.P
             rows = xc.numel() // max(xc.shape[-1], 1)
             if lp.prefill != "threshold" and rows > lp.decode_rows:
                 continue
-            keep = [_keep(v, lp, c, sc) for v in (xc, xe)]
+            keep = [keep_mask(lp, v, c, sc) for v in (xc, xe)]
             calls, entries = calls + 1, entries + keep[0].numel()
             differ += int((keep[0] != keep[1]).sum())
         out[name] = {"calls": calls, "entries": entries, "differ": differ,
@@ -317,14 +311,3 @@ def keep_agreement(model: nn.Module, *args: Any, plan: SparsityPlan | str | os.P
             out[name] = dict(out[tapped[0]])
     return out
 
-
-def _keep(x: torch.Tensor, lp: LayerPlan, center: torch.Tensor | None,
-          scale: torch.Tensor | None) -> torch.Tensor:
-    """The keep mask ``lp``'s op takes on ``x`` (threshold or top-k)."""
-    from .kernels import keep_mask_reference, topk_keep_count, topk_keep_mask_reference
-
-    c = None if center is None else center.to(x.device)
-    s = None if scale is None else scale.to(x.device)
-    if lp.method == "topk":
-        return topk_keep_mask_reference(x, topk_keep_count(lp.in_features, lp.target_sparsity or 0.0), c, s)
-    return keep_mask_reference(x, lp.threshold, c, s)

@@ -17,9 +17,19 @@ from .kernels.crossover import NEVER, resolve_min_rows_24
 from .kernels.prefill_linear import branch
 from .kernels.prune24 import prune24_reference
 from .kernels.threshold_linear import fill_value
-from .plan import SparsityPlan
+from .plan import LayerPlan, SparsityPlan
 
-__all__ = ["plan_hooks"]
+__all__ = ["keep_mask", "plan_hooks"]
+
+
+def keep_mask(lp: LayerPlan, x: torch.Tensor, center: torch.Tensor | None,
+              scale: torch.Tensor | None) -> torch.Tensor:
+    """The keep mask plan entry ``lp``'s op takes on ``x`` (threshold or top-k); ``center`` and
+    ``scale`` are ``lp``'s as tensors on ``x``'s device."""
+    if lp.method == "topk":
+        return topk_keep_mask_reference(x, topk_keep_count(lp.in_features, lp.target_sparsity or 0.0),
+                                        center, scale)
+    return keep_mask_reference(x, lp.threshold, center, scale)
 
 
 @contextmanager
@@ -41,7 +51,6 @@ def plan_hooks(model: nn.Module, plan: SparsityPlan,
     handles = []
     for name, lp in plan.layers.items():
         center, scale = lp.center_tensor(), lp.scale_tensor()
-        k = topk_keep_count(lp.in_features, lp.target_sparsity or 0.0) if lp.method == "topk" else None
         min_rows_24 = NEVER
         if lp.prefill == "2:4":
             w = modules[name].weight
@@ -49,7 +58,7 @@ def plan_hooks(model: nn.Module, plan: SparsityPlan,
             min_rows_24 = resolve_min_rows_24(lp.out_features, lp.in_features, w.dtype, w.device,
                                               crossover_rows, epilogue)
 
-        def hook(_mod, args, lp=lp, center=center, scale=scale, k=k, name=name, m24=min_rows_24):
+        def hook(_mod, args, lp=lp, center=center, scale=scale, name=name, m24=min_rows_24):
             x = args[0]
             c = None if center is None else center.to(x.device)
             s = None if scale is None else scale.to(x.device)
@@ -61,8 +70,7 @@ def plan_hooks(model: nn.Module, plan: SparsityPlan,
                     return (prune24_reference(x, c), *args[1:])
                 if which == "dense":
                     return None
-            keep = (topk_keep_mask_reference(x, k, c, s) if k is not None
-                    else keep_mask_reference(x, lp.threshold, c, s))
+            keep = keep_mask(lp, x, c, s)
             return (torch.where(keep, x, fill_value(x, c)), *args[1:])
 
         handles.append(modules[name].register_forward_pre_hook(hook))
