@@ -207,8 +207,7 @@ def sibling_sets(plan: SparsityPlan) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def group_width(plan: SparsityPlan, name: str, sets: dict[str, tuple[str, ...]] | None = None,
-                grouped: bool = True) -> int:
-    """Output features the kernel runs at for entry ``name``: its sibling set's total."""
-    members = (sets or sibling_sets(plan))[name] if grouped else (name,)
+def group_width(plan: SparsityPlan, members: tuple[str, ...]) -> int:
+    """Output features the kernel runs at for one launch over ``members`` (an entry's sibling
+    set, or the entry alone when siblings are not grouped): their total."""
     return sum(plan.layers[m].out_features for m in members)

@@ -65,7 +65,7 @@ def prepare_weights(model: nn.Module, plan: SparsityPlan, *, device_types: tuple
         if w.device.type not in device_types or (data.stride(0) == 1 and data.stride(1) == data.shape[0]):
             continue
         members = sets[name] if group_siblings else (name,)
-        piece, width, unsliceable = sharding.layer_piece(plan, name, members, w)
+        piece, width, unsliceable = sharding.layer_piece(plan, name, members, sharding.weight_layout(w))
         facts = SiteFacts(plan=piece, device=w.device, weight_dtype=w.dtype, width=width,
                           unsliceable=unsliceable, weights=fmt.kind if fmt.quantized else None)
         if decide(facts, dense_when_faster=dense_when_faster).branch == "dense":

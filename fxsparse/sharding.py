@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .dispatch import group_width
 from .plan import LayerPlan, PlanError
 
 __all__ = ["Layout", "SiteSharding", "gather_channels", "is_dtensor", "is_tensor_parallel", "layer_piece",
@@ -156,14 +157,14 @@ def local_plan(name: str, lp: LayerPlan, layout: Layout) -> LayerPlan:
     return replace(lp, in_features=hi - lo, center=center, channel_scale=scale)
 
 
-def layer_piece(plan, name: str, members, weight: torch.Tensor) -> tuple[LayerPlan, int, str | None]:
-    """For a layer without a graph (``prepare_weights``): ``(entry, width, unsliceable)``, the
-    rank's piece of plan entry ``name`` and of its sibling set ``members``' width as the lower
-    pass will see them, and why the piece cannot run the sparse op (None when it can). A plain
-    weight gives the entry itself."""
+def layer_piece(plan, name: str, members, layout: Layout | str | None) -> tuple[LayerPlan, int, str | None]:
+    """``(entry, width, unsliceable)``: the rank's piece of plan entry ``name`` and of its sibling
+    set ``members``' width, for a weight of ``layout`` (``weight_layout``'s answer, or a site's
+    reason it cannot be sliced), and why the piece cannot run the sparse op (None when it can).
+    A plain weight (``layout`` None) gives the entry itself. The lower pass and
+    ``prepare_weights`` both ask it, so they agree on every piece."""
     lp = plan.layers[name]
-    width = sum(plan.layers[m].out_features for m in members)
-    layout = weight_layout(weight)
+    width = group_width(plan, members)
     if layout is None:
         return lp, width, None
     if isinstance(layout, str):

@@ -86,7 +86,7 @@ def test_sibling_sets_and_widths():
     })
     sets = sibling_sets(plan)
     assert sets["m.k"] == ("m.q", "m.k", "m.v") and sets["m.o"] == ("m.o",) and sets["n.q"] == ("n.q",)
-    assert group_width(plan, "m.k", sets) == 48 and group_width(plan, "m.k", sets, grouped=False) == 8
+    assert group_width(plan, sets["m.k"]) == 48 and group_width(plan, ("m.k",)) == 8
 
 
 def test_prepare_weights_converts_only_what_is_not_dense(monkeypatch):

@@ -13,21 +13,11 @@ Center, scale and the folded ``center_bias = W @ center`` are buffers of ``gm`` 
 computed once here rather than per call. Replacements keep the old node's ``meta``.
 ``gm.meta["fxsparse_decisions"]`` lists, for every site, what was done and why (for ``explain``);
 ``torch._dynamo.utils.counters["fxsparse"]`` counts lowered and dense sites.
-Tensor-parallel models (``sharding.py``): a site whose weight is a DTensor runs this rank's piece
-of its plan entry (the decision's facts are that piece's; ``tp`` in its decision says which). A
-linear on DTensors becomes the op on the local tensors, wrapped back by ``DTensor.from_local``
-so the engine's all-reduce stays; a layout fxsparse does not slice is left as it is, dense,
-with the reason.
-
-8-bit weights (a torchao weight-only tensor that ``quantized.weight_format`` reads: fp8 or int8
-data with one scale per output channel): the op reads the subclass's data and scale, taken as
-graph values (``getattr(w, "qdata")``, ``getattr(w, "scale")`` reshaped to [N]; AOTAutograd
-flattens the subclass input into those tensors), with ``weight_scale`` after ``center_bias``,
-and ``center_bias`` folds the dequantized weight. ``"mask+linear"`` and dense sites call
-``linear`` on the subclass itself, i.e. torchao's own path. A torchao tensor the kernel cannot
-read, a top-k entry, or a prefill entry whose calls are not all the threshold branch runs
-torchao's path dense, with the reason. Whether the sparse GEMV pays (``dense_when_faster``) and
-the row limit are judged as for the activation dtype's 16-bit weights (8-bit: unmeasured).
+Tensor-parallel sites (``sharding.py``) run this rank's piece of their entry on the local tensors,
+wrapped back by ``DTensor.from_local`` so the engine's all-reduce stays. 8-bit torchao weights
+(``quantized.py``) give the op their data and scales as ``getattr`` graph values; plain-linear
+branches call ``linear`` on the torchao tensor (its own path). ``docs/distributed.md`` and
+``docs/quantized.md`` say what runs where.
 
 Raises ``PlanError`` when a planned layer's weight shape differs from the plan's, or when a
 row-parallel layer's per-channel vectors cannot be split evenly over the ranks.
@@ -45,7 +35,7 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 from .. import sharding
-from ..dispatch import SiteFacts, decide, group_width, sibling_sets
+from ..dispatch import SiteFacts, decide, sibling_sets
 from ..kernels import sparse_gemv
 from ..kernels.center_bias import center_bias_value, register_center_bias
 from ..plan import LayerPlan, SparsityPlan, name_candidates
@@ -276,15 +266,13 @@ def lower_linears(
             plan.check_shape(key, tuple(w_val.shape))
         # -- tensor parallelism: this rank's piece of the layer, from its weight's placement ------
         shard = sharding.site_sharding(x, w, w_val) if site.kind == "call_function" else None
-        tp = unsliceable = None
-        width = group_width(plan, key, sets, grouped)
+        layout = None if shard is None else (shard.reason or shard.layout)
+        lp, width, unsliceable = sharding.layer_piece(plan, key, sets[key] if grouped else (key,), layout)
+        tp = None
         if shard is not None:
-            unsliceable = shard.reason or sharding.unsliceable_reason(lp, shard.layout)
             if unsliceable is None:  # run on the local tensors, this rank's slice of the entry
                 layout = shard.layout
                 tp = f"{layout.kind} [{layout.lo}, {layout.hi}) of {layout.world}"
-                lp = sharding.local_plan(key, lp, layout)
-                width = sharding.local_width(plan, sets[key] if grouped else (key,), layout)
                 with graph.inserting_before(node):
                     x, w, b = shard.local_operands(graph, x, w, b)
                 w_val = w_val.to_local()
